@@ -1,0 +1,128 @@
+"""The defaults every recipe config starts from, and the checks run before any work starts.
+
+Recipe files in ``configs/`` call ``base_config()`` and change what their paper changes. Every
+field can be overridden on the command line (``--config.learning_rate=3e-4``); unknown fields are
+refused by ml_collections.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from cxflax.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16")
+REGRESSION_LOSSES = ("smooth_l1", "mse")
+CLASSIFICATION_LOSSES = ("cross_entropy",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Model: a timm backbone (unpooled) and a head.
+  c.model = "resnet50"
+  c.head = "linear"
+  c.pool = "avg"                 # avg | max | avgmax | catavgmax | hybrid (seed 001)
+  c.head_dropout = 0.0
+  c.drop_path_rate = 0.0
+  c.dtype = "float32"            # computation dtype; parameters stay float32
+  c.init_from = ""               # orbax checkpoint of backbone variables (python -m cxflax.convert)
+
+  # Loss.
+  c.loss = "smooth_l1"           # smooth_l1 | mse (regression); cross_entropy (classification)
+  c.loss_beta = 1.0
+  c.label_smoothing = 0.0
+
+  # Optimisation.
+  c.optimizer = "sgd"            # sgd | adam | adamw
+  c.learning_rate = 1e-3
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 0.0
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.grad_clip_norm = 0.0
+  c.schedule = "warmup_cosine"   # constant | cosine | warmup_cosine
+  c.warmup_epochs = 1.0
+  c.num_epochs = 30
+  c.batch_size = 32              # global, over all devices and processes
+  c.eval_batch_size = 32
+
+  # Cross-validation: subject-grouped folds; the held-out fold is the evaluation split.
+  c.num_folds = 5
+  c.fold = 0
+  c.seed = 0
+
+  # Bookkeeping.
+  c.log_every_steps = 20
+  c.eval_every_epochs = 1
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 3
+  c.halt_after_steps = 0         # >0: checkpoint and stop once this step is reached (as if preempted)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "phantom"      # phantom | per_covid19
+  c.data.root = ""
+  c.data.image_size = 512
+  c.data.eval_split = "fold"     # fold: the held-out fold; val: the source's validation split
+  c.data.workers = 0             # grain worker processes (0: read in the main process)
+  c.data.train_pp = "to_rgb|resize({size})|flip_lr(0.5)|normalize('imagenet')"
+  c.data.eval_pp = "to_rgb|resize({size})|normalize('imagenet')"
+  c.data.phantom = ml_collections.ConfigDict()
+  c.data.phantom.kind = "ct"     # ct (regression) | cxr (4 classes)
+  c.data.phantom.num_subjects = 200
+  c.data.phantom.slices_per_subject = (3, 6)
+  c.data.phantom.seed = 0
+  return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills derived fields ('{size}' in preprocessing specs) and validates; returns a copy."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key in ("train_pp", "eval_pp"):
+    config.data[key] = config.data[key].replace("{size}", str(config.data.image_size))
+  validate(config)
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad field."""
+  def need(ok: bool, msg: str):
+    if not ok:
+      raise ConfigError(msg)
+
+  need(config.dtype in DTYPES, f"config.dtype must be one of {DTYPES}, got {config.dtype!r}")
+  need(config.loss in REGRESSION_LOSSES + CLASSIFICATION_LOSSES,
+       f"config.loss must be one of {REGRESSION_LOSSES + CLASSIFICATION_LOSSES}, got {config.loss!r}")
+  need(config.num_epochs > 0, f"config.num_epochs must be positive, got {config.num_epochs}")
+  need(config.learning_rate > 0, f"config.learning_rate must be positive, got {config.learning_rate}")
+  need(config.weight_decay >= 0, f"config.weight_decay must be >= 0, got {config.weight_decay}")
+  need(config.num_folds >= 2, f"config.num_folds must be at least 2, got {config.num_folds}")
+  need(0 <= config.fold < config.num_folds,
+       f"config.fold must be in 0..{config.num_folds - 1}, got {config.fold}")
+  need(config.data.image_size >= 32, f"config.data.image_size must be at least 32, got "
+       f"{config.data.image_size}")
+  need(config.keep_checkpoints >= 1, f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+  need(config.halt_after_steps >= 0, f"config.halt_after_steps must be >= 0, got {config.halt_after_steps}")
+  need(config.log_every_steps >= 1, f"config.log_every_steps must be >= 1, got {config.log_every_steps}")
+  for key in ("batch_size", "eval_batch_size"):
+    n, d = config[key], jax.device_count()
+    need(n > 0 and n % d == 0, f"config.{key}={n} must be a positive multiple of the device "
+         f"count ({d}) so that every device gets the same share")
+    need(n % jax.process_count() == 0, f"config.{key}={n} must divide among "
+         f"{jax.process_count()} processes")
+  if config.init_from:
+    need(os.path.isdir(config.init_from), f"config.init_from={config.init_from!r} is not a directory")
+
+
+def check_task(config: ml_collections.ConfigDict, task: str) -> None:
+  """The loss must suit the task of the data (regression or classification)."""
+  if task == "regression" and config.loss not in REGRESSION_LOSSES:
+    raise ConfigError(f"the data is a regression task but config.loss={config.loss!r}; use one of "
+                      f"{REGRESSION_LOSSES}")
+  if task == "classification" and config.loss not in CLASSIFICATION_LOSSES:
+    raise ConfigError(f"the data is a classification task but config.loss={config.loss!r}; use "
+                      f"one of {CLASSIFICATION_LOSSES}")

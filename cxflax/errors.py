@@ -1,0 +1,17 @@
+"""Errors cxflax raises for bad input, so that callers (and users) can tell them from bugs."""
+
+
+class CxflaxError(Exception):
+  """Base class: something the user gave cxflax is wrong, and the message says what."""
+
+
+class ConfigError(CxflaxError, ValueError):
+  """A config value is missing, unknown or out of range."""
+
+
+class DataError(CxflaxError, ValueError):
+  """A dataset file, row or image is missing, unreadable or out of range."""
+
+
+class CheckpointError(CxflaxError, ValueError):
+  """A checkpoint is missing or does not fit the model and config being run."""

@@ -1,0 +1,1 @@
+"""Training: state, losses, optimizers, sharded steps, checkpoints, metrics and the loop."""

@@ -1,0 +1,206 @@
+"""Sources, image reading, folds and the grain pipelines, with their errors."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxflax.data import export, folds, pipeline, transforms
+from cxflax.data.images import read_image, write_image
+from cxflax.data.sources import PerCovid19Source, PhantomSource
+from cxflax.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def per_covid(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data") / "Per-COVID-19"
+  export.export_per_covid19(str(root), num_subjects=5, image_size=32, num_val_subjects=2, seed=1,
+                            val_labels=True)
+  return root
+
+
+def _copy_layout(src, dst, csv_text):
+  import shutil
+  shutil.copytree(src / "Train", dst / "Train")
+  (dst / "Train.csv").write_text(csv_text)
+  return dst
+
+
+def test_per_covid19_with_and_without_header(per_covid, tmp_path):
+  plain = PerCovid19Source(str(per_covid))
+  text = (per_covid / "Train.csv").read_text()
+  headed = _copy_layout(per_covid, tmp_path / "h", "Slice_Name,Covid-19_percentage,Subject\n" + text)
+  with_header = PerCovid19Source(str(headed))
+  np.testing.assert_array_equal(plain.labels(), with_header.labels())
+  assert plain.subjects() == with_header.subjects()
+  # Columns in another order, found by their header names.
+  rows = [r.split(",") for r in text.splitlines()]
+  swapped = "Subject,Slice_Name,Covid-19_percentage\n" + "\n".join(f"{s},{n},{p}" for n, p, s in rows)
+  reordered = PerCovid19Source(str(_copy_layout(per_covid, tmp_path / "r", swapped)))
+  np.testing.assert_array_equal(plain.labels(), reordered.labels())
+  val = PerCovid19Source(str(per_covid), "val")
+  assert len(val) > 0 and val.load(0)["image"].shape == (32, 32, 1)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda rows: rows[:1] + [["Image_99999.png", "3", "s"]], r"missing.*Image_99999\.png \(line 2\)"),
+    (lambda rows: [[rows[0][0], "101", rows[0][2]]], r"line 1: percentage 101.0 is outside 0..100"),
+    (lambda rows: [[rows[0][0], "abc", rows[0][2]]], r"line 1: percentage 'abc' is not a number"),
+    (lambda rows: [[rows[0][0], "5"]], r"line 1: expected 3 columns"),
+    (lambda rows: [["Name", "Label", "Patient"]] + rows, r"line 1: percentage 'Label'"),
+])
+def test_per_covid19_bad_rows_name_file_and_line(per_covid, tmp_path, edit, match):
+  rows = [r.split(",") for r in (per_covid / "Train.csv").read_text().splitlines()]
+  root = _copy_layout(per_covid, tmp_path / "bad", "\n".join(",".join(r) for r in edit(rows)) + "\n")
+  with pytest.raises(DataError, match=match) as e:
+    PerCovid19Source(str(root))
+  assert "Train.csv" in str(e.value)
+
+
+def test_per_covid19_missing_parts(tmp_path):
+  with pytest.raises(DataError, match="not a directory"):
+    PerCovid19Source(str(tmp_path / "nowhere"))
+  (tmp_path / "Train").mkdir()
+  with pytest.raises(DataError, match="Train.csv.*missing"):
+    PerCovid19Source(str(tmp_path))
+  (tmp_path / "Train.csv").write_text("")
+  with pytest.raises(DataError, match="empty"):
+    PerCovid19Source(str(tmp_path))
+
+
+def test_read_image_formats(tmp_path):
+  gray8 = np.arange(64, dtype=np.uint8).reshape(8, 8)
+  gray16 = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+  rgb = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+  write_image(tmp_path / "a.png", gray8)
+  write_image(tmp_path / "b.png", gray16)
+  Image.fromarray(rgb).save(tmp_path / "c.png")
+  Image.fromarray(rgb).save(tmp_path / "d.jpg", quality=95)
+  np.testing.assert_array_equal(read_image(tmp_path / "a.png"), gray8[..., None])
+  b = read_image(tmp_path / "b.png")
+  assert b.dtype == np.uint16
+  np.testing.assert_array_equal(b[..., 0], gray16)
+  np.testing.assert_array_equal(read_image(tmp_path / "c.png"), rgb)
+  assert read_image(tmp_path / "d.jpg").shape == (8, 8, 3)
+
+
+def test_read_image_errors_name_the_file(tmp_path):
+  with pytest.raises(DataError, match="nothere.png: image file not found"):
+    read_image(tmp_path / "nothere.png")
+  (tmp_path / "junk.png").write_bytes(b"not a png at all")
+  with pytest.raises(DataError, match="junk.png: cannot decode"):
+    read_image(tmp_path / "junk.png")
+  write_image(tmp_path / "ok.png", np.zeros((64, 64), np.uint8))
+  data = (tmp_path / "ok.png").read_bytes()
+  (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+  with pytest.raises(DataError, match="cut.png"):
+    read_image(tmp_path / "cut.png")
+
+
+def test_group_kfold_never_splits_a_subject():
+  rng = np.random.default_rng(0)
+  subjects = [f"s{rng.integers(0, 37)}" for _ in range(400)]
+  fold_of = folds.group_kfold(subjects, 5, seed=3)
+  for s in set(subjects):
+    assert len({fold_of[i] for i, t in enumerate(subjects) if t == s}) == 1
+  sizes = np.bincount(fold_of)
+  assert len(sizes) == 5 and sizes.max() - sizes.min() <= max(np.unique(subjects, return_counts=True)[1])
+  train, held = folds.split_indices(fold_of, 2)
+  assert set(train).isdisjoint(held) and len(train) + len(held) == 400
+  assert not set(np.asarray(subjects)[train]) & set(np.asarray(subjects)[held])
+  with pytest.raises(DataError, match="subject"):
+    folds.group_kfold(["a", "a", "b"], 3)
+  with pytest.raises(ConfigError):
+    folds.split_indices(fold_of, 5)
+
+
+def test_pp_parsing_and_errors():
+  ops = transforms.parse("to_rgb|resize(16)|flip_lr(p=1.0)|normalize('imagenet')")
+  assert len(ops) == 4
+  with pytest.raises(ConfigError, match="unknown preprocessing op 'blur'"):
+    transforms.parse("resize(8)|blur(3)")
+  with pytest.raises(ConfigError, match="cannot parse"):
+    transforms.parse("resize(8")
+  with pytest.raises(ConfigError, match="bad arguments"):
+    transforms.parse("flip_lr(2.0)")
+
+
+def test_masks_follow_geometric_ops():
+  ex = {"image": np.zeros((20, 30, 1), np.uint8), "lung_mask": np.zeros((20, 30, 1), np.uint8)}
+  ex["image"][2:5, 3:9] = 255
+  ex["lung_mask"][2:5, 3:9] = 1
+  out = transforms.Preprocess("resize(10, 15)|flip_lr(1.0)|flip_ud(1.0)").random_map(
+      ex, np.random.default_rng(0))
+  assert out["image"].shape == (10, 15, 1) and out["lung_mask"].shape == (10, 15, 1)
+  assert set(np.unique(out["lung_mask"])) <= {0, 1}
+  mask = out["lung_mask"][..., 0] > 0
+  resized = np.asarray(Image.fromarray(ex["lung_mask"][..., 0]).resize((15, 10), Image.NEAREST)) > 0
+  np.testing.assert_array_equal(mask, resized[::-1, ::-1])  # resized, then flipped both ways
+  ys, xs = np.nonzero(out["image"][..., 0] > 0.5)
+  my, mx = np.nonzero(mask)
+  assert abs(ys.mean() - my.mean()) <= 0.5 and abs(xs.mean() - mx.mean()) <= 0.5
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_eval_batches_count_every_example_once(processes):
+  src = PhantomSource("ct", 7, 32, seed=0)
+  indices = np.arange(0, len(src), 2)  # an odd-sized subset
+  seen, shapes = [], set()
+  for p in range(processes):
+    for batch in pipeline.eval_dataset(src, indices, pp="to_rgb", global_batch=8,
+                                       process_index=p, process_count=processes):
+      shapes.add(batch["image"].shape)
+      seen.extend(batch["index"][batch["valid"] > 0].tolist())
+  assert sorted(seen) == sorted(indices.tolist())
+  assert shapes == {(8 // processes, 32, 32, 3)}
+
+
+def _batches(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_train_batches_are_epoch_shuffled_and_resumable():
+  src = PhantomSource("ct", 6, 32, seed=0)
+  idx = np.arange(len(src))
+  make = lambda: iter(pipeline.train_dataset(src, idx, pp="to_rgb|flip_lr(0.5)", global_batch=4, seed=5))
+  steps = len(idx) // 4
+  a = make()
+  epoch1 = np.concatenate([b["index"] for b in _batches(a, steps)])
+  epoch2 = np.concatenate([b["index"] for b in _batches(a, steps)])
+  assert len(set(epoch1)) == len(epoch1) and len(set(epoch2)) == len(epoch2)
+  assert not np.array_equal(epoch1, epoch2), "each epoch is shuffled anew"
+  # Stop after 3 batches, save the state, continue in a fresh iterator: same batches follow.
+  b = make()
+  _batches(b, 3)
+  state = b.get_state()
+  expected = _batches(b, 4)
+  c = make()
+  c.set_state(state)
+  for x, y in zip(expected, _batches(c, 4)):
+    np.testing.assert_array_equal(x["index"], y["index"])
+    np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_train_batches_split_among_processes_reassemble():
+  """Two processes' halves of every batch are exactly the one-process batch, augmentation too."""
+  src = PhantomSource("ct", 6, 32, seed=0)
+  idx = np.arange(len(src))
+  kw = dict(pp="to_rgb|flip_lr(0.5)", global_batch=4, seed=1)
+  one = _batches(iter(pipeline.train_dataset(src, idx, **kw)), 3)
+  halves = [_batches(iter(pipeline.train_dataset(src, idx, process_index=p, process_count=2, **kw)), 3)
+            for p in range(2)]
+  for k in range(3):
+    whole = {int(i): img for i, img in zip(one[k]["index"], one[k]["image"])}
+    parts = {int(i): img for h in halves for i, img in zip(h[k]["index"], h[k]["image"])}
+    assert whole.keys() == parts.keys()
+    for i in whole:
+      np.testing.assert_array_equal(whole[i], parts[i])
+
+
+def test_too_small_training_split_is_an_error():
+  src = PhantomSource("ct", 1, 32, slices_per_subject=(2, 2))
+  with pytest.raises(DataError, match="fewer than one batch"):
+    pipeline.train_dataset(src, np.arange(2), pp="to_rgb", global_batch=4, seed=0)
+  with pytest.raises(DataError, match="empty"):
+    pipeline.eval_dataset(src, np.arange(0), pp="to_rgb", global_batch=4)
