@@ -1,0 +1,1 @@
+"""Throughput benchmarks: each script prints a table and writes JSON (python -m benchmarks.NAME)."""

@@ -1,0 +1,57 @@
+"""Timing, tables and JSON output shared by the benchmark scripts.
+
+Machines here are noisy: every figure is reported beside a reference measured in the same run,
+and each timing is the median of several repeats after a warm-up (compilation excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+
+
+def time_call(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
+  """Median wall time (seconds) of fn(*args), blocking on jax results."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
+  widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+  print("  ".join(c.ljust(widths[c]) for c in columns))
+  print("  ".join("-" * widths[c] for c in columns))
+  for r in rows:
+    print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+  return "" if v is None else str(v)
+
+
+def write_json(path: str, name: str, rows: Sequence[dict], **extra) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                         "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]},
+             "rows": list(rows), **extra}
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2)
+  return path
+
+
+def default_out(name: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
