@@ -4,7 +4,8 @@
 
 For each shape: forward and forward+backward time of jax.lax.conv_general_dilated (the
 reference) and of cxflax.models.layers.conv2d, which computes 1x1 convolutions and convolutions
-with outputs of at most 2 px as matrix products; the ratio is reference time / cxflax time.
+with outputs of at most 2 px as matrix products, and convolutions with a few groups group by
+group; the ratio is reference time / cxflax time.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ import jax.numpy as jnp
 from benchmarks.common import default_out, print_table, time_call, write_json
 from cxflax.models.layers import conv2d
 
-# (batch, size, in, out, kernel, stride): ResNet-50 at 224 px (batch 16) and the 64-px
-# ResNet-10-T of the runlocal configs (batch 32), where the last stage is 2x2.
+# (batch, size, in, out, kernel, stride, groups): ResNet-50 at 224 px (batch 16), the 64-px
+# networks of the runlocal configs (batch 32), where the last stage is 2x2, and the radix-2
+# split-attention convolutions of ResNeSt (2 groups).
 SHAPES = [
-    (16, 56, 64, 256, 1, 1), (16, 56, 256, 64, 1, 1), (16, 56, 64, 64, 3, 1),
-    (16, 28, 512, 128, 1, 1), (16, 14, 256, 256, 3, 1), (16, 7, 512, 2048, 1, 1),
-    (16, 7, 512, 512, 3, 1), (32, 8, 128, 128, 3, 1), (32, 4, 256, 512, 3, 2),
-    (32, 2, 512, 512, 3, 1),
+    (16, 56, 64, 256, 1, 1, 1), (16, 56, 256, 64, 1, 1, 1), (16, 56, 64, 64, 3, 1, 1),
+    (16, 28, 512, 128, 1, 1, 1), (16, 14, 256, 256, 3, 1, 1), (16, 7, 512, 2048, 1, 1, 1),
+    (16, 7, 512, 512, 3, 1, 1), (32, 8, 128, 128, 3, 1, 1), (32, 4, 256, 512, 3, 2, 1),
+    (32, 2, 512, 512, 3, 1, 1), (16, 56, 64, 128, 3, 1, 2), (16, 28, 128, 256, 3, 1, 2),
+    (32, 16, 64, 128, 3, 1, 2), (32, 8, 256, 512, 3, 1, 2),
 ]
 
 
-def _xla_conv(x, w, stride, pad):
+def _xla_conv(x, w, stride, pad, groups):
   return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=groups)
 
 
 def main():
@@ -38,14 +42,14 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   rows = []
-  for b, s, cin, cout, k, stride in SHAPES:
+  for b, s, cin, cout, k, stride, g in SHAPES:
     pad = k // 2
     x = jax.random.normal(jax.random.key(0), (b, s, s, cin))
-    w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
-    row = {"shape": f"b{b} {s}x{s} {cin}->{cout} k{k} s{stride}"}
-    for label, fn in (("xla", _xla_conv), ("cxflax", conv2d)):
-      fwd = jax.jit(lambda x, w, fn=fn: fn(x, w, stride, pad))
-      grad = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w, stride, pad) ** 2), argnums=(0, 1)))
+    w = jax.random.normal(jax.random.key(1), (k, k, cin // g, cout)) * 0.05
+    row = {"shape": f"b{b} {s}x{s} {cin}->{cout} k{k} s{stride} g{g}"}
+    for label, fn in (("xla", _xla_conv), ("cxflax", lambda x, w, s_, p_, g_: conv2d(x, w, s_, p_, 1, g_))):
+      fwd = jax.jit(lambda x, w, fn=fn: fn(x, w, stride, pad, g))
+      grad = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w, stride, pad, g) ** 2), argnums=(0, 1)))
       row[f"{label}_fwd_ms"] = 1e3 * time_call(fwd, x, w, repeats=args.repeats)
       row[f"{label}_grad_ms"] = 1e3 * time_call(grad, x, w, repeats=args.repeats)
     row["fwd_speedup"] = row["xla_fwd_ms"] / row["cxflax_fwd_ms"]

@@ -5,13 +5,17 @@ backbone, SmoothL1 (β = 1), SGD momentum 0.9 with weight decay 5e-3 (the author
 learning rate 1e-3 with linear warm-up then cosine annealing, 50 epochs, 512×512 input without
 rescaling, 5 folds by subject, on the Per-COVID-19 challenge data (phantom data by default).
 
+Start from ImageNet weights as the paper does: convert timm's resnest50d checkpoint with
+`python -m cxflax.convert --model resnest50d --checkpoint resnest50d.pth --out DIR` and pass
+`--config.init_from=DIR` (nothing is downloaded by cxflax).
+
 Departs from the paper, until the issues that bring them land:
-  * backbone: resnet50 stands in for resnest50d;
   * optimizer: plain SGD, without SAM;
   * augmentation: horizontal flips only (the paper adds RandAugment and vertical flips);
   * folds are grouped by subject but not yet stratified by severity.
 
-`:runlocal` trains a tiny network on 64-px phantom slices in a few minutes on a 2-core CPU.
+`:runlocal` trains the smallest ResNeSt (resnest14d) from scratch on 64-px phantom slices in a
+few minutes on a 2-core CPU.
 """
 
 from cxflax.config import base_config
@@ -19,7 +23,7 @@ from cxflax.config import base_config
 
 def get_config(arg: str | None = None):
   c = base_config()
-  c.model = "resnet50"
+  c.model = "resnest50d"
   c.head = "linear"
   c.loss, c.loss_beta = "smooth_l1", 1.0
   c.optimizer, c.momentum, c.weight_decay = "sgd", 0.9, 5e-3
@@ -32,7 +36,7 @@ def get_config(arg: str | None = None):
   c.data.phantom.num_subjects = 200
 
   if arg == "runlocal":
-    c.model = "resnet10t"
+    c.model = "resnest14d"
     c.data.image_size = 64
     c.data.workers = 0
     c.data.phantom.num_subjects = 100

@@ -107,7 +107,7 @@ def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
 def test_checkpoint_of_another_model_is_refused(trained):
   proc = _run(trained[0], "--config.model=resnet18", mode="eval")
   assert proc.returncode == 2
-  assert "different model or config" in proc.stderr and "resnet10t" in proc.stderr
+  assert "different model or config" in proc.stderr and "resnest14d" in proc.stderr
 
 
 def test_workdir_that_is_a_file(tmp_path):

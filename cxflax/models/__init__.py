@@ -1,6 +1,8 @@
 """Backbones named and built as in timm, heads, and the registry that creates them."""
 
-from cxflax.models import resnet  # noqa: F401  (registers the ResNet family)
+# Importing a family registers its models.
+from cxflax.models import densenet, efficientnet, inception, resnet, vgg  # noqa: F401
 from cxflax.models.registry import create_model, list_models
+from cxflax.models.timm_weights import load_timm_weights
 
-__all__ = ["create_model", "list_models"]
+__all__ = ["create_model", "list_models", "load_timm_weights"]

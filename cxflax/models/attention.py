@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from cxflax.models.layers import Conv2d, Dtype, make_divisible
+from cxflax.models.layers import Conv2d, ConvNormAct, Dtype, batch_norm, make_divisible
 
 
 class SqueezeExcite(nn.Module):
@@ -54,6 +55,82 @@ class EfficientChannelAttention(nn.Module):
     k = max(t if t % 2 else t + 1, 3)
     y = ChannelConv1d(k, self.dtype, name="conv")(jnp.mean(x, axis=(1, 2)))
     return x * nn.sigmoid(y)[:, None, None, :].astype(x.dtype)
+
+
+class SplitAttention(nn.Module):
+  """ResNeSt's split-attention convolution (timm's SplitAttn): a grouped conv producing `radix`
+  splits, their sum pooled and passed through a small MLP whose radix-softmax weighs the splits.
+
+  Channels of the conv output are ordered radix-major (split r, channel c at r*C + c), as in timm.
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  groups: int = 1
+  radix: int = 2
+  rd_ratio: float = 0.25
+  rd_divisor: int = 8
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    r, c, g = self.radix, self.features, self.groups
+    attn_chs = make_divisible(x.shape[-1] * r * self.rd_ratio, self.rd_divisor, min_value=32)
+    x = Conv2d(c * r, self.kernel_size, self.stride, groups=g * r, dtype=self.dtype, name="conv")(x)
+    x = nn.relu(batch_norm(train, self.dtype, name="bn0")(x))
+    b, h, w, _ = x.shape
+    splits = x.reshape(b, h, w, r, c) if r > 1 else x[..., None, :]
+    gap = jnp.mean(jnp.sum(splits, axis=3), axis=(1, 2), keepdims=True)
+    gap = Conv2d(attn_chs, 1, groups=g, use_bias=True, dtype=self.dtype, name="fc1")(gap)
+    gap = nn.relu(batch_norm(train, self.dtype, name="bn1")(gap))
+    attn = Conv2d(c * r, 1, groups=g, use_bias=True, dtype=self.dtype, name="fc2")(gap).reshape(b, c * r)
+    if r > 1:
+      # timm: view (B, groups, radix, C/groups) → softmax over radix → radix-major order.
+      attn = jax.nn.softmax(attn.reshape(b, g, r, c // g), axis=2)
+      attn = attn.transpose(0, 2, 1, 3).reshape(b, 1, 1, r, c)
+      return jnp.sum(splits * attn, axis=3)
+    return x * nn.sigmoid(attn)[:, None, None, :]
+
+
+class SelectiveKernel(nn.Module):
+  """timm's SelectiveKernel conv of SK-ResNeXt: 3x3 paths with dilations 1 and 2 ('paths_0',
+  'paths_1'), fused by a softmax attention over paths computed from their pooled sum."""
+  features: int
+  stride: int = 1
+  groups: int = 1
+  rd_ratio: float = 1.0 / 16
+  rd_divisor: int = 8
+  kernel_sizes: tuple[int, ...] = (3, 5)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    groups = min(self.features, self.groups)
+    # keep_3x3: a k x k kernel becomes a 3x3 kernel dilated by (k - 1) / 2.
+    paths = [ConvNormAct(self.features, 3, self.stride, dilation=(k - 1) // 2, groups=groups,
+                         dtype=self.dtype, name=f"paths_{i}")(x, train)
+             for i, k in enumerate(self.kernel_sizes)]
+    stacked = jnp.stack(paths, axis=3)  # (B, H, W, paths, C)
+    attn_chs = make_divisible(self.features * self.rd_ratio, self.rd_divisor)
+    s = jnp.mean(jnp.sum(stacked, axis=3), axis=(1, 2), keepdims=True)
+    s = _SKAttn(attn_chs, len(paths), self.features, self.dtype, name="attn")(s, train)
+    return jnp.sum(stacked * s, axis=3)
+
+
+class _SKAttn(nn.Module):
+  """timm's SelectiveKernelAttn on the pooled sum: reduce, BN, ReLU, select, softmax over paths."""
+  attn_channels: int
+  num_paths: int
+  features: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, s, train: bool):
+    b = s.shape[0]
+    s = Conv2d(self.attn_channels, 1, dtype=self.dtype, name="fc_reduce")(s)
+    s = nn.relu(batch_norm(train, self.dtype, name="bn")(s))
+    s = Conv2d(self.features * self.num_paths, 1, dtype=self.dtype, name="fc_select")(s)
+    return jax.nn.softmax(s.reshape(b, 1, 1, self.num_paths, self.features), axis=3)
 
 
 def make_attention(kind: str | None, dtype: Dtype, name: str = "se", **kwargs) -> nn.Module | None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax import traverse_util
 
+from cxflax.errors import CheckpointError
 from cxflax.models import registry
 from cxflax.models.layers import Dtype, global_pool
 
@@ -52,6 +54,27 @@ class Network(nn.Module):
 
 
 HEADS = {"linear": LinearHead}
+
+
+def with_backbone(variables: dict, backbone: dict) -> dict:
+  """`variables` of a Network with its backbone replaced by pretrained `backbone` variables
+  (e.g. from python -m cxflax.convert). Variables the unpooled backbone lacks (the pretrained
+  classifier) are dropped; missing or wrongly shaped ones are an error that names them."""
+  out = {col: dict(tree) for col, tree in variables.items()}
+  for col in ("params", "batch_stats"):
+    want = traverse_util.flatten_dict(dict(variables.get(col, {}).get("backbone", {})))
+    got = traverse_util.flatten_dict(dict(backbone.get(col, {})))
+    missing = sorted("/".join(k) for k in want if k not in got)
+    shapes = sorted(f"{'/'.join(k)}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}"
+                    for k in want if k in got and tuple(got[k].shape) != tuple(want[k].shape))
+    if missing or shapes:
+      raise CheckpointError(f"pretrained backbone does not fit the model: missing {col} "
+                            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; wrong shapes "
+                            f"{shapes[:5]}")
+    if want:
+      out[col]["backbone"] = traverse_util.unflatten_dict(
+          {k: jnp.asarray(got[k], want[k].dtype) for k in want})
+  return out
 
 
 def create_network(backbone: str, head: str = "linear", num_outputs: int = 1, *,

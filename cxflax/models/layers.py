@@ -31,11 +31,14 @@ def torch_padding(kernel: int, stride: int = 1, dilation: int = 1) -> int:
 
 
 class Conv2d(nn.Module):
-  """A 2-D convolution padded like torch.nn.Conv2d (symmetric, explicit), NHWC."""
+  """A 2-D convolution padded like torch.nn.Conv2d (symmetric, explicit), NHWC.
+
+  kernel_size and padding are an int or an (h, w) pair; padding None is timm's default.
+  """
   features: int
-  kernel_size: int = 1
+  kernel_size: int | tuple[int, int] = 1
   stride: int = 1
-  padding: int | None = None  # None: timm's get_padding
+  padding: int | tuple[int, int] | None = None
   dilation: int = 1
   groups: int = 1
   use_bias: bool = False
@@ -44,12 +47,15 @@ class Conv2d(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    k = self.kernel_size
-    pad = torch_padding(k, self.stride, self.dilation) if self.padding is None else self.padding
+    kh, kw = pair(self.kernel_size)
+    if self.padding is None:
+      pad = (torch_padding(kh, self.stride, self.dilation), torch_padding(kw, self.stride, self.dilation))
+    else:
+      pad = pair(self.padding)
     if x.shape[-1] % self.groups or self.features % self.groups:
       raise ValueError(f"Conv2d: {x.shape[-1]} -> {self.features} channels not divisible by "
                        f"{self.groups} groups")
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1] // self.groups, self.features),
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1] // self.groups, self.features),
                         jnp.float32)
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad, self.dilation,
                self.groups)
@@ -58,47 +64,89 @@ class Conv2d(nn.Module):
     return y
 
 
-def conv2d(x, kernel, stride: int = 1, padding: int = 0, dilation: int = 1, groups: int = 1):
+# Grouped convolutions with at most this many groups run as one convolution per group.
+_SPLIT_GROUPS_UP_TO = 8
+
+
+def conv2d(x, kernel, stride: int = 1, padding: int | tuple[int, int] = 0, dilation: int = 1,
+           groups: int = 1):
   """Cross-correlation of NHWC `x` with an HWIO kernel, symmetric zero padding (torch's Conv2d).
 
-  Two cases are computed as matrix products, which XLA's CPU backend runs far faster than its
-  convolution (same arithmetic, summed in another order; see benchmarks/NOTES.md):
-  1x1 convolutions (a product over channels, strided by slicing), and small feature maps whose
-  output is at most 2 px on a side (a sum of one product per kernel tap), where XLA's CPU
-  convolution degrades by two orders of magnitude.
+  Some cases avoid XLA's CPU convolution where it is far slower than the same arithmetic
+  written otherwise (summed in another order; see benchmarks/NOTES.md): 1x1 convolutions are a
+  product over channels (strided by slicing); outputs of at most 2 px on a side are one product
+  per kernel tap; convolutions with a few groups (ResNeSt's radix-2 split attention) run group
+  by group.
   """
-  k = kernel.shape[0]
-  if groups == 1 and k == 1 and padding == 0:
+  kh, kw = kernel.shape[:2]
+  ph, pw = pair(padding)
+  if 1 < groups <= _SPLIT_GROUPS_UP_TO and groups < x.shape[-1]:
+    xs = jnp.split(x, groups, axis=-1)
+    ks = jnp.split(kernel, groups, axis=-1)
+    return jnp.concatenate([conv2d(a, k, stride, (ph, pw), dilation) for a, k in zip(xs, ks)], axis=-1)
+  if groups == 1 and kh == kw == 1 and ph == pw == 0:
     if stride > 1:
       x = x[:, ::stride, ::stride, :]
     return jnp.dot(x, kernel[0, 0])
-  out_h = (x.shape[1] + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-  out_w = (x.shape[2] + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  out_h = (x.shape[1] + 2 * ph - dilation * (kh - 1) - 1) // stride + 1
+  out_w = (x.shape[2] + 2 * pw - dilation * (kw - 1) - 1) // stride + 1
   if groups == 1 and max(out_h, out_w) <= 2:
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
     y = 0
-    for i in range(k):
-      for j in range(kernel.shape[1]):
+    for i in range(kh):
+      for j in range(kw):
         tap = xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
                  j * dilation:j * dilation + stride * (out_w - 1) + 1:stride, :]
         y = y + jnp.dot(tap, kernel[i, j])
     return y
   return jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=groups)
+      x, kernel, (stride, stride), ((ph, ph), (pw, pw)), rhs_dilation=(dilation, dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+class BatchNorm(nn.Module):
+  """torch.nn.BatchNorm2d over the last axis, exactly: batch statistics by two passes, the
+  biased variance to normalise and the unbiased one in the running average (flax's BatchNorm
+  averages the biased one, which differs by n/(n-1) — a lot for the 1x1 maps of attention
+  modules). Variables are flax's: params scale/bias, batch_stats mean/var.
+
+  Under jit over a batch sharded on the mesh, the means are over the global batch, so every
+  device normalises with the same statistics and keeps the same running averages.
+  """
+  use_running_average: bool
+  momentum: float = 0.1  # torch's convention: weight of the new batch
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = math.prod(x.shape[:-1])
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean.astype(ra_mean.value.dtype)
+        ra_var.value = (1 - m) * ra_var.value + m * (var * n / max(n - 1, 1)).astype(ra_var.value.dtype)
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    return ((x - mean.astype(self.dtype)) * mul.astype(self.dtype) + bias.astype(self.dtype)).astype(self.dtype)
 
 
 def batch_norm(train: bool, dtype: Dtype, name: str | None = None, zero_init: bool = False,
-               epsilon: float = 1e-5) -> nn.BatchNorm:
-  """BatchNorm2d with PyTorch's defaults (momentum 0.1 in torch's convention, eps 1e-5).
-
-  Under jit over a sharded batch, the batch statistics are global: every device normalises with
-  the same mean and variance, as one device would on the whole batch.
-  """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=dtype,
-                      scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
-                      name=name)
+               epsilon: float = 1e-5) -> BatchNorm:
+  """A BatchNorm in training (batch statistics) or evaluation (running statistics) mode."""
+  return BatchNorm(use_running_average=not train, epsilon=epsilon, dtype=dtype,
+                   scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones, name=name)
 
 
 class DropPath(nn.Module):
@@ -112,6 +160,31 @@ class DropPath(nn.Module):
     keep = 1.0 - self.rate
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "": None, None: None}
+
+
+class ConvNormAct(nn.Module):
+  """timm's ConvNormAct: 'conv' (no bias), 'bn' (BatchNorm, timm's BatchNormAct2d) and an
+  optional activation (relu or silu)."""
+  features: int
+  kernel_size: int | tuple[int, int] = 1
+  stride: int = 1
+  padding: int | tuple[int, int] | None = None
+  dilation: int = 1
+  groups: int = 1
+  act: str | None = "relu"
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = Conv2d(self.features, self.kernel_size, self.stride, self.padding, self.dilation,
+               self.groups, dtype=self.dtype, name="conv")(x)
+    x = batch_norm(train, self.dtype, name="bn", epsilon=self.epsilon)(x)
+    fn = ACTIVATIONS[self.act]
+    return fn(x) if fn else x
 
 
 def max_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False):

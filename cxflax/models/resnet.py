@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxflax.models import registry
-from cxflax.models.attention import make_attention
-from cxflax.models.layers import (Conv2d, DropPath, Dtype, avg_pool, batch_norm, classifier,
-                                  max_pool)
+from cxflax.models.attention import SelectiveKernel, SplitAttention, make_attention
+from cxflax.models.layers import (Conv2d, ConvNormAct, DropPath, Dtype, avg_pool, batch_norm,
+                                  classifier, max_pool)
 
 
 def _shortcut(x, features: int, stride: int, avg_down: bool, train: bool, dtype: Dtype):
@@ -89,6 +89,81 @@ class Bottleneck(nn.Module):
     y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
     y = Conv2d(width, 3, self.stride, groups=self.cardinality, dtype=self.dtype, name="conv2")(y)
     y = nn.relu(batch_norm(train, self.dtype, name="bn2")(y))
+    y = Conv2d(out, 1, dtype=self.dtype, name="conv3")(y)
+    y = batch_norm(train, self.dtype, name="bn3", zero_init=self.zero_init_last)(y)
+    return _residual(self, x, y, out, train)
+
+
+class SelectiveKernelBottleneck(nn.Module):
+  """SK-ResNeXt's bottleneck (timm sknet.py): 1x1 ConvNormAct, SelectiveKernel, 1x1 ConvNorm."""
+  expansion: ClassVar[int] = 4
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  avg_down: bool = False
+  cardinality: int = 1
+  base_width: int = 64
+  reduce_first: int = 1
+  attn_layer: str | None = None
+  attn_kwargs: tuple = ()
+  sk_kwargs: tuple = ()
+  drop_path_rate: float = 0.0
+  zero_init_last: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    width = int(math.floor(self.planes * (self.base_width / 64)) * self.cardinality)
+    out = self.planes * self.expansion
+    y = ConvNormAct(width // self.reduce_first, 1, dtype=self.dtype, name="conv1")(x, train)
+    y = SelectiveKernel(width, self.stride, self.cardinality, dtype=self.dtype, name="conv2",
+                        **dict(self.sk_kwargs))(y, train)
+    y = ConvNormAct(out, 1, act=None, dtype=self.dtype, name="conv3")(y, train)
+    return _residual(self, x, y, out, train)
+
+
+class ResNestBottleneck(nn.Module):
+  """ResNeSt's bottleneck (timm resnest.py): 1x1 conv, split-attention 3x3, then — with 'avd' —
+  a 3x3 average pool carrying the stride, and the 1x1 expansion.
+
+  timm applies drop-path to the block's input rather than its residual branch; cxflax applies it
+  to the branch, as every other block does. The two agree whenever drop_path_rate is 0 (timm's
+  default, and every configuration of the papers).
+  """
+  expansion: ClassVar[int] = 4
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  avg_down: bool = False
+  cardinality: int = 1
+  base_width: int = 64
+  reduce_first: int = 1
+  radix: int = 2
+  avd: bool = False
+  avd_first: bool = False
+  attn_layer: str | None = None
+  attn_kwargs: tuple = ()
+  drop_path_rate: float = 0.0
+  zero_init_last: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    width = int(self.planes * (self.base_width / 64.0)) * self.cardinality
+    out = self.planes * self.expansion
+    avd_stride, stride = (self.stride, 1) if self.avd and self.stride > 1 else (0, self.stride)
+    y = Conv2d(width, 1, dtype=self.dtype, name="conv1")(x)
+    y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
+    if avd_stride and self.avd_first:
+      y = avg_pool(y, 3, avd_stride, padding=1)
+    if self.radix >= 1:
+      y = SplitAttention(width, 3, stride, self.cardinality, self.radix, dtype=self.dtype,
+                         name="conv2")(y, train)
+    else:
+      y = Conv2d(width, 3, stride, groups=self.cardinality, dtype=self.dtype, name="conv2")(y)
+      y = nn.relu(batch_norm(train, self.dtype, name="bn2")(y))
+    if avd_stride and not self.avd_first:
+      y = avg_pool(y, 3, avd_stride, padding=1)
     y = Conv2d(out, 1, dtype=self.dtype, name="conv3")(y)
     y = batch_norm(train, self.dtype, name="bn3", zero_init=self.zero_init_last)(y)
     return _residual(self, x, y, out, train)
@@ -203,3 +278,14 @@ registry.register("ecaresnet50t", _resnet(Bottleneck, (3, 4, 6, 3), stem_width=3
                                           avg_down=True, block_args=(("attn_layer", "eca"),)))
 registry.register("resnetrs50", _resnet(Bottleneck, (3, 4, 6, 3), stem_width=32, stem_type="deep",
                                         replace_stem_pool=True, avg_down=True, block_args=_SE_RS))
+
+_SK = (("sk_kwargs", (("rd_ratio", 1 / 16), ("rd_divisor", 32))),)
+registry.register("skresnext50_32x4d", _resnet(SelectiveKernelBottleneck, (3, 4, 6, 3), cardinality=32,
+                                               base_width=4, zero_init_last=False, block_args=_SK))
+
+_RESNEST = (("radix", 2), ("avd", True), ("avd_first", False))
+for _name, _layers, _stem in (("resnest14d", (1, 1, 1, 1), 32), ("resnest26d", (2, 2, 2, 2), 32),
+                              ("resnest50d", (3, 4, 6, 3), 32), ("resnest101e", (3, 4, 23, 3), 64),
+                              ("resnest200e", (3, 24, 36, 3), 64)):
+  registry.register(_name, _resnet(ResNestBottleneck, _layers, stem_type="deep", stem_width=_stem,
+                                   avg_down=True, block_args=_RESNEST))

@@ -52,8 +52,9 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
   out = {}
   for key, value in sd.items():
     key = key[len("module."):] if key.startswith("module.") else key
-    if hasattr(value, "detach"):
-      value = value.detach().cpu().float().numpy() if value.is_floating_point() else value.cpu().numpy()
+    if hasattr(value, "detach"):  # a torch tensor; numpy has no bfloat16, so widen half types
+      value = value.detach().cpu()
+      value = (value.float() if value.is_floating_point() and value.element_size() < 4 else value).numpy()
     out[key] = np.asarray(value)
   return out
 
@@ -97,14 +98,15 @@ def _expected(name: str, num_classes: int, **kwargs) -> dict[tuple, dict]:
   return {col: traverse_util.flatten_dict(dict(tree)) for col, tree in shapes.items()}
 
 
-def load_timm_weights(name: str, state_dict, num_classes: int | None = None,
+def load_timm_weights(name: str, state_dict, num_classes: int | None = None, dtype=np.float32,
                       **model_kwargs) -> dict[str, Any]:
   """Flax variables {'params', 'batch_stats'} for create_model(name, num_classes, **model_kwargs).
 
   state_dict: a timm state dict (numpy arrays or torch tensors) or a path to .pth, .pt, .bin or
   .safetensors. With num_classes different from the checkpoint's, the classifier is freshly
   initialised and everything else is loaded. Missing, unexpected or wrongly shaped keys raise a
-  CheckpointError that names them.
+  CheckpointError that names them. dtype: of the returned arrays (float32; float64 for exact
+  comparisons).
   """
   sd = read_state_dict(state_dict)
   converted: dict[str, dict[tuple, np.ndarray]] = {"params": {}, "batch_stats": {}}
@@ -145,7 +147,7 @@ def load_timm_weights(name: str, state_dict, num_classes: int | None = None,
   if problems:
     raise CheckpointError(f"timm state dict does not fit {name!r}:\n  " + "\n  ".join(problems))
 
-  variables = {col: {p: np.asarray(v, np.float32) for p, v in converted[col].items()}
+  variables = {col: {p: np.asarray(v, dtype) for p, v in converted[col].items()}
                for col in ("params", "batch_stats")}
   if fresh_head:
     model = create_model(name, num_classes=num_classes, **model_kwargs)
@@ -154,5 +156,5 @@ def load_timm_weights(name: str, state_dict, num_classes: int | None = None,
     flat_init = traverse_util.flatten_dict(dict(init["params"]))
     for p in expected["params"]:
       if p not in variables["params"]:
-        variables["params"][p] = np.asarray(flat_init[p])
+        variables["params"][p] = np.asarray(flat_init[p], dtype)
   return {col: traverse_util.unflatten_dict(v) for col, v in variables.items() if v}

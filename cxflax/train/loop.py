@@ -19,7 +19,8 @@ from cxflax import config as config_lib
 from cxflax import parallel
 from cxflax.data.pipeline import Input, create_input
 from cxflax.errors import CheckpointError, ConfigError
-from cxflax.models.heads import create_network
+from cxflax.convert import load_converted
+from cxflax.models.heads import create_network, with_backbone
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import metrics as metrics_lib
 from cxflax.train import optim
@@ -118,6 +119,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = optim.make_schedule(config, steps_per_epoch)
   tx = optim.make_optimizer(config, schedule)
   variables = init_variables(model, _image_shape(config), config.seed)
+  if config.init_from:
+    variables = with_backbone(variables, load_converted(config.init_from, config.model))
+    logging.info("backbone initialised from %s", config.init_from)
   parameter_overview.log_parameter_overview(variables["params"], msg=f"{config.model} parameters")
   state = create_train_state(model, tx, variables, mesh)
   train_iter = iter(inp.train())
