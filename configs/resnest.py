@@ -9,10 +9,13 @@ Start from ImageNet weights as the paper does: convert timm's resnest50d checkpo
 `python -m cxflax.convert --model resnest50d --checkpoint resnest50d.pth --out DIR` and pass
 `--config.init_from=DIR` (nothing is downloaded by cxflax).
 
+Augmentation (Sec. 3.1): RandAugment over the paper's ten operations (rotation 0–30°, color,
+contrast, brightness, sharpness, shear x/y, cutout, translate x/y) and horizontal and vertical
+flips. The paper gives neither N nor M: we use RandAugment's common N=2, M=9. Folds are grouped
+by subject and stratified by the severity categories of Per-COVID-19 (Sec. 4.1).
+
 Departs from the paper, until the issues that bring them land:
-  * optimizer: plain SGD, without SAM;
-  * augmentation: horizontal flips only (the paper adds RandAugment and vertical flips);
-  * folds are grouped by subject but not yet stratified by severity.
+  * optimizer: plain SGD, without SAM.
 
 `:runlocal` trains the smallest ResNeSt (resnest14d) from scratch on 64-px phantom slices in a
 few minutes on a 2-core CPU.
@@ -32,6 +35,10 @@ def get_config(arg: str | None = None):
   c.batch_size = c.eval_batch_size = 16
   c.num_folds, c.fold = 5, 0
   c.data.image_size = 512
+  c.data.train_pp = ("to_rgb|resize({size})|rand_augment(2, 9)|flip_lr(0.5)|flip_ud(0.5)|"
+                     "normalize('imagenet')")
+  c.data.eval_pp = "to_rgb|resize({size})|normalize('imagenet')"
+  c.data.stratify = "auto"  # severity categories
   c.data.workers = 2
   c.data.phantom.num_subjects = 200
 

@@ -64,11 +64,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.halt_after_steps = 0         # >0: checkpoint and stop once this step is reached (as if preempted)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "phantom"      # phantom | per_covid19
-  c.data.root = ""
+  # phantom | per_covid19 | covidx | covid_ct | flannel | folder | csv | tfds (see data/sources.py)
+  c.data.source = "phantom"
+  c.data.root = ""               # the dataset's folder (tfds: the TFDS data_dir)
+  c.data.tfds_name = ""          # tfds: cxflax's builder name, e.g. 'per_covid19'
+  c.data.train_file = ""         # covidx label files / csv tables, per split ("" = the layout's)
+  c.data.val_file = ""
+  c.data.test_file = ""
+  c.data.class_names = ()        # folder/csv: class order (default: sorted names)
+  c.data.window = ""             # DICOM only: CT window, 'lung' | 'mediastinum' | (centre, width)
+  c.data.on_bad_data = "error"   # error | skip (bad entries left out and counted in the log)
+  c.data.verify_images = False   # decode every image before training (always when skipping)
+  c.data.stratify = "auto"       # auto (severity for regression, class otherwise) | none
   c.data.image_size = 512
-  c.data.eval_split = "fold"     # fold: the held-out fold; val: the source's validation split
+  c.data.eval_split = "fold"     # fold: the held-out fold; val / test: the source's own split
   c.data.workers = 0             # grain worker processes (0: read in the main process)
+  c.data.stats_images = 256      # normalize('dataset'): training images the statistics use
   c.data.train_pp = "to_rgb|resize({size})|flip_lr(0.5)|normalize('imagenet')"
   c.data.eval_pp = "to_rgb|resize({size})|normalize('imagenet')"
   c.data.phantom = ml_collections.ConfigDict()

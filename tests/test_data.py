@@ -8,7 +8,8 @@ from PIL import Image
 
 from cxflax.data import export, folds, pipeline, transforms
 from cxflax.data.images import read_image, write_image
-from cxflax.data.sources import PerCovid19Source, PhantomSource
+from cxflax.config import base_config
+from cxflax.data.sources import PhantomSource, make_source
 from cxflax.errors import ConfigError, DataError
 
 
@@ -18,6 +19,12 @@ def per_covid(tmp_path_factory):
   export.export_per_covid19(str(root), num_subjects=5, image_size=32, num_val_subjects=2, seed=1,
                             val_labels=True)
   return root
+
+
+def PerCovid19Source(root, split="train"):
+  d = base_config().data
+  d.source, d.root = "per_covid19", root
+  return make_source(d, split)
 
 
 def _copy_layout(src, dst, csv_text):
@@ -44,11 +51,11 @@ def test_per_covid19_with_and_without_header(per_covid, tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda rows: rows[:1] + [["Image_99999.png", "3", "s"]], r"missing.*Image_99999\.png \(line 2\)"),
+    (lambda rows: rows[:1] + [["Image_99999.png", "3", "s"]], r"missing.*Image_99999\.png \(Train.csv line 2\)"),
     (lambda rows: [[rows[0][0], "101", rows[0][2]]], r"line 1: percentage 101.0 is outside 0..100"),
     (lambda rows: [[rows[0][0], "abc", rows[0][2]]], r"line 1: percentage 'abc' is not a number"),
-    (lambda rows: [[rows[0][0], "5"]], r"line 1: expected 3 columns"),
-    (lambda rows: [["Name", "Label", "Patient"]] + rows, r"line 1: percentage 'Label'"),
+    (lambda rows: [[rows[0][0], "5"]], r"line 1: expected columns"),
+    (lambda rows: [["Name", "Label", "Patient"]] + rows, r"header .* lacks column\(s\) \['Covid-19_percentage', 'Subject'\]"),
 ])
 def test_per_covid19_bad_rows_name_file_and_line(per_covid, tmp_path, edit, match):
   rows = [r.split(",") for r in (per_covid / "Train.csv").read_text().splitlines()]
@@ -62,7 +69,7 @@ def test_per_covid19_missing_parts(tmp_path):
   with pytest.raises(DataError, match="not a directory"):
     PerCovid19Source(str(tmp_path / "nowhere"))
   (tmp_path / "Train").mkdir()
-  with pytest.raises(DataError, match="Train.csv.*missing"):
+  with pytest.raises(DataError, match="Train.csv is missing"):
     PerCovid19Source(str(tmp_path))
   (tmp_path / "Train.csv").write_text("")
   with pytest.raises(DataError, match="empty"):
@@ -204,3 +211,48 @@ def test_too_small_training_split_is_an_error():
     pipeline.train_dataset(src, np.arange(2), pp="to_rgb", global_batch=4, seed=0)
   with pytest.raises(DataError, match="empty"):
     pipeline.eval_dataset(src, np.arange(0), pp="to_rgb", global_batch=4)
+
+
+def test_stratified_group_kfold_balances_severity_and_keeps_subjects():
+  src = PhantomSource("ct", 80, 32, seed=4)
+  subjects, strata = src.subjects(), src.strata()
+  fold_of = folds.stratified_group_kfold(subjects, strata, 5, seed=0)
+  plain = folds.group_kfold(subjects, 5, seed=0)
+  for s in set(subjects):
+    assert len({fold_of[i] for i, t in enumerate(subjects) if t == s}) == 1
+
+  def spread(f):  # how unevenly each severity class spreads over the folds
+    counts = np.array([[np.sum((f == k) & (strata == c)) for c in np.unique(strata)] for k in range(5)])
+    return float(np.mean(np.std(counts / counts.sum(0), axis=0)))
+
+  assert spread(fold_of) < spread(plain)
+  assert set(np.unique(fold_of)) == set(range(5))
+
+
+def test_dataset_statistics_replace_normalize_dataset(tiny_config):
+  tiny_config.data.train_pp = "to_rgb|resize(32)|normalize('dataset')"
+  tiny_config.data.eval_pp = "to_rgb|resize(32)|normalize('dataset')"
+  from cxflax.config import finalize
+  inp = pipeline.create_input(finalize(tiny_config))
+  assert "dataset" not in inp.config.data.train_pp and inp.config.data.train_pp == inp.config.data.eval_pp
+  batch = next(iter(inp.eval()))
+  images = batch["image"][batch["valid"] > 0]
+  assert abs(images.mean()) < 0.5 and 0.5 < images.std() < 1.5  # roughly standardised
+
+
+def test_worker_processes_give_the_same_batches_and_resume():
+  src = PhantomSource("ct", 6, 32, seed=0)
+  idx = np.arange(len(src))
+  kw = dict(pp="to_rgb|rand_augment(2, 10)|flip_lr(0.5)", global_batch=4, seed=5)
+  reference = _batches(iter(pipeline.train_dataset(src, idx, **kw)), 6)
+  it = iter(pipeline.train_dataset(src, idx, workers=2, **kw))
+  first = _batches(it, 3)
+  state = it.get_state()
+  it.close()
+  resumed = iter(pipeline.train_dataset(src, idx, workers=2, **kw))
+  resumed.set_state(state)
+  rest = _batches(resumed, 3)
+  resumed.close()
+  for x, y in zip(reference, first + rest):
+    np.testing.assert_array_equal(x["index"], y["index"])
+    np.testing.assert_array_equal(x["image"], y["image"])

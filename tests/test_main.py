@@ -124,3 +124,29 @@ def test_unknown_config_field_and_bad_value(tmp_path):
   assert proc.returncode == 2 and "config.dtype" in proc.stderr
   proc = _run(str(tmp_path / "w"), "--config.data.source=imagenet")
   assert proc.returncode == 2 and "unknown data source 'imagenet'" in proc.stderr
+
+
+def test_classification_on_a_real_layout(tmp_path):
+  """COVIDx written from phantom X-rays, trained and evaluated through the main job."""
+  from cxflax.data.export import export_covidx
+  root = tmp_path / "COVIDx"
+  export_covidx(str(root), num_subjects=40, image_size=32, four_class=True)
+  workdir = str(tmp_path / "work")
+  proc = _run(workdir, "--config.data.source=covidx", f"--config.data.root={root}",
+              "--config.loss=cross_entropy", "--config.data.eval_split=test")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = _final(workdir)
+  assert set(final["metrics"]) == {"accuracy", "macro_f1"}
+  assert "trivial baseline (majority class)" in proc.stdout
+
+
+def test_corrupt_image_inside_a_worker_names_the_file(tmp_path):
+  from cxflax.data.export import export_per_covid19
+  root = tmp_path / "Per-COVID-19"
+  export_per_covid19(str(root), num_subjects=6, image_size=32, num_val_subjects=0)
+  bad = root / "Train" / "Image_00004.png"
+  bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+  proc = _run(str(tmp_path / "work"), "--config.data.source=per_covid19", f"--config.data.root={root}",
+              "--config.data.workers=1", "--config.num_folds=2")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "error:" in proc.stderr and "Image_00004.png: cannot decode image" in proc.stderr

@@ -11,7 +11,8 @@ import pytest
 
 from cxflax.data import export
 from cxflax.data.phantom import CXR_CLASS_NAMES, Phantom, severity_class
-from cxflax.data.sources import PerCovid19Source
+from cxflax.config import base_config
+from cxflax.data.sources import make_source
 
 
 def test_deterministic_from_seed():
@@ -126,7 +127,9 @@ def test_export_per_covid19_layout_round_trip(tmp_path):
   assert (root / "Train").is_dir() and (root / "Val").is_dir() and (root / "Train.csv").is_file()
   first = (root / "Train.csv").read_text().splitlines()[0].split(",")
   assert first[0].startswith("Image_") and len(first) == 3, "header-less, as the challenge ships it"
-  src = PerCovid19Source(str(root), "train")
+  d = base_config().data
+  d.source, d.root = "per_covid19", str(root)
+  src = make_source(d, "train")
   p = Phantom("ct", 6, 40, seed=7)
   assert len(src) == len(p)
   for i in (0, len(p) - 1):

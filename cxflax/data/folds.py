@@ -1,4 +1,4 @@
-"""Cross-validation folds that never split a subject across folds."""
+"""Cross-validation folds that never split a subject across folds, optionally stratified."""
 
 from __future__ import annotations
 
@@ -31,6 +31,45 @@ def group_kfold(subjects: Sequence[str], num_folds: int, seed: int = 0) -> np.nd
     f = int(np.argmin(sizes))
     subject_fold[g] = f
     sizes[f] += counts[g]
+  return subject_fold[inverse]
+
+
+def stratified_group_kfold(subjects: Sequence[str], strata: Sequence[int], num_folds: int,
+                           seed: int = 0) -> np.ndarray:
+  """Fold index of each example: subjects kept whole, and the distribution of `strata` (class,
+  or severity category) made as even across folds as subjects allow.
+
+  The greedy procedure of scikit-learn's StratifiedGroupKFold: subjects in a seeded random
+  order, those with the most uneven strata first, each placed in the fold that keeps the
+  per-stratum spread across folds smallest (ties: the fold with fewest examples).
+  """
+  if num_folds < 2:
+    raise ConfigError(f"num_folds must be at least 2, got {num_folds}")
+  strata = np.asarray(strata, np.int64)
+  names, inverse = np.unique(np.asarray(subjects, dtype=object).astype(str), return_inverse=True)
+  if len(names) < num_folds:
+    raise DataError(f"cannot make {num_folds} subject-grouped folds from {len(names)} subject(s)")
+  _, strata_idx = np.unique(strata, return_inverse=True)
+  k = int(strata_idx.max()) + 1
+  per_subject = np.zeros((len(names), k), np.int64)
+  np.add.at(per_subject, (inverse, strata_idx), 1)
+  totals = per_subject.sum(0)
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(names))
+  order = order[np.argsort(-np.std(per_subject[order], axis=1), kind="stable")]
+  per_fold = np.zeros((num_folds, k), np.int64)
+  subject_fold = np.empty(len(names), np.int64)
+  for g in order:
+    best, best_key = 0, None
+    for f in range(num_folds):
+      per_fold[f] += per_subject[g]
+      spread = float(np.mean(np.std(per_fold / totals, axis=0)))
+      per_fold[f] -= per_subject[g]
+      key = (spread, per_fold[f].sum())
+      if best_key is None or key < best_key:
+        best, best_key = f, key
+    per_fold[best] += per_subject[g]
+    subject_fold[g] = best
   return subject_fold[inverse]
 
 

@@ -1,4 +1,9 @@
-"""Reading image files into arrays, with errors that name the file."""
+"""Reading image files into arrays, with errors that name the file.
+
+PNG, JPEG (and other PIL formats), 8- or 16-bit, grayscale or RGB, come back as uint8 / uint16
+arrays. DICOM comes back as uint16 stored values (MONOCHROME1 inverted), or, given a CT window,
+as float32 in [0, 1] computed from Hounsfield units (rescale slope and intercept applied).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,77 @@ from PIL import Image, UnidentifiedImageError
 
 from cxflax.errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+
+# CT windows (centre, width) in Hounsfield units.
+WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "soft_tissue": (50.0, 350.0),
+           "bone": (400.0, 1800.0)}
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def parse_window(window) -> tuple[float, float] | None:
+  """None, a preset name ('lung', 'mediastinum', ...) or (centre, width) → (centre, width)."""
+  if window in (None, "", ()):
+    return None
+  if isinstance(window, str):
+    if window not in WINDOWS:
+      raise ValueError(f"unknown CT window {window!r}; use one of {sorted(WINDOWS)} or (centre, width)")
+    return WINDOWS[window]
+  centre, width = (float(v) for v in window)
+  if width <= 0:
+    raise ValueError(f"CT window width must be positive, got {width}")
+  return centre, width
+
+
+def is_dicom(path: str) -> bool:
+  if path.lower().endswith((".dcm", ".dicom")):
+    return True
+  try:
+    with open(path, "rb") as f:
+      head = f.read(132)
+    return head[128:132] == b"DICM"
+  except OSError:
+    return False
+
+
+def read_dicom(path: str, window=None) -> np.ndarray:
+  """A DICOM file's pixels: (H, W, 1) uint16 stored values (MONOCHROME1 inverted so that bright is
+  dense), or with `window` float32 in [0, 1] over Hounsfield units (slope/intercept applied)."""
+  import pydicom
+  try:
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array
+  except FileNotFoundError:
+    raise DataError(f"{path}: DICOM file not found") from None
+  except Exception as e:  # pydicom raises many types for bad or unsupported files
+    raise DataError(f"{path}: cannot read DICOM pixels ({type(e).__name__}: {e})") from None
+  if raw.ndim != 2:
+    raise DataError(f"{path}: expected a single 2-D DICOM frame, got pixel array of shape {raw.shape}")
+  window = parse_window(window)
+  values = raw.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1.0)) + float(
+      getattr(ds, "RescaleIntercept", 0.0))
+  monochrome1 = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+  if window is not None:
+    centre, width = window
+    out = np.clip((values - (centre - width / 2)) / width, 0.0, 1.0)
+    return (1.0 - out if monochrome1 else out).astype(np.float32)[..., None]
+  stored = raw.astype(np.int64)
+  if monochrome1:
+    stored = stored.max() + stored.min() - stored
+  stored = stored - min(0, int(stored.min()))  # signed storage: shift to non-negative
+  if stored.max() > 65535:
+    raise DataError(f"{path}: DICOM values exceed 16 bits")
+  return stored.astype(np.uint16)[..., None]
+
+
+def read_image(path: str | os.PathLike, window=None) -> np.ndarray:
   """An image file as an (H, W, C) array: uint8, or uint16 for 16-bit files; C is 1 or 3.
 
-  PNG and JPEG, 8- or 16-bit, grayscale or RGB (alpha dropped, palettes expanded).
+  PNG and JPEG, 8- or 16-bit, grayscale or RGB (alpha dropped, palettes expanded); DICOM (see
+  read_dicom; `window` applies to DICOM only).
   """
   path = os.fspath(path)
+  if is_dicom(path):
+    return read_dicom(path, window)
   try:
     with Image.open(path) as im:
       im.load()

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+from absl import flags, logging
 
 from cxflax.data import folds as folds_lib
 from cxflax.data.sources import Source, make_source
@@ -114,6 +115,8 @@ def _prefetch(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
     raise ConfigError(f"config.data.workers must be >= 0, got {workers}")
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
   if workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   return it
 
@@ -151,31 +154,64 @@ class Input:
                         global_batch=self.config.eval_batch_size, workers=d.workers,
                         process_index=self.process_index, process_count=self.process_count)
 
-  def train_label_mean(self) -> float:
-    return float(np.mean(self.source.labels()[self.train_indices]))
-
-  def eval_labels(self) -> np.ndarray:
-    return self.eval_source.labels()[self.eval_indices]
-
 
 def create_input(config, process_index: int = 0, process_count: int = 1) -> Input:
-  """Sources and splits from the config: train on all folds but `config.fold`, evaluate on it
-  (or, with config.data.eval_split='val', on the source's own validation split)."""
-  source = make_source(config.data, "train")
-  if len(source) == 0:
-    raise DataError("the training source has no examples")
-  fold_of = folds_lib.group_kfold(source.subjects(), config.num_folds, seed=config.seed)
-  train_idx, held_out = folds_lib.split_indices(fold_of, config.fold)
-  if config.data.eval_split == "fold":
-    eval_source, eval_idx = source, held_out
-  elif config.data.eval_split == "val":
-    eval_source = make_source(config.data, "val")
-    eval_idx = np.arange(len(eval_source))
-    train_idx = np.arange(len(source))
+  """Sources and splits from the config: train on all folds but `config.fold` and evaluate on it
+  (or, with config.data.eval_split='val'/'test', train on the source's training split and
+  evaluate on its own validation/test split). normalize('dataset') in the preprocessing specs is
+  replaced by the training split's statistics."""
+  d = config.data
+  source = make_source(d, "train")
+  if d.eval_split == "fold":
+    fold_of = make_folds(source, config.num_folds, config.seed, d.stratify)
+    train_idx, eval_idx = folds_lib.split_indices(fold_of, config.fold)
+    eval_source = source
+  elif d.eval_split in ("val", "test"):
+    eval_source = make_source(d, d.eval_split)
+    train_idx, eval_idx = np.arange(len(source)), np.arange(len(eval_source))
   else:
-    raise ConfigError(f"config.data.eval_split must be 'fold' or 'val', got {config.data.eval_split!r}")
+    raise ConfigError(f"config.data.eval_split must be 'fold', 'val' or 'test', got {d.eval_split!r}")
+  if len(eval_idx) == 0:
+    raise DataError(f"the evaluation split ({d.eval_split}) is empty")
+  if DATASET_NORM in d.train_pp.replace('"', "'") or DATASET_NORM in d.eval_pp.replace('"', "'"):
+    mean, std = dataset_statistics(source, train_idx, d.eval_pp, d.stats_images, config.seed)
+    literal = f"normalize({tuple(round(float(m), 6) for m in mean)}, {tuple(round(float(v), 6) for v in std)})"
+    logging.info("normalize('dataset'): training-split statistics %s", literal)
+    d.train_pp = d.train_pp.replace('"', "'").replace(DATASET_NORM, literal)
+    d.eval_pp = d.eval_pp.replace('"', "'").replace(DATASET_NORM, literal)
   steps = (len(train_idx) // process_count // (config.batch_size // process_count))
   if steps == 0:
     raise DataError(f"training split has {len(train_idx)} examples, fewer than one batch of "
                     f"{config.batch_size}; lower config.batch_size")
   return Input(source, train_idx, eval_source, eval_idx, steps, config, process_index, process_count)
+
+
+DATASET_NORM = "normalize('dataset')"
+
+
+def make_folds(source: Source, num_folds: int, seed: int, stratify: str) -> np.ndarray:
+  """Fold of each example: grouped by subject, stratified by class or severity unless 'none'."""
+  if stratify == "none":
+    return folds_lib.group_kfold(source.subjects(), num_folds, seed=seed)
+  if stratify != "auto":
+    raise ConfigError(f"config.data.stratify must be 'auto' or 'none', got {stratify!r}")
+  return folds_lib.stratified_group_kfold(source.subjects(), source.strata(), num_folds, seed=seed)
+
+
+def dataset_statistics(source: Source, indices, eval_pp: str, max_images: int, seed: int):
+  """Per-channel mean and std of up to `max_images` training images after the evaluation
+  preprocessing that precedes normalization (e.g. to_rgb|resize(512))."""
+  ops = eval_pp.replace('"', "'").split("|")
+  prefix = "|".join(op for op in ops[:next((i for i, op in enumerate(ops) if op.strip().startswith("normalize")), len(ops))])
+  pp = Preprocess(prefix)
+  rng = np.random.default_rng(seed)
+  chosen = rng.choice(np.asarray(indices), min(len(indices), max_images), replace=False)
+  total, total_sq, count = 0.0, 0.0, 0
+  for i in chosen:
+    img = pp.random_map(dict(source.load(int(i))), rng)["image"].astype(np.float64)
+    total = total + img.sum(axis=(0, 1))
+    total_sq = total_sq + (img ** 2).sum(axis=(0, 1))
+    count += img.shape[0] * img.shape[1]
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+  return mean, std

@@ -1,16 +1,21 @@
 """Preprocessing and augmentation, written in configs as op strings joined by '|'.
 
-    config.data.train_pp = "to_rgb|resize(512)|flip_lr(0.5)|normalize('imagenet')"
+    config.data.train_pp = "to_rgb|resize(512)|rand_augment(2, 9)|flip_lr(0.5)|normalize('imagenet')"
 
 Each op maps an example dict to a new one, given a numpy Generator that grain seeds per element
 (so augmentation is deterministic per element and epoch). The image is float32 (H, W, C) in
 [0, 1] when the first op sees it. Geometric ops move every mask ('*_mask' keys) with the image,
 using nearest-neighbour sampling so masks stay binary.
+
+Ops: resize, center_crop, random_resized_crop, flip_lr, flip_ud, rotate, shift_scale_rotate,
+rand_augment, color_jitter, lighting, to_rgb, to_gray, normalize ('imagenet', 'dataset' — the
+training split's statistics, filled in at start-up — 'xrv', or explicit mean and std).
 """
 
 from __future__ import annotations
 
 import ast
+import math
 from typing import Any, Callable
 
 import grain
@@ -108,9 +113,7 @@ def _resize_array(arr: np.ndarray, height: int, width: int, nearest: bool) -> np
 @register("resize")
 def _resize(size, width=None) -> Op:
   """resize(s) → s×s; resize(h, w). Bilinear (antialiased) for images, nearest for masks."""
-  h, w = (size, width if width is not None else size) if isinstance(size, int) else tuple(size)
-  if h < 1 or w < 1:
-    raise ValueError(f"resize size must be positive, got {(h, w)}")
+  h, w = _hw(size, width)
 
   def apply(ex, rng):
     ex = dict(ex)
@@ -122,8 +125,7 @@ def _resize(size, width=None) -> Op:
 
 
 def _flip(axis: int, p: float) -> Op:
-  if not 0.0 <= p <= 1.0:
-    raise ValueError(f"flip probability must be in [0, 1], got {p}")
+  _prob(p)
 
   def apply(ex, rng):
     if rng.uniform() >= p:
@@ -160,13 +162,29 @@ def _to_rgb() -> Op:
   return apply
 
 
+@register("to_gray")
+def _to_gray() -> Op:
+  """RGB to one luminance channel (ITU-R 601, as PIL's 'L')."""
+  def apply(ex, rng):
+    img = ex["image"]
+    return ex if img.shape[-1] == 1 else {**ex, "image": _luminance(img)}
+  return apply
+
+
 @register("normalize")
 def _normalize(mean="imagenet", std=None) -> Op:
-  """(x - mean) / std per channel; normalize('imagenet') uses ImageNet's statistics."""
-  if mean == "imagenet":
+  """(x - mean) / std per channel. normalize('imagenet'): ImageNet's statistics;
+  normalize('xrv'): torchxrayvision's [-1024, 1024] range; normalize('dataset'): the training
+  split's statistics, which the pipeline computes at start-up and writes into the spec."""
+  if mean == "dataset":
+    raise ValueError("normalize('dataset') is resolved by the input pipeline from the training "
+                     "split; it cannot be used on its own")
+  if mean == "xrv":
+    mean, std = (0.5,), (1.0 / 2048.0,)
+  elif mean == "imagenet":
     mean, std = IMAGENET_MEAN, IMAGENET_STD
   if std is None:
-    raise ValueError("normalize needs std (or mean='imagenet')")
+    raise ValueError("normalize needs std (or mean='imagenet', 'xrv' or 'dataset')")
   mean = np.asarray(mean, np.float32).reshape(-1)
   std = np.asarray(std, np.float32).reshape(-1)
   if np.any(std <= 0):
@@ -178,4 +196,283 @@ def _normalize(mean="imagenet", std=None) -> Op:
       raise ValueError(f"normalize: {mean.size} means for a {img.shape[-1]}-channel image "
                        "(add to_rgb first?)")
     return {**ex, "image": ((img - mean) / std).astype(np.float32)}
+  return apply
+
+
+# --- geometry -----------------------------------------------------------------------------------
+
+
+def _warp(arr: np.ndarray, inverse: np.ndarray, out_hw: tuple[int, int], nearest: bool,
+          fill: float = 0.0) -> np.ndarray:
+  """Samples arr at inverse @ (x, y, 1) for every output pixel (x right, y down, pixel centres
+  at +0.5): PIL's affine transform per channel, bilinear or nearest."""
+  h, w = out_hw
+  coeffs = tuple(float(v) for v in inverse[:2].reshape(-1))
+  method = Image.NEAREST if nearest else Image.BILINEAR
+  chans = []
+  for c in range(arr.shape[-1]):
+    src = Image.fromarray(arr[..., c]) if nearest else Image.fromarray(arr[..., c].astype(np.float32), mode="F")
+    chans.append(np.asarray(src.transform((w, h), Image.AFFINE, coeffs, resample=method,
+                                          fillcolor=0 if nearest else fill)))
+  return np.stack(chans, axis=-1).astype(arr.dtype)
+
+
+def _affine(ex: Example, inverse: np.ndarray, out_hw=None) -> Example:
+  out_hw = out_hw or ex["image"].shape[:2]
+  ex = dict(ex)
+  ex["image"] = _warp(ex["image"], inverse, out_hw, nearest=False)
+  for k in _masks(ex):
+    ex[k] = _warp(ex[k], inverse, out_hw, nearest=True)
+  return ex
+
+
+def _about_centre(h: int, w: int, angle_deg=0.0, scale=1.0, shear=(0.0, 0.0), shift=(0.0, 0.0)):
+  """Output→input pixel mapping of a rotation, scale and shear about the image centre followed
+  by a shift of (dx, dy) pixels."""
+  cx, cy = w / 2.0, h / 2.0
+  a = math.radians(angle_deg)
+  rot = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+  sh = np.array([[1, shear[0], 0], [shear[1], 1, 0], [0, 0, 1]])
+  sc = np.diag([scale, scale, 1.0])
+  to_centre = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]])
+  back = np.array([[1, 0, cx + shift[0]], [0, 1, cy + shift[1]], [0, 0, 1]])
+  forward = back @ rot @ sh @ sc @ to_centre  # input → output
+  return np.linalg.inv(forward)
+
+
+def _crop(ex: Example, top: int, left: int, h: int, w: int, out_hw=None) -> Example:
+  """Crops (and, given out_hw, resizes) the image and its masks."""
+  ex = dict(ex)
+  for k in ["image"] + _masks(ex):
+    ex[k] = ex[k][top:top + h, left:left + w]
+  if out_hw:
+    ex["image"] = _resize_array(ex["image"], *out_hw, nearest=False)
+    for k in _masks(ex):
+      ex[k] = _resize_array(ex[k], *out_hw, nearest=True)
+  return ex
+
+
+def _hw(size, width=None) -> tuple[int, int]:
+  h, w = (size, width if width is not None else size) if isinstance(size, int) else tuple(size)
+  if h < 1 or w < 1:
+    raise ValueError(f"size must be positive, got {(h, w)}")
+  return int(h), int(w)
+
+
+def _prob(p: float) -> float:
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"probability must be in [0, 1], got {p}")
+  return p
+
+
+@register("center_crop")
+def _center_crop(size, width=None) -> Op:
+  """The central size×size (or h×w) window, padded with zeros where the image is smaller."""
+  h, w = _hw(size, width)
+
+  def apply(ex, rng):
+    ih, iw = ex["image"].shape[:2]
+    if ih < h or iw < w:
+      pad = ((max(0, (h - ih + 1) // 2),) * 2, (max(0, (w - iw + 1) // 2),) * 2, (0, 0))
+      ex = {k: (np.pad(v, pad) if k == "image" or k.endswith("_mask") else v) for k, v in ex.items()}
+      ih, iw = ex["image"].shape[:2]
+    return _crop(ex, (ih - h) // 2, (iw - w) // 2, h, w)
+  return apply
+
+
+@register("random_resized_crop")
+def _random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Op:
+  """torchvision's RandomResizedCrop: a random area fraction `scale` and aspect `ratio` (log-
+  uniform), ten tries, else the central crop of the closest aspect; resized to size."""
+  h, w = _hw(size)
+  if not 0 < scale[0] <= scale[1] <= 1:
+    raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+  def apply(ex, rng):
+    ih, iw = ex["image"].shape[:2]
+    area = ih * iw
+    for _ in range(10):
+      target = area * rng.uniform(*scale)
+      aspect = math.exp(rng.uniform(*log_ratio))
+      cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+      if 0 < cw <= iw and 0 < ch <= ih:
+        top, left = int(rng.integers(0, ih - ch + 1)), int(rng.integers(0, iw - cw + 1))
+        return _crop(ex, top, left, ch, cw, (h, w))
+    aspect = iw / ih
+    if aspect < ratio[0]:
+      cw, ch = iw, int(round(iw / ratio[0]))
+    elif aspect > ratio[1]:
+      ch, cw = ih, int(round(ih * ratio[1]))
+    else:
+      cw, ch = iw, ih
+    return _crop(ex, (ih - ch) // 2, (iw - cw) // 2, ch, cw, (h, w))
+  return apply
+
+
+@register("rotate")
+def _rotate(degrees: float = 15.0, p: float = 1.0) -> Op:
+  """Rotation by an angle drawn uniformly from [-degrees, degrees], with probability p."""
+  _prob(p)
+
+  def apply(ex, rng):
+    if rng.uniform() >= p:
+      return ex
+    h, w = ex["image"].shape[:2]
+    return _affine(ex, _about_centre(h, w, angle_deg=rng.uniform(-degrees, degrees)))
+  return apply
+
+
+@register("shift_scale_rotate")
+def _shift_scale_rotate(shift: float = 0.0625, scale: float = 0.1, rotate: float = 45.0,
+                        p: float = 0.5) -> Op:
+  """albumentations' ShiftScaleRotate: shift up to ±shift of the size, zoom by 1 ± scale, rotate
+  up to ±rotate degrees, with probability p (its defaults)."""
+  _prob(p)
+
+  def apply(ex, rng):
+    if rng.uniform() >= p:
+      return ex
+    h, w = ex["image"].shape[:2]
+    return _affine(ex, _about_centre(
+        h, w, angle_deg=rng.uniform(-rotate, rotate), scale=1.0 + rng.uniform(-scale, scale),
+        shift=(rng.uniform(-shift, shift) * w, rng.uniform(-shift, shift) * h)))
+  return apply
+
+
+# --- colour ---------------------------------------------------------------------------------------
+
+
+def _luminance(img: np.ndarray) -> np.ndarray:
+  if img.shape[-1] == 1:
+    return img
+  return (img[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+
+
+def _blend(degenerate, img, factor: float) -> np.ndarray:
+  """PIL ImageEnhance: degenerate + factor · (img - degenerate), clipped to [0, 1]."""
+  return np.clip(degenerate + factor * (img - degenerate), 0.0, 1.0).astype(np.float32)
+
+
+def adjust_brightness(img, f):
+  return _blend(np.zeros_like(img), img, f)
+
+
+def adjust_contrast(img, f):
+  return _blend(np.full_like(img, float(_luminance(img).mean())), img, f)
+
+
+def adjust_saturation(img, f):
+  return _blend(np.broadcast_to(_luminance(img), img.shape), img, f)
+
+
+def adjust_sharpness(img, f):
+  """Blend with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]]/13); borders are kept."""
+  p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+  smooth = sum(p[1 + dy:p.shape[0] - 1 + dy, 1 + dx:p.shape[1] - 1 + dx] for dy in (-1, 0, 1)
+               for dx in (-1, 0, 1)) + 4 * img
+  smooth = smooth / 13.0
+  smooth[0], smooth[-1], smooth[:, 0], smooth[:, -1] = img[0], img[-1], img[:, 0], img[:, -1]
+  return _blend(smooth, img, f)
+
+
+@register("color_jitter")
+def _color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
+                  p: float = 1.0) -> Op:
+  """torchvision's ColorJitter (without hue): factors drawn from [1 - x, 1 + x], applied in a
+  random order."""
+  _prob(p)
+  ops = [(adjust_brightness, brightness), (adjust_contrast, contrast), (adjust_saturation, saturation)]
+
+  def apply(ex, rng):
+    if rng.uniform() >= p:
+      return ex
+    img = ex["image"]
+    for k in rng.permutation(len(ops)):
+      fn, x = ops[k]
+      if x:
+        img = fn(img, rng.uniform(max(0.0, 1.0 - x), 1.0 + x))
+    return {**ex, "image": img}
+  return apply
+
+
+@register("lighting")
+def _lighting(max_lighting: float = 0.2, p: float = 0.75) -> Op:
+  """fastai v1's lighting (seed 002): brightness and contrast changed in logit space, brightness
+  by a change drawn from 0.5 ± max_lighting/2, contrast by a log-uniform scale in
+  [1 - max_lighting, 1 / (1 - max_lighting)], each with probability p."""
+  _prob(p)
+  if not 0 <= max_lighting < 1:
+    raise ValueError(f"max_lighting must be in [0, 1), got {max_lighting}")
+
+  def apply(ex, rng):
+    shift = scale = None
+    if rng.uniform() < p:
+      change = rng.uniform(0.5 - max_lighting / 2, 0.5 + max_lighting / 2)
+      shift = math.log(change / (1 - change))
+    if rng.uniform() < p:
+      scale = math.exp(rng.uniform(math.log(1 - max_lighting), -math.log(1 - max_lighting)))
+    if shift is None and scale is None:
+      return ex
+    x = np.clip(ex["image"], 1e-6, 1 - 1e-6)
+    logit = np.log(x / (1 - x))
+    if shift is not None:
+      logit = logit + shift
+    if scale is not None:
+      logit = logit * scale
+    return {**ex, "image": (1 / (1 + np.exp(-logit))).astype(np.float32)}
+  return apply
+
+
+# --- RandAugment ------------------------------------------------------------------------------------
+
+# Seed 001's RandAugment operations, with the magnitude ranges of the RandAugment implementation
+# its authors used (ildoonet/pytorch-randaugment): level = m / 30 maps linearly onto each range.
+RAND_AUGMENT_OPS = ("rotate", "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
+                    "cutout", "translate_x", "translate_y")
+_RANGES = {"rotate": (0.0, 30.0), "shear_x": (0.0, 0.3), "shear_y": (0.0, 0.3),
+           "translate_x": (0.0, 0.45), "translate_y": (0.0, 0.45), "cutout": (0.0, 0.2),
+           "color": (0.1, 1.9), "contrast": (0.1, 1.9), "brightness": (0.1, 1.9),
+           "sharpness": (0.1, 1.9)}
+
+
+def _rand_augment_op(name: str, ex: Example, v: float, rng) -> Example:
+  h, w = ex["image"].shape[:2]
+  sign = 1.0 if rng.uniform() < 0.5 else -1.0
+  if name == "rotate":
+    return _affine(ex, _about_centre(h, w, angle_deg=sign * v))
+  if name in ("shear_x", "shear_y"):
+    shear = (sign * v, 0.0) if name == "shear_x" else (0.0, sign * v)
+    return _affine(ex, _about_centre(h, w, shear=shear))
+  if name in ("translate_x", "translate_y"):
+    shift = (sign * v * w, 0.0) if name == "translate_x" else (0.0, sign * v * h)
+    return _affine(ex, _about_centre(h, w, shift=shift))
+  if name == "cutout":  # a grey square over the image only; masks keep the anatomy
+    side = int(round(v * min(h, w)))
+    if side <= 0:
+      return ex
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    img = ex["image"].copy()
+    img[max(0, cy - side // 2):cy + (side + 1) // 2, max(0, cx - side // 2):cx + (side + 1) // 2] = 0.5
+    return {**ex, "image": img}
+  fn = {"color": adjust_saturation, "contrast": adjust_contrast, "brightness": adjust_brightness,
+        "sharpness": adjust_sharpness}[name]
+  return {**ex, "image": fn(ex["image"], v)}
+
+
+@register("rand_augment")
+def _rand_augment(n: int = 2, m: float = 9.0, ops=RAND_AUGMENT_OPS) -> Op:
+  """RandAugment(n, m): n operations drawn uniformly (with replacement) from `ops`, each at
+  magnitude m on a 0–30 scale (rotation, shear and translation take a random sign)."""
+  if n < 0 or not 0 <= m <= 30:
+    raise ValueError(f"rand_augment needs n >= 0 and 0 <= m <= 30, got n={n}, m={m}")
+  unknown = [o for o in ops if o not in _RANGES]
+  if unknown:
+    raise ValueError(f"unknown RandAugment op(s) {unknown}; known: {sorted(_RANGES)}")
+
+  def apply(ex, rng):
+    for k in rng.integers(0, len(ops), n):
+      lo, hi = _RANGES[ops[k]]
+      ex = _rand_augment_op(ops[k], ex, lo + (m / 30.0) * (hi - lo), rng)
+    return ex
   return apply

@@ -112,9 +112,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config, workdir, mesh, inp, model = _setup(config, workdir)
   steps_per_epoch = inp.steps_per_epoch
   total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
-  logging.info("data: %d training / %d evaluation examples (%s, fold %d of %d); %d steps per "
+  held_out = (f"fold {config.fold} of {config.num_folds}" if config.data.eval_split == "fold"
+              else f"the {config.data.eval_split} split")
+  logging.info("data: %d training / %d evaluation examples (%s, evaluating on %s); %d steps per "
                "epoch, %d steps", len(inp.train_indices), len(inp.eval_indices), config.data.source,
-               config.fold, config.num_folds, steps_per_epoch, total_steps)
+               held_out, steps_per_epoch, total_steps)
 
   schedule = optim.make_schedule(config, steps_per_epoch)
   tx = optim.make_optimizer(config, schedule)
