@@ -256,3 +256,10 @@ def test_worker_processes_give_the_same_batches_and_resume():
   for x, y in zip(reference, first + rest):
     np.testing.assert_array_equal(x["index"], y["index"])
     np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_preprocessing_failure_names_the_example():
+  src = PhantomSource("ct", 2, 32, seed=0)
+  ds = pipeline.eval_dataset(src, np.arange(len(src)), pp="normalize('imagenet')", global_batch=2)
+  with pytest.raises(DataError, match=r"phantom sample 0 .*preprocessing \"normalize\('imagenet'\)\" failed.*to_rgb"):
+    next(iter(ds))

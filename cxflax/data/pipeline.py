@@ -72,6 +72,20 @@ class _EvalPositions:
     return ex
 
 
+class _Augment(grain.transforms.RandomMap):
+  """The preprocessing spec on one example; a failure names the example's file."""
+
+  def __init__(self, source: Source, spec: str):
+    self.source, self.spec, self.pp = source, spec, Preprocess(spec)
+
+  def random_map(self, example, rng):
+    try:
+      return self.pp.random_map(example, rng)
+    except (ValueError, TypeError, IndexError) as e:
+      where = self.source.describe(int(example["index"]))
+      raise DataError(f"{where}: preprocessing {self.spec!r} failed: {e}") from None
+
+
 def _select(example: dict[str, Any]) -> dict[str, Any]:
   out = {k: example[k] for k in BATCH_KEYS if k in example}
   out.setdefault("valid", np.float32(1.0))
@@ -90,7 +104,7 @@ def train_dataset(source: Source, indices, *, pp: str, global_batch: int, seed: 
   ds = grain.MapDataset.source(_Examples(source, indices)).seed(seed).shuffle()
   # Augment before splitting among processes: each element's random draw depends on its place
   # in the shuffled epoch only, so 1 process and N processes train on identical batches.
-  ds = ds.random_map(Preprocess(pp))[:n][process_index::process_count].map(_select)
+  ds = ds.random_map(_Augment(source, pp))[:n][process_index::process_count].map(_select)
   ds = ds.batch(local_batch, drop_remainder=True).repeat(None)
   return _prefetch(ds, workers)
 
@@ -101,7 +115,7 @@ def eval_dataset(source: Source, indices, *, pp: str, global_batch: int, workers
   if len(indices) == 0:
     raise DataError("the evaluation split is empty")
   positions = _EvalPositions(source, indices, global_batch, process_index, process_count)
-  ds = grain.MapDataset.source(positions).seed(0).random_map(Preprocess(pp)).map(_select)
+  ds = grain.MapDataset.source(positions).seed(0).random_map(_Augment(source, pp)).map(_select)
   return _prefetch(ds.batch(positions.local_batch), workers)
 
 
