@@ -51,8 +51,9 @@ def train_step_rate(model_name: str, size: int, batch: int, repeats: int) -> flo
   c = finalize(c)
   mesh = parallel.make_mesh()
   model = create_network(model_name, num_outputs=1)
-  tx = optim.make_optimizer(c, optim.make_schedule(c, 10))
-  state = create_train_state(model, tx, init_variables(model, (size, size, 3), 0), mesh)
+  variables = init_variables(model, (size, size, 3), 0)
+  tx, _ = optim.make_optimizer(c, 10, variables["params"])
+  state = create_train_state(model, tx, variables, mesh)
   step = make_train_step(model, c, mesh)
   rng = np.random.default_rng(0)
   data = parallel.shard_batch({"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),

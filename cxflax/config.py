@@ -14,26 +14,34 @@ import ml_collections
 
 from cxflax.errors import ConfigError
 
+from cxflax.train.losses import CLASSIFICATION_LOSSES, REGRESSION_LOSSES
+
 DTYPES = ("float32", "bfloat16")
-REGRESSION_LOSSES = ("smooth_l1", "mse")
-CLASSIFICATION_LOSSES = ("cross_entropy",)
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Model: a timm backbone (unpooled) and a head.
   c.model = "resnet50"
-  c.head = "linear"
+  c.head = "linear"              # linear | mlp | multitask | fastai | embedding | embedding_classifier
+  c.head_kwargs = ml_collections.ConfigDict()  # the head's own fields, e.g. hidden=(500, 250)
   c.pool = "avg"                 # avg | max | avgmax | catavgmax | hybrid (seed 001)
   c.head_dropout = 0.0
+  c.backbone_classes = 0         # >0 keeps timm's classifier under the head (seed 000: 1000)
   c.drop_path_rate = 0.0
   c.dtype = "float32"            # computation dtype; parameters stay float32
   c.init_from = ""               # orbax checkpoint of backbone variables (python -m cxflax.convert)
 
-  # Loss.
-  c.loss = "smooth_l1"           # smooth_l1 | mse (regression); cross_entropy (classification)
+  # Loss: smooth_l1 | mse | multitask | multitask_kl (regression); cross_entropy | focal |
+  # triplet (classes; triplet trains an embedding).
+  c.loss = "smooth_l1"
   c.loss_beta = 1.0
   c.label_smoothing = 0.0
+  c.kl_weight = 1.0              # multitask_kl: weight of the KL term
+  c.focal_gamma = 2.0
+  c.focal_alpha = ()             # per-class α; () = inverse class frequency of the training split
+  c.triplet_margin = 1.0
+  c.triplet_mining = "batch_hard"  # batch_hard | batch_all
 
   # Optimisation.
   c.optimizer = "sgd"            # sgd | adam | adamw
@@ -45,8 +53,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8
   c.grad_clip_norm = 0.0
-  c.schedule = "warmup_cosine"   # constant | cosine | warmup_cosine
+  c.grad_accum_steps = 1
+  c.sam_rho = 0.0                # > 0: SAM around the optimizer (seed 001: 0.05)
+  c.sam_per_device = False       # SAM's ascent per device (m-sharpness), as in the original SAM
+  # constant | cosine (torch CosineAnnealingLR, periodic) | warmup_cosine | cosine_restarts | step
+  c.schedule = "warmup_cosine"
+  c.schedule_unit = "step"       # step | epoch (the rate changes once per epoch)
   c.warmup_epochs = 1.0
+  c.min_learning_rate = 0.0
+  c.cosine_period_epochs = 0.0   # cosine / cosine_restarts: T_max / T_0 (0 = the whole run)
+  c.restart_mult = 1
+  c.step_decay_epochs = 0.0
+  c.step_decay_factor = 0.5
+  # Parameter groups: regexes on parameter paths ('backbone/layer1_0/conv1/kernel'); with
+  # group_lr_range=(low, high) their rates are spread geometrically (seed 002).
+  c.param_groups = ()
+  c.group_lr_range = ()
+  c.freeze = ()                  # regexes of parameters that get no updates
+  c.train_frozen_bn = True       # BatchNorm affine parameters stay trainable when frozen (fastai)
+  # Training stages run one after another (seed 002's progressive resizing): each a dict of
+  # overrides, e.g. dict(image_size=128, num_epochs=3, freeze=("^backbone/",)).
+  c.stages = ()
   c.num_epochs = 30
   c.batch_size = 32              # global, over all devices and processes
   c.eval_batch_size = 32
@@ -62,6 +89,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_epochs = 1
   c.keep_checkpoints = 3
   c.halt_after_steps = 0         # >0: checkpoint and stop once this step is reached (as if preempted)
+  c.round_predictions = False    # regression: round to integers when evaluating (seed 001)
+
+  # Learned ensembles of trained runs (--mode=ensemble): 'average' or 'se' (seed 000) over the
+  # members' backbone outputs with a new head, or 'flannel' (seed 003) over their probabilities.
+  c.ensemble = ml_collections.ConfigDict()
+  c.ensemble.kind = ""
+  c.ensemble.members = ()        # workdirs of trained runs
+  c.ensemble.activation = "tanh"  # flannel: tanh ('novel') or softmax
+  c.ensemble.head_hidden = (500, 250)
+
+  # --mode=predict: average the predictions of runs (folds) and of their last checkpoints.
+  c.predict = ml_collections.ConfigDict()
+  c.predict.runs = ()            # workdirs (default: --workdir)
+  c.predict.last_n = 1           # checkpoints per run (seed 001: the last 5 epochs)
+  c.predict.split = "val"
+  c.predict.round = False
+
+  # Pseudo-labelling (seed 001): examples of another split, labelled by trained runs, join the
+  # training examples.
+  c.pseudo_label = ml_collections.ConfigDict()
+  c.pseudo_label.runs = ()
+  c.pseudo_label.split = "val"
+  c.pseudo_label.last_n = 1
+  c.pseudo_label.round = False
+
+  # --mode=lr_find: learning rate swept exponentially, one step each.
+  c.lr_find = ml_collections.ConfigDict()
+  c.lr_find.start = 1e-7
+  c.lr_find.end = 10.0
+  c.lr_find.steps = 100
 
   c.data = ml_collections.ConfigDict()
   # phantom | per_covid19 | covidx | covid_ct | flannel | folder | csv | tfds (see data/sources.py)
@@ -91,12 +148,39 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Fills derived fields ('{size}' in preprocessing specs) and validates; returns a copy."""
+  """Validates and returns a copy in which '{size}' in the preprocessing specs is the image size.
+
+  The unresolved specs are kept in data.train_pp_template / data.eval_pp_template so that
+  training stages of other image sizes can resolve them again.
+  """
   config = ml_collections.ConfigDict(config.to_dict())
+  if "train_pp_template" not in config.data:
+    config.data.train_pp_template = config.data.train_pp
+    config.data.eval_pp_template = config.data.eval_pp
   for key in ("train_pp", "eval_pp"):
-    config.data[key] = config.data[key].replace("{size}", str(config.data.image_size))
+    config.data[key] = config.data[f"{key}_template"].replace("{size}", str(config.data.image_size))
   validate(config)
   return config
+
+
+def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+  """One finalized config per training stage: config.stages' overrides applied in turn (a key of
+  config.data, such as image_size, overrides the data field)."""
+  if not config.stages:
+    return [config]
+  out = []
+  for i, stage in enumerate(config.stages):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.stages = ()
+    for key, value in dict(stage).items():
+      if key in c.data and key not in c:
+        c.data[key] = value
+      elif key in c:
+        c[key] = tuple(value) if isinstance(value, list) else value
+      else:
+        raise ConfigError(f"config.stages[{i}]: unknown field {key!r}")
+    out.append(finalize(c))
+  return out
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -117,6 +201,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.data.image_size >= 32, f"config.data.image_size must be at least 32, got "
        f"{config.data.image_size}")
   need(config.keep_checkpoints >= 1, f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+  need(config.sam_rho >= 0, f"config.sam_rho must be >= 0, got {config.sam_rho}")
+  need(config.grad_accum_steps >= 1, f"config.grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
   need(config.halt_after_steps >= 0, f"config.halt_after_steps must be >= 0, got {config.halt_after_steps}")
   need(config.log_every_steps >= 1, f"config.log_every_steps must be >= 1, got {config.log_every_steps}")
   for key in ("batch_size", "eval_batch_size"):

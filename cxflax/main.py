@@ -1,9 +1,14 @@
-"""The main job: python -m cxflax.main --config=configs/resnest.py --workdir=DIR [--mode=eval].
+"""The main job: python -m cxflax.main --config=configs/resnest.py --workdir=DIR [--mode=...].
 
 --config takes a recipe file from configs/ (with an optional argument, e.g. ':runlocal') and
-field overrides (--config.batch_size=16). Modes: 'train' trains and evaluates every epoch,
-resuming from the latest checkpoint in --workdir; 'eval' restores the latest checkpoint (or
---checkpoint) and evaluates it.
+field overrides (--config.batch_size=16). Modes:
+  train     trains (stage by stage) and evaluates every epoch, resuming from --workdir's latest
+            checkpoint;
+  eval      restores the latest checkpoint (or --checkpoint) and evaluates it;
+  cv        trains every fold into --workdir/fold_K and writes per-fold and averaged metrics;
+  ensemble  trains the ensemble stage (config.ensemble) on its members' checkpoints;
+  predict   averages runs' (folds') and checkpoints' predictions for a split, written as CSV;
+  lr_find   the learning-rate range test (CSV, PNG and a suggested rate).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "cv", "ensemble", "predict", "lr_find"],
+                          "What to run.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "--mode=eval: a workdir, checkpoints/ folder or step folder to "
                                   "evaluate instead of --workdir's latest checkpoint.")
@@ -42,17 +48,26 @@ def main(argv):
   # Imported here so that --help is fast and jax starts after absl has parsed the flags.
   import jax
   from cxflax import parallel
-  from cxflax.errors import CxflaxError
+  from cxflax.errors import ConfigError, CxflaxError
   from cxflax.train import loop
 
   parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("cxflax %s on %d process(es), %d device(s): %s", _MODE.value, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
+  config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   try:
-    if _MODE.value == "train":
-      loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if mode in ("train", "ensemble"):
+      if mode == "ensemble" and not config.ensemble.kind:
+        raise ConfigError("--mode=ensemble needs config.ensemble.kind and config.ensemble.members")
+      loop.train_and_evaluate(config, workdir)
+    elif mode == "eval":
+      loop.evaluate(config, workdir, _CHECKPOINT.value)
+    elif mode == "cv":
+      loop.cross_validate(config, workdir)
+    elif mode == "predict":
+      loop.predict(config, workdir)
     else:
-      loop.evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+      loop.lr_find(config, workdir)
   except CxflaxError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

@@ -73,8 +73,9 @@ _SHARDING_CHECK = textwrap.dedent("""
     out = {}
     for n in (8, 1):
       mesh = parallel.make_mesh(jax.devices()[:n])
-      tx = optim.make_optimizer(c, optim.make_schedule(c, 10))
-      state = create_train_state(model, tx, init_variables(model, (32, 32, 3), 0), mesh)
+      variables = init_variables(model, (32, 32, 3), 0)
+      tx, _ = optim.make_optimizer(c, 10, variables["params"])
+      state = create_train_state(model, tx, variables, mesh)
       step = make_train_step(model, c, mesh)
       losses = []
       for b in batches:

@@ -21,7 +21,7 @@ import numpy as np
 from absl import flags, logging
 
 from cxflax.data import folds as folds_lib
-from cxflax.data.sources import Source, make_source
+from cxflax.data.sources import ConcatSource, Source, make_source
 from cxflax.data.transforms import Preprocess
 from cxflax.errors import ConfigError, DataError
 
@@ -169,11 +169,13 @@ class Input:
                         process_index=self.process_index, process_count=self.process_count)
 
 
-def create_input(config, process_index: int = 0, process_count: int = 1) -> Input:
+def create_input(config, process_index: int = 0, process_count: int = 1,
+                 extra: Source | None = None) -> Input:
   """Sources and splits from the config: train on all folds but `config.fold` and evaluate on it
   (or, with config.data.eval_split='val'/'test', train on the source's training split and
   evaluate on its own validation/test split). normalize('dataset') in the preprocessing specs is
-  replaced by the training split's statistics."""
+  replaced by the training split's statistics. `extra` (pseudo-labelled examples) is added to
+  the training examples of every fold and never evaluated."""
   d = config.data
   source = make_source(d, "train")
   if d.eval_split == "fold":
@@ -187,6 +189,12 @@ def create_input(config, process_index: int = 0, process_count: int = 1) -> Inpu
     raise ConfigError(f"config.data.eval_split must be 'fold', 'val' or 'test', got {d.eval_split!r}")
   if len(eval_idx) == 0:
     raise DataError(f"the evaluation split ({d.eval_split}) is empty")
+  if extra is not None:
+    offset = len(source)
+    joined = ConcatSource(source, extra)
+    eval_source = joined if eval_source is source else eval_source
+    source = joined
+    train_idx = np.concatenate([train_idx, offset + np.arange(len(extra))])
   if DATASET_NORM in d.train_pp.replace('"', "'") or DATASET_NORM in d.eval_pp.replace('"', "'"):
     mean, std = dataset_statistics(source, train_idx, d.eval_pp, d.stats_images, config.seed)
     literal = f"normalize({tuple(round(float(m), 6) for m in mean)}, {tuple(round(float(v), 6) for v in std)})"

@@ -158,6 +158,60 @@ class FileSource(Source):
     return FileSource(self.name, entries, self.task, self.class_names, self.window)
 
 
+class RelabeledSource(Source):
+  """Another source's examples with new labels (pseudo-labels predicted by a trained model)."""
+
+  def __init__(self, base: Source, labels: np.ndarray):
+    if len(labels) != len(base):
+      raise ValueError(f"{len(labels)} labels for a source of {len(base)} examples")
+    self.base, self.task, self.class_names = base, base.task, base.class_names
+    self._labels = np.asarray(labels, np.int32 if base.task == "classification" else np.float32)
+
+  def __len__(self):
+    return len(self.base)
+
+  def subjects(self):
+    return [f"pseudo/{s}" for s in self.base.subjects()]
+
+  def labels(self):
+    return self._labels
+
+  def load(self, i):
+    return {**self.base.load(i), "label": self._labels[i]}
+
+  def describe(self, i):
+    return f"{self.base.describe(i)} (pseudo-labelled)"
+
+
+class ConcatSource(Source):
+  """Two sources of the same task one after the other (indices of the second start at len(a))."""
+
+  def __init__(self, a: Source, b: Source):
+    if a.task != b.task or a.class_names != b.class_names:
+      raise DataError(f"cannot join a {a.task} source with a {b.task} source (or other classes)")
+    self.a, self.b, self.task, self.class_names = a, b, a.task, a.class_names
+
+  def __len__(self):
+    return len(self.a) + len(self.b)
+
+  def subjects(self):
+    return self.a.subjects() + self.b.subjects()
+
+  def labels(self):
+    return np.concatenate([self.a.labels(), self.b.labels()])
+
+  def _pick(self, i):
+    return (self.a, i) if i < len(self.a) else (self.b, i - len(self.a))
+
+  def load(self, i):
+    src, j = self._pick(i)
+    return src.load(j)
+
+  def describe(self, i):
+    src, j = self._pick(i)
+    return src.describe(j)
+
+
 class _Problems:
   """Collects bad entries: raises on the first under 'error', counts and logs them under 'skip'."""
 
@@ -285,14 +339,22 @@ def _need_dir(path: str, what: str) -> str:
   return path
 
 
-def per_covid19(root: str, split: str, problems: _Problems, window=None) -> FileSource:
-  """Per-COVID-19, challenge layout or original release (see the module docstring)."""
+def per_covid19(root: str, split: str, problems: _Problems, window=None,
+                unlabeled_ok: bool = False) -> FileSource:
+  """Per-COVID-19, challenge layout or original release (see the module docstring). With
+  unlabeled_ok, a split without its label file (the challenge's Val/) lists its images with NaN
+  labels, for prediction and pseudo-labelling."""
   columns = ("Slice_Name", "Covid-19_percentage", "Subject")
   challenge = os.path.isfile(os.path.join(root, "Train.csv")) or os.path.isdir(os.path.join(root, "Train"))
   if challenge or split != "train":
     folder = os.path.join(root, split.capitalize())
     table = os.path.join(root, f"{split.capitalize()}.csv")
     _need_dir(folder, "per_covid19")
+    if not os.path.isfile(table) and unlabeled_ok:
+      names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+      entries = [Entry(os.path.join(folder, n), float("nan"), n, f"{split.capitalize()}/ (unlabeled)")
+                 for n in names]
+      return FileSource(f"per_covid19 {split} (unlabeled)", entries, "regression", window=window)
     if not os.path.isfile(table):
       raise DataError(f"per_covid19: label file {table} is missing"
                       + (" (the challenge's Val/ and Test/ are unlabeled; add a "
@@ -524,8 +586,9 @@ def _is_number(s: str) -> bool:
 SOURCES = ("phantom", "per_covid19", "covidx", "covid_ct", "flannel", "folder", "csv", "tfds")
 
 
-def make_source(data_config, split: str = "train") -> Source:
-  """The source named by ``config.data.source`` for `split` ('train', 'val' or 'test')."""
+def make_source(data_config, split: str = "train", unlabeled_ok: bool = False) -> Source:
+  """The source named by ``config.data.source`` for `split` ('train', 'val' or 'test');
+  unlabeled_ok lets a split without labels through (per_covid19's Val/, for prediction)."""
   name = data_config.source
   if split not in SPLITS:
     raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
@@ -546,7 +609,7 @@ def make_source(data_config, split: str = "train") -> Source:
   problems = _Problems(f"{name} {split}", data_config.on_bad_data)
   window = data_config.window or None
   if name == "per_covid19":
-    source = per_covid19(root, split, problems, window)
+    source = per_covid19(root, split, problems, window, unlabeled_ok)
   elif name == "covidx":
     source = covidx(root, split, problems, data_config.get(f"{split}_file", ""), window,
                     data_config.class_names)

@@ -6,13 +6,16 @@ average, or the hybrid pooling of seed 001) and what to predict.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
 from cxflax.errors import CheckpointError
 from cxflax.models import registry
-from cxflax.models.layers import Dtype, global_pool
+from cxflax.models.layers import Dtype, batch_norm, global_pool
 
 POOLS = ("avg", "max", "avgmax", "catavgmax", "hybrid")
 
@@ -28,6 +31,12 @@ def pool_features(x, pool: str):
   return global_pool(x, pool)
 
 
+def _features(x, pool: str):
+  """Pooled features of a feature map; 2-D inputs (a backbone that ends in its own classifier,
+  as in seed 000's members) pass through."""
+  return x if x.ndim == 2 else pool_features(x, pool)
+
+
 class LinearHead(nn.Module):
   """Pool → dropout → linear to `num_outputs` (1 for regression, the class count otherwise)."""
   num_outputs: int
@@ -37,9 +46,92 @@ class LinearHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = pool_features(x, self.pool)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(_features(x, self.pool))
     return nn.Dense(self.num_outputs, dtype=self.dtype, name="fc")(x)
+
+
+class MLPHead(nn.Module):
+  """Seed 000's head: linear layers of `hidden` widths (500, 250) with ReLU, then the output."""
+  num_outputs: int
+  hidden: tuple[int, ...] = (500, 250)
+  pool: str = "avg"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = _features(x, self.pool)
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"fc{i + 1}")(x))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_outputs, dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x)
+
+
+class MultiTaskHead(nn.Module):
+  """Seed 001's multi-task head: a linear layer to 101 bins (percentages 0..100) whose softmax
+  gives a distribution and its expectation, and a 101 → 1 linear regressor on those
+  probabilities, whose output is the prediction."""
+  num_bins: int = 101
+  pool: str = "avg"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dropout(self.dropout, deterministic=not train)(_features(x, self.pool))
+    bins = nn.Dense(self.num_bins, dtype=self.dtype, name="bins")(x).astype(jnp.float32)
+    value = nn.Dense(1, dtype=jnp.float32, name="regressor")(jax.nn.softmax(bins, axis=-1))
+    return {"prediction": value, "bins": bins}
+
+
+class FastaiHead(nn.Module):
+  """fastai's create_head (seed 002): concatenated average and max pooling, BatchNorm, dropout
+  ps/2, linear to `hidden`, ReLU, BatchNorm, dropout ps, linear to the outputs."""
+  num_outputs: int
+  hidden: int = 512
+  ps: float = 0.5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x if x.ndim == 2 else global_pool(x, "catavgmax")
+    x = batch_norm(train, self.dtype, name="bn1")(x)
+    x = nn.Dropout(self.ps / 2, deterministic=not train)(x)
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+    x = batch_norm(train, self.dtype, name="bn2")(x)
+    x = nn.Dropout(self.ps, deterministic=not train)(x)
+    return nn.Dense(self.num_outputs, dtype=self.dtype, name="fc2")(x)
+
+
+class EmbeddingHead(nn.Module):
+  """Seed 004's embedding network head: linear layers with ReLU to an L2-normalised embedding."""
+  hidden: tuple[int, ...] = (1024, 1024)
+  dim: int = 512
+  pool: str = "avg"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = _features(x, self.pool)
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"fc{i + 1}")(x))
+    x = nn.Dense(self.dim, dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x).astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class EmbeddingClassifierHead(nn.Module):
+  """Seed 004's third phase: classification layers on the (frozen) embedding head."""
+  num_outputs: int
+  hidden: tuple[int, ...] = (256,)
+  embedding: EmbeddingHead = dataclasses.field(default_factory=EmbeddingHead)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    e = self.embedding(x, train=train)
+    for i, width in enumerate(self.hidden):
+      e = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"cls{i + 1}")(e))
+    return nn.Dense(self.num_outputs, dtype=self.dtype, name=f"cls{len(self.hidden) + 1}")(e)
 
 
 class Network(nn.Module):
@@ -50,10 +142,32 @@ class Network(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     out = self.head(self.backbone(x, train=train), train=train)
-    return out.astype(jnp.float32)  # losses and metrics in float32, whatever the compute dtype
+    # losses and metrics in float32, whatever the compute dtype
+    return jax.tree.map(lambda o: o.astype(jnp.float32), out)
 
 
-HEADS = {"linear": LinearHead}
+HEADS = ("linear", "mlp", "multitask", "fastai", "embedding", "embedding_classifier")
+
+
+def make_head(name: str, num_outputs: int, pool: str = "avg", dropout: float = 0.0,
+              dtype: Dtype = jnp.float32, **kwargs) -> nn.Module:
+  """A head by name (see HEADS); kwargs are the head's own fields (e.g. hidden=(500, 250))."""
+  if pool not in POOLS:
+    raise ValueError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}")
+  if name == "linear":
+    return LinearHead(num_outputs, pool, dropout, dtype, **kwargs)
+  if name == "mlp":
+    return MLPHead(num_outputs, pool=pool, dropout=dropout, dtype=dtype, **kwargs)
+  if name == "multitask":
+    return MultiTaskHead(pool=pool, dropout=dropout, dtype=dtype, **kwargs)
+  if name == "fastai":
+    return FastaiHead(num_outputs, dtype=dtype, **kwargs)
+  if name == "embedding":
+    return EmbeddingHead(pool=pool, dtype=dtype, **kwargs)
+  if name == "embedding_classifier":
+    embedding = EmbeddingHead(pool=pool, dtype=dtype, **kwargs.pop("embedding", {}))
+    return EmbeddingClassifierHead(num_outputs, embedding=embedding, dtype=dtype, **kwargs)
+  raise ValueError(f"unknown head {name!r}; known heads: {', '.join(HEADS)}")
 
 
 def with_backbone(variables: dict, backbone: dict) -> dict:
@@ -79,13 +193,17 @@ def with_backbone(variables: dict, backbone: dict) -> dict:
 
 def create_network(backbone: str, head: str = "linear", num_outputs: int = 1, *,
                    pool: str = "avg", head_dropout: float = 0.0, dtype: Dtype = jnp.float32,
-                   backbone_kwargs: dict | None = None) -> Network:
-  """The task network: timm backbone `backbone` (unpooled) with head `head`."""
-  if head not in HEADS:
-    raise ValueError(f"unknown head {head!r}; known heads: {', '.join(sorted(HEADS))}")
-  if pool not in POOLS:
-    raise ValueError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}")
-  trunk = registry.create_model(backbone, num_classes=0, global_pool="", dtype=dtype,
-                                **(backbone_kwargs or {}))
-  return Network(backbone=trunk, head=HEADS[head](num_outputs=num_outputs, pool=pool,
-                                                  dropout=head_dropout, dtype=dtype))
+                   backbone_kwargs: dict | None = None, head_kwargs: dict | None = None,
+                   backbone_classes: int = 0) -> Network:
+  """The task network: timm backbone `backbone` with head `head`.
+
+  The backbone is unpooled (its last feature map goes to the head) unless backbone_classes > 0,
+  which keeps timm's own classifier (seed 000 puts its head on the 1000 ImageNet logits).
+  """
+  kw = dict(backbone_kwargs or {})
+  if backbone_classes:
+    trunk = registry.create_model(backbone, num_classes=backbone_classes, dtype=dtype, **kw)
+  else:
+    trunk = registry.create_model(backbone, num_classes=0, global_pool="", dtype=dtype, **kw)
+  return Network(backbone=trunk, head=make_head(head, num_outputs, pool, head_dropout, dtype,
+                                                **dict(head_kwargs or {})))

@@ -1,7 +1,14 @@
-"""train_and_evaluate(config, workdir) and evaluate(config, workdir): the main job's two modes."""
+"""The main job's modes: train (one or more stages), eval, cv, lr_find, predict.
+
+Training runs the config's stages one after another (one stage unless config.stages is set),
+each with its own image size, epochs, optimizer and frozen groups; a checkpoint records the
+stage it was taken in, so a run resumes inside the right stage with the right optimizer state
+and input position.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -9,7 +16,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -17,14 +23,16 @@ from clu import metric_writers, parameter_overview, periodic_actions
 
 from cxflax import config as config_lib
 from cxflax import parallel
+from cxflax.data import pipeline
 from cxflax.data.pipeline import Input, create_input
-from cxflax.errors import CheckpointError, ConfigError
-from cxflax.convert import load_converted
-from cxflax.models.heads import create_network, with_backbone
+from cxflax.data.sources import RelabeledSource, make_source
+from cxflax.errors import CheckpointError, ConfigError, DataError
+from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
+from cxflax.train import losses as losses_lib
 from cxflax.train import metrics as metrics_lib
 from cxflax.train import optim
-from cxflax.train.steps import create_train_state, init_variables, make_eval_step, make_train_step
+from cxflax.train.steps import TrainState, make_eval_step, make_train_step
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -35,45 +43,25 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def num_outputs(inp: Input) -> int:
-  return 1 if inp.task == "regression" else len(inp.class_names)
-
-
-def build_model(config, inp: Input):
-  return create_network(config.model, config.head, num_outputs(inp), pool=config.pool,
-                        head_dropout=config.head_dropout, dtype=jnp.dtype(config.dtype),
-                        backbone_kwargs=_backbone_kwargs(config))
-
-
-def _backbone_kwargs(config) -> dict:
-  return {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate else {}
-
-
-def checkpoint_meta(config, inp: Input) -> dict[str, Any]:
-  """What a checkpoint records about the run that made it (checked again on restore)."""
-  return {"model": config.model, "head": config.head, "num_outputs": num_outputs(inp),
-          "task": inp.task, "class_names": list(inp.class_names or []),
-          "image_size": config.data.image_size, "config": config.to_dict()}
-
-
-def _setup(config, workdir: str):
-  config = config_lib.finalize(config)
-  workdir = prepare_workdir(workdir)
-  mesh = parallel.make_mesh()
-  inp = create_input(config, jax.process_index(), jax.process_count())
-  config_lib.check_task(config, inp.task)
-  model = build_model(config, inp)
-  return config, workdir, mesh, inp, model
-
-
 def _image_shape(config) -> tuple[int, int, int]:
   return (config.data.image_size, config.data.image_size, 3)
 
 
-def run_evaluation(eval_step, variables, inp: Input, mesh) -> dict[str, np.ndarray]:
-  """Predictions, labels and example indices for every held-out example, padding removed."""
+def checkpoint_meta(config, task: str, class_names, stage: int = 0, stage_start: int = 0) -> dict[str, Any]:
+  """What a checkpoint records about the run that made it (checked again on restore)."""
+  return {"model": config.model if not config.ensemble.kind else f"ensemble:{config.ensemble.kind}",
+          "head": config.head, "num_outputs": build.num_outputs(task, class_names), "task": task,
+          "class_names": list(class_names or []), "image_size": config.data.image_size,
+          "stage": stage, "stage_start": stage_start, "config": config.to_dict()}
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def run_evaluation(eval_step, variables, batches, mesh) -> dict[str, np.ndarray]:
+  """Predictions, labels and example indices for every example of `batches`, padding removed."""
   parts: dict[str, list] = {"pred": [], "label": [], "index": []}
-  for batch in inp.eval():
+  for batch in batches:
     out = eval_step(variables, parallel.shard_batch(batch, mesh))
     keep = parallel.gather(out["valid"]) > 0
     for k in parts:
@@ -81,135 +69,208 @@ def run_evaluation(eval_step, variables, inp: Input, mesh) -> dict[str, np.ndarr
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def score(inp: Input, result: dict[str, np.ndarray]) -> dict[str, float]:
-  if inp.task == "regression":
-    return metrics_lib.regression_metrics(result["pred"], result["label"])
-  return metrics_lib.classification_metrics(result["pred"].argmax(-1), result["label"],
-                                            len(inp.class_names))
+def score(task: str, class_names, result: dict, round_predictions: bool = False) -> dict:
+  if task == "regression":
+    pred = np.round(result["pred"]) if round_predictions else result["pred"]
+    return metrics_lib.regression_metrics(pred, result["label"])
+  n = len(class_names)
+  if task == "embedding":
+    return metrics_lib.embedding_metrics(result["pred"], result["label"], n, class_names)
+  return metrics_lib.classification_metrics(result["pred"].argmax(-1), result["label"], n,
+                                            probs=result["pred"], class_names=class_names)
 
 
-def baseline(inp: Input, eval_labels: np.ndarray) -> dict[str, float]:
-  train_labels = inp.source.labels()[inp.train_indices]
-  return metrics_lib.baseline_metrics(inp.task, train_labels, eval_labels,
-                                      None if inp.task == "regression" else len(inp.class_names))
+def _baseline(task, class_names, train_labels, eval_labels) -> dict:
+  kind = "regression" if task == "regression" else "classification"
+  return metrics_lib.baseline_metrics(kind, train_labels, eval_labels,
+                                      None if kind == "regression" else len(class_names))
 
 
-def _headline(inp: Input) -> str:
-  return "mae" if inp.task == "regression" else "accuracy"
+def _headline(task: str) -> str:
+  return "mae" if task == "regression" else "accuracy"
 
 
-def _summary(inp: Input, metrics: dict, base: dict) -> str:
-  key = _headline(inp)
-  others = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != key)
+def _summary(task: str, metrics: dict, base: dict) -> str:
+  key = _headline(task)
+  extra = [k for k in ("rmse", "macro_f1", "auc") if k in metrics and k != key]
+  others = ", ".join(f"{k}={metrics[k]:.4f}" for k in extra)
   return (f"eval {key}={metrics[key]:.4f} ({others}) | trivial baseline "
-          f"({'training mean' if inp.task == 'regression' else 'majority class'}) "
-          f"{key}={base[key]:.4f}")
+          f"({'training mean' if task == 'regression' else 'majority class'}) {key}={base[key]:.4f}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains config's model on config's data, evaluating every epoch; resumes from the latest
-  checkpoint in workdir. Returns the final evaluation metrics."""
-  config, workdir, mesh, inp, model = _setup(config, workdir)
-  steps_per_epoch = inp.steps_per_epoch
-  total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
-  held_out = (f"fold {config.fold} of {config.num_folds}" if config.data.eval_split == "fold"
-              else f"the {config.data.eval_split} split")
-  logging.info("data: %d training / %d evaluation examples (%s, evaluating on %s); %d steps per "
-               "epoch, %d steps", len(inp.train_indices), len(inp.eval_indices), config.data.source,
-               held_out, steps_per_epoch, total_steps)
+# --- training --------------------------------------------------------------------------------------
 
-  schedule = optim.make_schedule(config, steps_per_epoch)
-  tx = optim.make_optimizer(config, schedule)
-  variables = init_variables(model, _image_shape(config), config.seed)
-  if config.init_from:
-    variables = with_backbone(variables, load_converted(config.init_from, config.model))
-    logging.info("backbone initialised from %s", config.init_from)
+
+def _class_alpha(config, labels: np.ndarray, class_names):
+  if config.loss != "focal":
+    return None
+  if config.focal_alpha:
+    alpha = np.asarray(config.focal_alpha, np.float32)
+    if len(alpha) != len(class_names):
+      raise ConfigError(f"config.focal_alpha has {len(alpha)} values for {len(class_names)} classes")
+    return alpha
+  return losses_lib.inverse_frequency(labels, len(class_names))
+
+
+def _pseudo_labelled(config, mesh) -> RelabeledSource | None:
+  """The examples of config.pseudo_label.split, labelled by the averaged predictions of
+  config.pseudo_label.runs (their last_n checkpoints each)."""
+  p = config.pseudo_label
+  if not p.runs:
+    return None
+  source = make_source(config.data, p.split, unlabeled_ok=True)
+  preds = predict_source([(r, s) for r in p.runs for s in build.last_steps(r, p.last_n)], source,
+                         config.eval_batch_size, mesh)
+  if source.task == "classification":
+    labels = preds.argmax(-1)
+  else:
+    labels = np.round(preds) if p.round else preds
+  logging.info("pseudo-labelling: %d examples of the %s split labelled by %d run(s)", len(source),
+               p.split, len(p.runs))
+  return RelabeledSource(source, labels)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains config's model (stage by stage) on config's data, evaluating every epoch; resumes
+  from the latest checkpoint in workdir. Returns the final evaluation metrics."""
+  config = config_lib.finalize(config)
+  workdir = prepare_workdir(workdir)
+  mesh = parallel.make_mesh()
+  stages = config_lib.stage_configs(config)
+  extra = _pseudo_labelled(config, mesh)
+
+  first = create_input(stages[0], jax.process_index(), jax.process_count(), extra)
+  task = build.task_of(config, first.task)
+  config_lib.check_task(config, first.task)
+  class_names = first.class_names
+  model = build.build_model(config, task, class_names)
+  variables = build.initial_variables(config, model, _image_shape(stages[0]), config.seed)
   parameter_overview.log_parameter_overview(variables["params"], msg=f"{config.model} parameters")
-  state = create_train_state(model, tx, variables, mesh)
-  train_iter = iter(inp.train())
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  alpha = _class_alpha(config, first.source.labels()[first.train_indices], class_names)
 
-  meta = checkpoint_meta(config, inp)
   ckpts = ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints)
+  rep = parallel.replicated(mesh)
+  model_target = ckpt_lib.abstract({"params": params, "batch_stats": batch_stats}, rep)
   latest = ckpts.latest_step()
+  resume_stage, resume_meta = 0, None
   if latest is not None:
-    rep = parallel.replicated(mesh)
-    model_target = ckpt_lib.abstract({"params": state.params, "batch_stats": state.batch_stats}, rep)
-    ckpts.check_compatible(latest, meta, model_target)
-    restored, opt = ckpts.restore_training(
-        latest, model_target, ckpt_lib.abstract({"step": state.step, "opt_state": state.opt_state}, rep),
-        train_iter)
-    state = state.replace(step=opt["step"], opt_state=opt["opt_state"], **restored)
-    logging.info("resumed from %s/%d", ckpts.directory, latest)
+    ckpts.check_compatible(latest, checkpoint_meta(config, task, class_names), model_target)
+    resume_meta = ckpts.meta(latest)
+    resume_stage = int(resume_meta.get("stage", 0))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if latest is None:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps, every_secs=None)
-  train_step = make_train_step(model, config, mesh)
-  eval_step = make_eval_step(model, inp.task, mesh)
+  eval_step = make_eval_step(model, task, mesh)
+  global_step = 0
+  metrics, result, inp = {}, None, first
+  t0 = time.time()
+  for s, sc in enumerate(stages):
+    inp = first if s == 0 else create_input(sc, jax.process_index(), jax.process_count(), extra)
+    steps_per_epoch = inp.steps_per_epoch
+    stage_steps = int(math.ceil(sc.num_epochs * steps_per_epoch))
+    stage_start = global_step
+    global_step += stage_steps
+    if s < resume_stage:
+      continue
+    tx, schedule = optim.make_optimizer(sc, steps_per_epoch, params)
+    state = parallel.replicate(TrainState(step=np.int32(stage_start), apply_fn=model.apply, params=params,
+                                          tx=tx, opt_state=tx.init(params), batch_stats=batch_stats), mesh)
+    train_iter = iter(inp.train())
+    if resume_meta is not None and s == resume_stage:
+      restored, opt = ckpts.restore_training(
+          latest, model_target, ckpt_lib.abstract({"step": state.step, "opt_state": state.opt_state}, rep),
+          train_iter)
+      state = state.replace(step=opt["step"], opt_state=opt["opt_state"], **restored)
+      logging.info("resumed from %s/%d (stage %d of %d)", ckpts.directory, latest, s + 1, len(stages))
+      resume_meta = None
+    held_out = (f"fold {sc.fold} of {sc.num_folds}" if sc.data.eval_split == "fold"
+                else f"the {sc.data.eval_split} split")
+    logging.info("stage %d of %d: %d training / %d evaluation examples (%s, evaluating on %s), "
+                 "%d px, %d steps per epoch, steps %d-%d", s + 1, len(stages), len(inp.train_indices),
+                 len(inp.eval_indices), sc.data.source, held_out, sc.data.image_size, steps_per_epoch,
+                 stage_start + 1, global_step)
+    meta = checkpoint_meta(config, task, class_names, s, stage_start)
+    state, metrics, result, halted = _train_stage(sc, model, state, train_iter, inp, eval_step, schedule,
+                                                  writer, ckpts, meta, mesh, stage_start, global_step,
+                                                  alpha, task, class_names)
+    params, batch_stats = state.params, state.batch_stats
+    if halted:
+      ckpts.close()
+      return metrics
+  ckpts.wait()
+  writer.flush()
+  if result is None:  # resumed after the last step: evaluate what was restored
+    restored = ckpts.restore_model(latest, model_target)
+    result = run_evaluation(eval_step, restored, inp.eval(), mesh)
+    metrics = score(task, class_names, result, config.round_predictions)
+  train_labels = inp.source.labels()[inp.train_indices]
+  base = _baseline(task, class_names, train_labels, result["label"])
+  _write_json(workdir, "final_metrics.json", {"step": global_step, "metrics": metrics, "baseline": base,
+                                              "train_seconds": time.time() - t0})
+  _announce(f"Final (step {global_step}): {_summary(task, metrics, base)}")
+  ckpts.close()
+  return metrics
 
-  step = int(state.step)
+
+def _train_stage(config, model, state, train_iter, inp: Input, eval_step, schedule, writer, ckpts,
+                 meta, mesh, stage_start: int, stage_end: int, alpha, task, class_names):
+  """The steps of one stage; returns (state, last metrics, last evaluation, halted)."""
+  steps_per_epoch = inp.steps_per_epoch
+  train_step = make_train_step(model, config, mesh, alpha)
+  report = periodic_actions.ReportProgress(num_train_steps=stage_end, writer=writer,
+                                           every_steps=config.log_every_steps, every_secs=None)
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
   ckpt_every = max(1, int(config.checkpoint_every_epochs * steps_per_epoch))
+  halt = config.halt_after_steps or stage_end
+  step = int(state.step)
   pending: list[dict] = []
-  metrics: dict[str, float] = {}
-  t0 = time.time()
-  halt = config.halt_after_steps or total_steps
-  while step < min(total_steps, halt):
-    batch = parallel.shard_batch(next(train_iter), mesh)
-    state, step_metrics = train_step(state, batch)
+  metrics, result = {}, None
+  while step < min(stage_end, halt):
+    state, step_metrics = train_step(state, parallel.shard_batch(next(train_iter), mesh))
     step += 1
+    local = step - stage_start
     pending.append(step_metrics)
     report(step)
-    if step % config.log_every_steps == 0 or step == total_steps:
+    if local % config.log_every_steps == 0 or step == stage_end:
       means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-      means["learning_rate"] = float(schedule(step - 1))
+      means["learning_rate"] = float(schedule(local - 1))
       if not all(map(np.isfinite, means.values())):
         raise FloatingPointError(f"non-finite training metrics at step {step}: {means}; lower "
                                  "config.learning_rate or check the data")
       writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
       pending = []
-    if step % eval_every == 0 or step == total_steps:
+    if local % eval_every == 0 or step == stage_end:
       with report.timed("eval"):
         result = run_evaluation(eval_step, {"params": state.params, "batch_stats": state.batch_stats},
-                                inp, mesh)
-        metrics = score(inp, result)
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-      logging.info("epoch %.2f, step %d: %s", step / steps_per_epoch, step,
-                   ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    if step % ckpt_every == 0 or step in (total_steps, halt):
+                                inp.eval(), mesh)
+        metrics = score(task, class_names, result, config.round_predictions)
+      scalars = metrics_lib.scalar_metrics(metrics)
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+      logging.info("epoch %.2f, step %d: %s", local / steps_per_epoch, step,
+                   ", ".join(f"{k}={v:.4f}" for k, v in scalars.items() if "/" not in k))
+    if local % ckpt_every == 0 or step in (stage_end, halt):
       with report.timed("checkpoint"):
         ckpts.save(step, state, train_iter, meta)
-  ckpts.wait()
-  writer.flush()
-  if step < total_steps:
-    logging.info("halted at step %d of %d (config.halt_after_steps); run again to resume", step,
-                 total_steps)
-    ckpts.close()
-    return metrics
-
-  if not metrics:  # resumed at the end: evaluate what was restored
-    result = run_evaluation(eval_step, {"params": state.params, "batch_stats": state.batch_stats},
-                            inp, mesh)
-    metrics = score(inp, result)
-  base = baseline(inp, result["label"])
-  _write_json(workdir, "final_metrics.json", {"step": step, "metrics": metrics, "baseline": base,
-                                              "train_seconds": time.time() - t0})
-  line = f"Final (step {step}): {_summary(inp, metrics, base)}"
-  logging.info(line)
-  if jax.process_index() == 0:
-    print(line, flush=True)
-  ckpts.close()
-  return metrics
+  if step < stage_end:
+    ckpts.wait()
+    writer.flush()
+    logging.info("halted at step %d (config.halt_after_steps); run again to resume", step)
+    return state, metrics, result, True
+  return state, metrics, result, False
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None
-             ) -> dict[str, float]:
-  """Restores the latest checkpoint of workdir (or `checkpoint`) and evaluates it; writes
-  eval_metrics.json in workdir."""
-  config, workdir, mesh, inp, model = _setup(config, workdir)
+# --- other modes -------------------------------------------------------------------------------------
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None) -> dict:
+  """Restores the latest checkpoint of workdir (or `checkpoint`) and evaluates it on config's
+  evaluation split; writes eval_metrics.json in workdir."""
+  config = config_lib.finalize(config)
+  workdir = prepare_workdir(workdir)
+  mesh = parallel.make_mesh()
   directory, step = (ckpt_lib.resolve(checkpoint) if checkpoint
                      else (ckpt_lib.checkpoint_dir(workdir), None))
   if not os.path.isdir(directory):
@@ -220,29 +281,189 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
   if step is None or step not in ckpts.all_steps():
     raise CheckpointError(f"no checkpoint to evaluate in {directory}"
                           + (f" (steps there: {ckpts.all_steps()})" if ckpts.all_steps() else ""))
-  shapes = jax.eval_shape(lambda: init_variables(model, _image_shape(config), config.seed))
+  inp = create_input(config, jax.process_index(), jax.process_count())
+  task = build.task_of(config, inp.task)
+  model = build.build_model(config, task, inp.class_names)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1,) + _image_shape(config), np.float32)))
   target = ckpt_lib.abstract({"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
                              parallel.replicated(mesh))
-  ckpts.check_compatible(step, checkpoint_meta(config, inp), target)
+  ckpts.check_compatible(step, checkpoint_meta(config, task, inp.class_names), target)
   variables = ckpts.restore_model(step, target)
-  result = run_evaluation(make_eval_step(model, inp.task, mesh), variables, inp, mesh)
-  metrics = score(inp, result)
-  base = baseline(inp, result["label"])
-  _write_json(workdir, "eval_metrics.json", {
-      "checkpoint": os.path.join(directory, str(step)), "step": step, "metrics": metrics,
-      "baseline": base, "num_examples": int(len(result["label"]))})
-  line = f"Checkpoint {directory}/{step}: {_summary(inp, metrics, base)}"
+  ckpts.close()
+  result = run_evaluation(make_eval_step(model, task, mesh), variables, inp.eval(), mesh)
+  metrics = score(task, inp.class_names, result, config.round_predictions)
+  base = _baseline(task, inp.class_names, inp.source.labels()[inp.train_indices], result["label"])
+  where = os.path.join(directory, str(step))
+  _write_json(workdir, "eval_metrics.json", {"checkpoint": where, "step": step, "metrics": metrics,
+                                             "baseline": base, "num_examples": int(len(result["label"]))})
+  _announce(f"Checkpoint {where}: {_summary(task, metrics, base)}")
+  return metrics
+
+
+def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains every fold (workdir/fold_K, each resumable) and writes per-fold and averaged metrics
+  to workdir/cv_metrics.json."""
+  workdir = prepare_workdir(workdir)
+  per_fold = []
+  for k in range(config.num_folds):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.fold = k
+    fold_dir = os.path.join(workdir, f"fold_{k}")
+    done = os.path.join(fold_dir, "final_metrics.json")
+    if os.path.isfile(done):
+      with open(done) as f:
+        per_fold.append(json.load(f)["metrics"])
+      logging.info("fold %d already trained (%s)", k, done)
+      continue
+    logging.info("cross-validation: fold %d of %d", k + 1, config.num_folds)
+    per_fold.append(train_and_evaluate(c, fold_dir))
+  summary = {"folds": per_fold, "mean": {}, "std": {}}
+  for key in metrics_lib.scalar_metrics(per_fold[0]):
+    values = [f[key] for f in per_fold]
+    summary["mean"][key] = float(np.nanmean(values))
+    summary["std"][key] = float(np.nanstd(values))
+  if "confusion_matrix" in per_fold[0]:
+    summary["confusion_matrix"] = np.sum([f["confusion_matrix"] for f in per_fold], axis=0).tolist()
+  _write_json(workdir, "cv_metrics.json", summary)
+  headline = "mae" if "mae" in summary["mean"] else "accuracy"
+  _announce(f"Cross-validation over {config.num_folds} folds: {headline}={summary['mean'][headline]:.4f} "
+            f"± {summary['std'][headline]:.4f}" + (f", macro_f1={summary['mean']['macro_f1']:.4f}"
+                                                   if "macro_f1" in summary["mean"] else ""))
+  return summary
+
+
+def predict_source(runs: list[tuple[str, int]], source, batch_size: int, mesh) -> np.ndarray:
+  """The average over (run, step) checkpoints of their predictions (regressed values or class
+  probabilities) for every example of `source`, each run preprocessing as it was trained."""
+  total = None
+  for path, step in runs:
+    run = build.load_run(path, step)
+    d = run.config.data
+    batches = pipeline.eval_dataset(source, np.arange(len(source)), pp=d.eval_pp, global_batch=batch_size,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+    task = run.meta["task"]
+    result = run_evaluation(make_eval_step(run.model, task, mesh), run.variables, batches, mesh)
+    pred = np.empty((len(source),) + result["pred"].shape[1:], np.float64)
+    pred[result["index"]] = result["pred"]
+    total = pred if total is None else total + pred
+  return total / len(runs)
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Averages the predictions of config.predict.runs (default: workdir) over their last
+  config.predict.last_n checkpoints for config.predict.split; writes workdir/predictions_<split>.csv
+  (header-less 'name,prediction' for regression, as the Per-COVID-19 challenge takes them) and,
+  where the split is labelled, its metrics."""
+  config = config_lib.finalize(config)
+  workdir = prepare_workdir(workdir)
+  mesh = parallel.make_mesh()
+  p = config.predict
+  runs = [(r, s) for r in (p.runs or (workdir,)) for s in build.last_steps(r, p.last_n)]
+  source = make_source(config.data, p.split, unlabeled_ok=True)
+  preds = predict_source(runs, source, config.eval_batch_size, mesh)
+  out = os.path.join(workdir, f"predictions_{p.split}.csv")
+  names = [os.path.basename(source.describe(i).split(" ")[0]) for i in range(len(source))]
+  if jax.process_index() == 0:
+    with open(out, "w", newline="") as f:
+      w = csv.writer(f)
+      for name, v in zip(names, preds):
+        if np.ndim(v) == 0:
+          w.writerow([name, f"{(np.round(v) if p.round else v):.4f}"])
+        else:
+          w.writerow([name, source.class_names[int(np.argmax(v))]] + [f"{x:.6f}" for x in v])
+  labels = source.labels()
+  message = f"Predictions of {len(runs)} checkpoint(s) for {len(source)} {p.split} examples written to {out}"
+  if not np.any(np.isnan(labels.astype(np.float64))):
+    task = "regression" if preds.ndim == 1 else "classification"
+    result = {"pred": np.round(preds) if (p.round and task == "regression") else preds, "label": labels}
+    metrics = score(task, source.class_names, result)
+    _write_json(workdir, f"predict_metrics_{p.split}.json", {"runs": runs, "metrics": metrics})
+    message += f"; {_headline(task)}={metrics[_headline(task)]:.4f}"
+  _announce(message)
+  return out
+
+
+def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
+  """fastai's learning-rate range test: one step per rate, rates growing exponentially from
+  lr_find.start to lr_find.end, stopping when the smoothed loss exceeds 4x its minimum. Writes
+  lr_find.csv and lr_find.png and returns the suggested rate (steepest descent of the loss)."""
+  config = config_lib.finalize(config)
+  workdir = prepare_workdir(workdir)
+  mesh = parallel.make_mesh()
+  inp = create_input(config, jax.process_index(), jax.process_count())
+  task = build.task_of(config, inp.task)
+  model = build.build_model(config, task, inp.class_names)
+  variables = build.initial_variables(config, model, _image_shape(config), config.seed)
+  f = config.lr_find
+  n = max(2, int(f.steps))
+  rates = f.start * (f.end / f.start) ** (np.arange(n) / (n - 1))
+  table = jax.numpy.asarray(rates, jax.numpy.float32)
+  tx, _ = optim.make_optimizer(config, n, variables["params"],
+                               schedule_fn=lambda t: table[jax.numpy.minimum(t, n - 1)])
+  state = parallel.replicate(TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                               batch_stats=variables.get("batch_stats", {})), mesh)
+  alpha = _class_alpha(config, inp.source.labels()[inp.train_indices], inp.class_names)
+  step = make_train_step(model, config, mesh, alpha)
+  it = iter(inp.train())
+  rows, smooth, best = [], 0.0, math.inf
+  for i in range(n):
+    state, m = step(state, parallel.shard_batch(next(it), mesh))
+    loss = float(m["loss"])
+    smooth = 0.98 * smooth + 0.02 * loss
+    smoothed = smooth / (1 - 0.98 ** (i + 1))
+    rows.append((float(rates[i]), loss, smoothed))
+    best = min(best, smoothed)
+    if not np.isfinite(loss) or (i > 5 and smoothed > 4 * best):
+      break
+  lrs, sm = np.log10([r[0] for r in rows]), np.array([r[2] for r in rows])
+  cut = int(np.argmin(sm)) + 1
+  slopes = np.gradient(sm[:cut], lrs[:cut]) if cut > 2 else np.array([0.0])
+  suggested = float(rows[int(np.argmin(slopes))][0])
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "lr_find.csv"), "w", newline="") as fh:
+      w = csv.writer(fh)
+      w.writerow(["learning_rate", "loss", "smoothed_loss"])
+      w.writerows(rows)
+    _plot_lr_find(os.path.join(workdir, "lr_find.png"), rows, suggested)
+  _announce(f"LR range test over {len(rows)} steps: suggested learning rate {suggested:.3g} "
+            f"(steepest descent of the smoothed loss); see {os.path.join(workdir, 'lr_find.png')}")
+  return suggested
+
+
+def _plot_lr_find(path: str, rows, suggested: float, size=(640, 420)) -> None:
+  """Smoothed loss against log learning rate, as a PNG (drawn with PIL: no plotting library)."""
+  from PIL import Image, ImageDraw
+  w, h = size
+  left, right, top, bottom = 60, 20, 20, 50
+  img = Image.new("RGB", size, "white")
+  d = ImageDraw.Draw(img)
+  x = np.log10([r[0] for r in rows])
+  y = np.array([r[2] for r in rows])
+  y = np.clip(y, None, np.nanmin(y) * 4 if np.nanmin(y) > 0 else np.nanmax(y))
+  sx = lambda v: left + (v - x.min()) / max(x.max() - x.min(), 1e-9) * (w - left - right)
+  sy = lambda v: h - bottom - (v - np.nanmin(y)) / max(np.nanmax(y) - np.nanmin(y), 1e-9) * (h - top - bottom)
+  d.rectangle([left, top, w - right, h - bottom], outline="black")
+  d.line([(sx(a), sy(b)) for a, b in zip(x, y) if np.isfinite(b)], fill="navy", width=2)
+  sug = sx(math.log10(suggested))
+  d.line([(sug, top), (sug, h - bottom)], fill="red", width=1)
+  for e in range(int(math.floor(x.min())), int(math.ceil(x.max())) + 1):
+    if x.min() <= e <= x.max():
+      d.text((sx(e) - 12, h - bottom + 8), f"1e{e}", fill="black")
+  d.text((left, h - 20), f"learning rate (log scale); suggested {suggested:.2g}", fill="black")
+  d.text((5, top), "loss", fill="black")
+  img.save(path)
+
+
+def _announce(line: str) -> None:
   logging.info(line)
   if jax.process_index() == 0:
     print(line, flush=True)
-  ckpts.close()
-  return metrics
 
 
 def _write_json(workdir: str, name: str, payload: dict) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, name), "w") as f:
-      json.dump(payload, f, indent=2)
+      json.dump(payload, f, indent=2, default=float)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

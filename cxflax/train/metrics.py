@@ -12,19 +12,72 @@ def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
   """counts[true, predicted]."""
-  return np.bincount(np.asarray(target) * num_classes + np.asarray(pred),
+  return np.bincount(np.asarray(target, np.int64) * num_classes + np.asarray(pred, np.int64),
                      minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def classification_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict[str, float]:
-  """Accuracy and macro-F1 (classes absent from both predictions and targets are skipped)."""
+def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+  """Area under the ROC curve: the probability that a positive outranks a negative (ties count
+  half), by the Mann–Whitney rank sum. NaN when one of the two groups is empty."""
+  scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+  n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  order = np.argsort(scores, kind="mergesort")
+  ranks = np.empty(len(scores), np.float64)
+  sorted_scores = scores[order]
+  i = 0
+  while i < len(scores):  # average ranks over ties
+    j = i
+    while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+      j += 1
+    ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+    i = j + 1
+  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def classification_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int,
+                           probs: np.ndarray | None = None, class_names=None) -> dict:
+  """Accuracy, macro-F1 and, per class, sensitivity (recall), PPV (precision) and F1; the
+  confusion matrix; with probabilities, one-vs-rest AUC per class and their macro average.
+  Classes absent from both predictions and targets are left out of the macro averages."""
   cm = confusion_matrix(pred, target, num_classes)
   tp = np.diag(cm).astype(np.float64)
   support, predicted = cm.sum(1), cm.sum(0)
   present = (support + predicted) > 0
+  sensitivity = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
+  ppv = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
   f1 = np.where(present, 2 * tp / np.maximum(support + predicted, 1), 0.0)
-  return {"accuracy": float(tp.sum() / max(cm.sum(), 1)),
-          "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
+  names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+  out = {"accuracy": float(tp.sum() / max(cm.sum(), 1)),
+         "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
+  for k, name in enumerate(names):
+    out[f"sensitivity/{name}"] = float(sensitivity[k])
+    out[f"ppv/{name}"] = float(ppv[k])
+    out[f"f1/{name}"] = float(f1[k])
+  if probs is not None:
+    aucs = [binary_auc(probs[:, k], np.asarray(target) == k) for k in range(num_classes)]
+    for k, name in enumerate(names):
+      out[f"auc/{name}"] = aucs[k]
+    valid = [a for a in aucs if not np.isnan(a)]
+    out["auc"] = float(np.mean(valid)) if valid else float("nan")
+  out["confusion_matrix"] = cm.tolist()
+  return out
+
+
+def embedding_metrics(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, class_names=None) -> dict:
+  """Leave-one-out nearest-neighbour classification of an embedding (seed 004's triplet phase):
+  how well same-class examples cluster."""
+  e = np.asarray(embeddings, np.float64)
+  d = np.sum(e ** 2, 1)[:, None] + np.sum(e ** 2, 1)[None, :] - 2 * e @ e.T
+  np.fill_diagonal(d, np.inf)
+  nearest = np.asarray(labels)[np.argmin(d, axis=1)]
+  return classification_metrics(nearest, labels, num_classes, class_names=class_names)
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+  """The scalar entries (for TensorBoard and log lines)."""
+  return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def baseline_metrics(task: str, train_labels: np.ndarray, eval_labels: np.ndarray,
@@ -32,5 +85,5 @@ def baseline_metrics(task: str, train_labels: np.ndarray, eval_labels: np.ndarra
   """The trivial predictor's metrics: the training mean (regression) or the majority class."""
   if task == "regression":
     return regression_metrics(np.full(len(eval_labels), np.mean(train_labels)), eval_labels)
-  majority = int(np.bincount(train_labels, minlength=num_classes).argmax())
-  return classification_metrics(np.full(len(eval_labels), majority), eval_labels, num_classes)
+  majority = int(np.bincount(np.asarray(train_labels, np.int64), minlength=num_classes).argmax())
+  return scalar_metrics(classification_metrics(np.full(len(eval_labels), majority), eval_labels, num_classes))

@@ -1,33 +1,118 @@
-"""Learning-rate schedules and optimizers built from the config, as optax transformations."""
+"""Learning-rate schedules and optimizers built from the config, as optax transformations.
+
+Schedules follow the papers' PyTorch schedulers: linear warm-up then cosine decay (seed 001),
+cosine annealing with period T_max and its warm-restart variant (seed 000's CosineAnnealingLR /
+CosineAnnealingWarmRestarts), step decay (seed 004's StepLR), constant. With
+schedule_unit='epoch' the rate changes once per epoch, as a scheduler stepped per epoch does.
+
+Parameters can be split into groups by regular expressions on their paths ('backbone/layer4_2/
+conv3/kernel'), each group with its own learning rate (seed 002's discriminative rates, spread
+geometrically from the first group's to the last's as fastai does), and groups can be frozen
+(no updates; BatchNorm affine parameters stay trainable by default, as in fastai). SAM (seed 001)
+wraps the whole optimizer (optax.contrib.sam in opaque mode, see steps.py).
+"""
 
 from __future__ import annotations
 
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import traverse_util
 
 from cxflax.errors import ConfigError
 
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "cosine_restarts", "step")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+FROZEN = "frozen"
 
 
-def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """config.schedule over config.num_epochs epochs of steps_per_epoch steps."""
-  total = max(1, int(config.num_epochs * steps_per_epoch))
-  lr = config.learning_rate
-  if config.schedule == "constant":
-    return optax.constant_schedule(lr)
-  if config.schedule == "cosine":
-    return optax.cosine_decay_schedule(lr, total)
-  if config.schedule == "warmup_cosine":
+def make_schedule(config, steps_per_epoch: int, base_lr: float | None = None) -> optax.Schedule:
+  """config.schedule over config.num_epochs epochs of steps_per_epoch steps, peaking at base_lr
+  (config.learning_rate by default)."""
+  lr = config.learning_rate if base_lr is None else base_lr
+  total = max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
+  epoch_steps = max(1, steps_per_epoch)
+  min_lr = config.min_learning_rate
+  kind = config.schedule
+  if kind == "constant":
+    fn = lambda t: jnp.full((), lr, jnp.float32)
+  elif kind == "warmup_cosine":
     warmup = int(config.warmup_epochs * steps_per_epoch)
     if warmup >= total:
       raise ConfigError(f"warmup_epochs ({config.warmup_epochs}) must be shorter than num_epochs "
                         f"({config.num_epochs})")
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=0.0)
-  raise ConfigError(f"unknown schedule {config.schedule!r}; use one of {', '.join(SCHEDULES)}")
+    fn = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=min_lr)
+  elif kind == "cosine":  # torch CosineAnnealingLR: periodic beyond T_max
+    period = (config.cosine_period_epochs * epoch_steps) if config.cosine_period_epochs else total
+    fn = lambda t: min_lr + (lr - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * t / period))
+  elif kind == "cosine_restarts":  # torch CosineAnnealingWarmRestarts(T_0, T_mult)
+    t0 = (config.cosine_period_epochs * epoch_steps) if config.cosine_period_epochs else total
+    fn = lambda t: _restarts(t, t0, config.restart_mult, lr, min_lr)
+  elif kind == "step":  # torch StepLR
+    if config.step_decay_epochs <= 0:
+      raise ConfigError("schedule 'step' needs config.step_decay_epochs > 0")
+    every = config.step_decay_epochs * epoch_steps
+    fn = lambda t: lr * config.step_decay_factor ** jnp.floor(t / every)
+  else:
+    raise ConfigError(f"unknown schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
+  if config.schedule_unit == "epoch":
+    return lambda t: fn(jnp.floor(jnp.asarray(t, jnp.float32) / epoch_steps) * epoch_steps)
+  if config.schedule_unit != "step":
+    raise ConfigError(f"config.schedule_unit must be 'step' or 'epoch', got {config.schedule_unit!r}")
+  return lambda t: fn(jnp.asarray(t, jnp.float32))
 
 
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _restarts(t, t0: float, mult: int, lr: float, min_lr: float):
+  if mult == 1:
+    t_cur, t_i = jnp.mod(t, t0), t0
+  else:  # cycle n spans t0 · mult^n steps
+    n = jnp.floor(jnp.log1p(t / t0 * (mult - 1)) / math.log(mult))
+    t_cur = t - t0 * (mult ** n - 1) / (mult - 1)
+    t_i = t0 * mult ** n
+  return min_lr + (lr - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * t_cur / t_i))
+
+
+def group_learning_rates(config) -> list[float]:
+  """The learning rate of each parameter group: geometrically spread over group_lr_range
+  (fastai's slice(lo, hi)), or config.learning_rate for all."""
+  n = max(1, len(config.param_groups))
+  if not config.group_lr_range:
+    return [config.learning_rate] * n
+  lo, hi = config.group_lr_range
+  if not 0 < lo <= hi:
+    raise ConfigError(f"config.group_lr_range must be (low, high) with 0 < low <= high, got {config.group_lr_range}")
+  return [float(v) for v in np.geomspace(lo, hi, n)] if n > 1 else [hi]
+
+
+def param_labels(config, params) -> dict:
+  """'groupK' or 'frozen' for every parameter, by config.param_groups / config.freeze."""
+  flat = traverse_util.flatten_dict(dict(params), sep="/")
+  bn_modules = {k.rsplit("/", 1)[0] for k in flat if k.endswith("/scale")}
+  freeze = [re.compile(p) for p in config.freeze]
+  groups = [re.compile(p) for p in config.param_groups]
+  labels = {}
+  for path in flat:
+    is_bn = path.rsplit("/", 1)[0] in bn_modules
+    if any(f.search(path) for f in freeze) and not (is_bn and config.train_frozen_bn):
+      labels[path] = FROZEN
+      continue
+    if not groups:
+      labels[path] = "group0"
+      continue
+    match = next((i for i, g in enumerate(groups) if g.search(path)), None)
+    if match is None:
+      raise ConfigError(f"parameter {path} matches none of config.param_groups {list(config.param_groups)}")
+    labels[path] = f"group{match}"
+  if all(v == FROZEN for v in labels.values()):
+    raise ConfigError(f"config.freeze {list(config.freeze)} freezes every parameter")
+  return traverse_util.unflatten_dict(labels, sep="/")
+
+
+def _base_optimizer(config, schedule) -> optax.GradientTransformation:
   """config.optimizer with PyTorch's semantics: SGD's and Adam's weight decay are L2 terms added
   to the gradient (torch.optim.SGD / Adam), AdamW's is decoupled."""
   name, wd = config.optimizer, config.weight_decay
@@ -36,16 +121,39 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
   elif name == "adam":
     opt = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
   elif name == "adamw":
-    return _clip(config, optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                                     eps=config.adam_eps, weight_decay=wd))
+    return optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                       weight_decay=wd)
   else:
     raise ConfigError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
-  if wd:
-    opt = optax.chain(optax.add_decayed_weights(wd), opt)
-  return _clip(config, opt)
+  return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
 
 
-def _clip(config, opt):
+def make_optimizer(config, steps_per_epoch: int, params, schedule_fn=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule of the last — usually the head's — group) for `params`.
+
+  schedule_fn, if given, replaces config's schedule: it gives the last group's rate per step and
+  the other groups keep their ratio to it (the LR range test sweeps it).
+  """
+  rates = group_learning_rates(config)
+  if schedule_fn is None:
+    schedules = [make_schedule(config, steps_per_epoch, lr) for lr in rates]
+  else:
+    schedules = [(lambda t, r=lr / rates[-1]: r * schedule_fn(t)) for lr in rates]
+  labels = param_labels(config, params)
+  used = set(jax.tree.leaves(labels))
+  transforms = {f"group{i}": _base_optimizer(config, s) for i, s in enumerate(schedules)
+                if f"group{i}" in used}
+  if FROZEN in used:
+    transforms[FROZEN] = optax.set_to_zero()
+  tx = transforms["group0"] if set(transforms) == {"group0"} else optax.multi_transform(transforms, labels)
   if config.grad_clip_norm:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
-  return opt
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.sam_rho and not config.sam_per_device:
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam_rho))
+    tx = optax.contrib.sam(tx, adversary, sync_period=2, opaque_mode=True)
+  if config.grad_accum_steps > 1:
+    if config.sam_rho:
+      raise ConfigError("gradient accumulation with SAM is not supported")
+    tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+  return tx, schedules[-1]

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
+from jax.sharding import PartitionSpec as P
 
 from cxflax import parallel
-from cxflax.train.losses import compute_loss
+from cxflax.train.losses import compute_loss, prediction
 
 
 class TrainState(train_state.TrainState):
@@ -36,39 +37,72 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, varia
   return parallel.replicate(state, mesh)
 
 
-def make_train_step(model: nn.Module, config, mesh) -> Callable:
-  """jit(state, batch) → (state, metrics): one SGD step on a global batch split over 'data'.
+def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callable:
+  """jit(state, batch) → (state, metrics): one optimizer step on a global batch split over 'data'.
 
-  The state is donated (updated in place) and replicated; XLA all-reduces the gradients.
+  The state is donated (updated in place) and replicated; XLA all-reduces the gradients, and
+  BatchNorm statistics come from the global batch. With SAM (config.sam_rho > 0), the gradient
+  at the adversarially perturbed parameters drives the update, while the BatchNorm running
+  statistics are those of the clean forward pass; with config.sam_per_device each device
+  perturbs with its own gradient (the m-sharpness of the original SAM) and the perturbed
+  gradients are averaged.
   """
   base_rng = jax.random.key(config.seed)
+  rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+
+  def loss_and_stats(params, batch_stats, batch, rng):
+    outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                                   train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    return compute_loss(config, outputs, batch["label"], class_alpha=class_alpha), updates
+
+  grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
+
+  def per_device_sam_grads(params, batch_stats, batch, rng):
+    """SAM with each device's own ascent direction (inside shard_map over 'data')."""
+    def local(params, batch_stats, batch, rng):
+      (_, _), g = grad_fn(params, batch_stats, batch, rng)
+      norm = optax.global_norm(g)
+      eps = jax.tree.map(lambda x: config.sam_rho * x / (norm + 1e-12), g)
+      perturbed = jax.tree.map(jnp.add, params, eps)
+      (_, _), g_adv = grad_fn(perturbed, batch_stats, batch, rng)
+      return jax.lax.pmean(g_adv, parallel.DATA_AXIS)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(parallel.DATA_AXIS), P()),
+                         out_specs=P(), check_vma=False)(params, batch_stats, batch, rng)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
-
-    def loss_fn(params):
-      outputs, updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-          mutable=["batch_stats"], rngs={"dropout": rng})
-      return compute_loss(config, outputs, batch["label"]), updates
-
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+    (loss, updates), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+    if config.sam_rho and config.sam_per_device:
+      grads = per_device_sam_grads(state.params, state.batch_stats, batch, rng)
+      opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    elif config.sam_rho:
+      adversarial = lambda p, _: grad_fn(p, state.batch_stats, batch, rng)[1]
+      opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
+                                               grad_fn=adversarial)
+    else:
+      opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, opt_updates),
+                              opt_state=opt_state, batch_stats=updates["batch_stats"])
     return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
-  rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
   return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
 def make_eval_step(model: nn.Module, task: str, mesh) -> Callable:
   """jit(variables, batch) → {'pred', 'label', 'index', 'valid'} split over 'data'.
 
-  'pred' is the regressed value or the class probabilities; the other fields pass through so
-  that gathering them keeps every prediction beside its own label, on any number of processes.
+  'pred' is the regressed value, the class probabilities, or the embedding; the other fields
+  pass through so that gathering them keeps every prediction beside its own label, on any
+  number of processes.
   """
   def step(variables, batch):
-    outputs = model.apply(variables, batch["image"], train=False)
-    pred = outputs[..., 0] if task == "regression" else jax.nn.softmax(outputs, axis=-1)
+    out = prediction(model.apply(variables, batch["image"], train=False))
+    if task == "regression":
+      pred = out[..., 0]
+    elif task == "classification":
+      pred = jax.nn.softmax(out, axis=-1)
+    else:  # embedding
+      pred = out
     return {"pred": pred, "label": batch["label"], "index": batch["index"], "valid": batch["valid"]}
 
   rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)

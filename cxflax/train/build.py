@@ -1,0 +1,171 @@
+"""Models and their starting variables from a config; trained runs back from their checkpoints.
+
+A checkpoint records the config that made it (see checkpoint.py), so a run can be rebuilt from
+its folder alone: ensembles name their members by folder, and prediction averages runs the same
+way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from cxflax.errors import CheckpointError, ConfigError
+from cxflax.models.ensembles import FeatureEnsemble, NeuralWeightEnsemble
+from cxflax.models.heads import MLPHead, Network, create_network, with_backbone
+from cxflax.train import checkpoint as ckpt_lib
+from cxflax.train.steps import init_variables
+
+ENSEMBLES = ("", "average", "se", "flannel")
+
+
+def task_of(config, data_task: str) -> str:
+  """'embedding' for the triplet phase of seed 004, else the data's task."""
+  return "embedding" if config.loss == "triplet" else data_task
+
+
+def num_outputs(task: str, class_names) -> int:
+  return 1 if task == "regression" else len(class_names or ())
+
+
+def build_model(config, task: str, class_names=None) -> nn.Module:
+  """config's network, or its ensemble of trained members (config.ensemble)."""
+  kind = config.ensemble.kind
+  if kind not in ENSEMBLES:
+    raise ConfigError(f"config.ensemble.kind must be one of {ENSEMBLES}, got {kind!r}")
+  if kind:
+    return _build_ensemble(config, task, class_names)
+  dtype = jnp.dtype(config.dtype)
+  backbone_kwargs = {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate else {}
+  head_kwargs = dict(config.head_kwargs)
+  return create_network(config.model, config.head, num_outputs(task, class_names), pool=config.pool,
+                        head_dropout=config.head_dropout, dtype=dtype, backbone_kwargs=backbone_kwargs,
+                        head_kwargs=head_kwargs, backbone_classes=config.backbone_classes)
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run restored from a checkpoint."""
+  path: str
+  step: int
+  config: ml_collections.ConfigDict
+  meta: dict
+  model: nn.Module
+  variables: dict
+
+
+def load_run(path: str, step: int | None = None) -> Run:
+  """The model, variables and config of the checkpoint at `path` (a workdir, its checkpoints/
+  folder or one step's folder; the latest step unless given)."""
+  directory, found = ckpt_lib.resolve(path)
+  ckpts = ckpt_lib.Checkpoints(directory, create=False)
+  steps = ckpts.all_steps()
+  step = step if step is not None else (found if found is not None else (max(steps) if steps else None))
+  if step is None or step not in steps:
+    raise CheckpointError(f"no checkpoint{'' if step is None else f' at step {step}'} in {directory}"
+                          + (f" (steps there: {steps})" if steps else ""))
+  meta = ckpts.meta(step)
+  config = ml_collections.ConfigDict(meta["config"])
+  model = build_model(config, meta["task"], meta.get("class_names") or None)
+  variables = jax.tree.map(jnp.asarray, ckpts.restore_model(step, None))
+  ckpts.close()
+  return Run(os.path.join(directory, str(step)), step, config, meta, model, variables)
+
+
+def last_steps(path: str, n: int) -> list[int]:
+  """The last n checkpoint steps of a run (seed 001 averages the last five epochs')."""
+  directory, _ = ckpt_lib.resolve(path)
+  ckpts = ckpt_lib.Checkpoints(directory, create=False)
+  steps = sorted(ckpts.all_steps())
+  ckpts.close()
+  if not steps:
+    raise CheckpointError(f"no checkpoints in {directory}")
+  return steps[-n:]
+
+
+def _build_ensemble(config, task: str, class_names) -> nn.Module:
+  members = config.ensemble.members
+  if len(members) < 2:
+    raise ConfigError("config.ensemble.members must name at least two trained runs (workdirs)")
+  runs = [load_run(m) for m in members]
+  kind = config.ensemble.kind
+  if kind == "flannel":
+    return NeuralWeightEnsemble(members=tuple(r.model for r in runs),
+                                activation=config.ensemble.activation)
+  trunk = FeatureEnsemble(members=tuple(r.model.backbone for r in runs), se=kind == "se")
+  return Network(backbone=trunk, head=MLPHead(num_outputs(task, class_names), tuple(config.ensemble.head_hidden)))
+
+
+def _member_variables(config) -> list[dict]:
+  out = []
+  for m in config.ensemble.members:
+    run = load_run(m)
+    v = run.variables
+    if config.ensemble.kind != "flannel":  # the members' heads are dropped: keep their backbones
+      v = {col: tree["backbone"] for col, tree in v.items() if "backbone" in tree}
+    out.append(v)
+  return out
+
+
+def initial_variables(config, model: nn.Module, image_shape, seed: int) -> dict:
+  """Fresh variables, then what config.init_from and config.ensemble.members provide."""
+  variables = jax.tree.map(lambda x: x, init_variables(model, image_shape, seed))
+  if config.ensemble.kind:
+    flat = {col: dict(tree) for col, tree in variables.items()}
+    for i, member in enumerate(_member_variables(config)):
+      for col, tree in member.items():
+        target = flat[col]["backbone"] if config.ensemble.kind != "flannel" else flat[col]
+        target[f"members_{i}"] = _fitted(target[f"members_{i}"], tree, f"ensemble member {i}")
+    variables = flat
+  if config.init_from:
+    variables = warm_start(variables, config.init_from, config.model)
+  return variables
+
+
+def _fitted(want, got, what: str):
+  """`got` cast to the shapes and dtypes of `want`, or an error naming what does not fit."""
+  w = traverse_util.flatten_dict(dict(want), sep="/")
+  g = traverse_util.flatten_dict(dict(got), sep="/")
+  bad = sorted(k for k in w if k not in g or tuple(g[k].shape) != tuple(w[k].shape))
+  if bad:
+    raise CheckpointError(f"{what} does not fit its place in the model: {bad[:5]}")
+  return traverse_util.unflatten_dict({k: jnp.asarray(g[k], w[k].dtype) for k in w}, sep="/")
+
+
+def warm_start(variables: dict, path: str, model_name: str) -> dict:
+  """Variables started from `path`: a converted timm checkpoint (python -m cxflax.convert) for
+  the backbone, or a cxflax run, whose variables are copied wherever name and shape agree
+  (seed 004 builds each training phase on the previous one)."""
+  from cxflax.convert import META, load_converted
+  if os.path.isfile(os.path.join(path, META)):
+    out = with_backbone(variables, load_converted(path, model_name))
+    logging.info("backbone initialised from %s", path)
+    return out
+  source = load_run(path).variables
+  copied, fresh = 0, []
+  out = {}
+  for col, tree in variables.items():
+    want = traverse_util.flatten_dict(dict(tree), sep="/")
+    got = traverse_util.flatten_dict(dict(source.get(col, {})), sep="/")
+    merged = {}
+    for k, v in want.items():
+      if k in got and tuple(got[k].shape) == tuple(v.shape):
+        merged[k] = jnp.asarray(got[k], v.dtype)
+        copied += 1
+      else:
+        merged[k] = v
+        fresh.append(k)
+    out[col] = traverse_util.unflatten_dict(merged, sep="/")
+  if copied == 0:
+    raise CheckpointError(f"config.init_from={path!r}: no variable of that run fits this model")
+  logging.info("initialised %d variables from %s; %d fresh (e.g. %s)", copied, path, len(fresh), fresh[:3])
+  return out
