@@ -14,9 +14,10 @@ import ml_collections
 
 from cxflax.errors import ConfigError
 
-from cxflax.train.losses import CLASSIFICATION_LOSSES, REGRESSION_LOSSES
+from cxflax.train.losses import CLASSIFICATION_LOSSES, REGRESSION_LOSSES, SEGMENTATION_LOSSES
 
 DTYPES = ("float32", "bfloat16")
+TARGETS = ("label", "lung_mask")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -91,6 +92,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.halt_after_steps = 0         # >0: checkpoint and stop once this step is reached (as if preempted)
   c.round_predictions = False    # regression: round to integers when evaluating (seed 001)
 
+  # Patch classifier (seed 003, after Oh, Park & Ye): the backbone sees patches of `size` px
+  # centred inside the lung mask, which the preprocessing appends as the last channel
+  # (...|append_mask('lung_mask')): one random patch per image per training step; `num` patches
+  # per image classified at once at evaluation, aggregated by mean probability or majority vote.
+  c.patches = ml_collections.ConfigDict()
+  c.patches.num = 0              # > 0 turns the classifier into a patch classifier (K)
+  c.patches.size = 224
+  c.patches.aggregate = "mean"   # mean | vote
+
   # Learned ensembles of trained runs (--mode=ensemble): 'average' or 'se' (seed 000) over the
   # members' backbone outputs with a new head, or 'flannel' (seed 003) over their probabilities.
   c.ensemble = ml_collections.ConfigDict()
@@ -105,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict.last_n = 1           # checkpoints per run (seed 001: the last 5 epochs)
   c.predict.split = "val"
   c.predict.round = False
+  c.predict.images = ""          # a folder of images to predict (segmentation: masks written as PNG)
 
   # Pseudo-labelling (seed 001): examples of another split, labelled by trained runs, join the
   # training examples.
@@ -133,6 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.on_bad_data = "error"   # error | skip (bad entries left out and counted in the log)
   c.data.verify_images = False   # decode every image before training (always when skipping)
   c.data.stratify = "auto"       # auto (severity for regression, class otherwise) | none
+  c.data.target = "label"        # label | lung_mask (segmentation: the mask is the per-pixel target)
+  c.data.mask_dir = ""           # files on disk: lung masks as <mask_dir>/<image name stem>.png
   c.data.image_size = 512
   c.data.eval_split = "fold"     # fold: the held-out fold; val / test: the source's own split
   c.data.workers = 0             # grain worker processes (0: read in the main process)
@@ -144,6 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.phantom.num_subjects = 200
   c.data.phantom.slices_per_subject = (3, 6)
   c.data.phantom.seed = 0
+  c.data.phantom.covid_labels = False  # ct: classes NonCOVID / COVID (any lesion) instead of the percentage
   return c
 
 
@@ -205,6 +219,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.grad_accum_steps >= 1, f"config.grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
   need(config.halt_after_steps >= 0, f"config.halt_after_steps must be >= 0, got {config.halt_after_steps}")
   need(config.log_every_steps >= 1, f"config.log_every_steps must be >= 1, got {config.log_every_steps}")
+  need(config.data.target in TARGETS, f"config.data.target must be one of {TARGETS}, got {config.data.target!r}")
+  p = config.patches
+  need(p.num >= 0, f"config.patches.num must be >= 0, got {p.num}")
+  need(p.aggregate in ("mean", "vote"), f"config.patches.aggregate must be 'mean' or 'vote', got {p.aggregate!r}")
+  if p.num:
+    need(32 <= p.size <= config.data.image_size, f"config.patches.size={p.size} must be between 32 "
+         f"and config.data.image_size ({config.data.image_size})")
+    need("append_mask" in config.data.train_pp and "append_mask" in config.data.eval_pp,
+         "config.patches.num > 0: the patch classifier samples patches inside the lung mask, which "
+         "both preprocessing specs must end with ('...|append_mask(\'lung_mask\')')")
   for key in ("batch_size", "eval_batch_size"):
     n, d = config[key], jax.device_count()
     need(n > 0 and n % d == 0, f"config.{key}={n} must be a positive multiple of the device "
@@ -223,3 +247,6 @@ def check_task(config: ml_collections.ConfigDict, task: str) -> None:
   if task == "classification" and config.loss not in CLASSIFICATION_LOSSES:
     raise ConfigError(f"the data is a classification task but config.loss={config.loss!r}; use "
                       f"one of {CLASSIFICATION_LOSSES}")
+  if task == "segmentation" and config.loss not in SEGMENTATION_LOSSES:
+    raise ConfigError(f"the data is a segmentation task (config.data.target={config.data.target!r}) "
+                      f"but config.loss={config.loss!r}; use one of {SEGMENTATION_LOSSES}")

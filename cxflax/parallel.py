@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -73,9 +74,11 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a pytree of host or device values on every device of the mesh."""
+  """Places a copy of a pytree of host or device values on every device of the mesh (a copy:
+  train steps donate their state, which must not delete the caller's arrays)."""
   sharding = replicated(mesh)
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+  copy = lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x
+  return jax.tree.map(lambda x: jax.device_put(copy(x), sharding), tree)
 
 
 def gather(x) -> np.ndarray:

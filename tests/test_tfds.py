@@ -35,7 +35,7 @@ _READ = textwrap.dedent("""
       s = TfdsSource(name, split, sys.argv[1])
       out[f"{name}/{split}"] = {
           "labels": [float(v) for v in s.labels()], "subjects": s.subjects(),
-          "names": [s.describe(i).split(" ")[0] for i in range(len(s))],
+          "names": [s.example_name(i) for i in range(len(s))],
           "sums": [int(s.load(i)["image"].astype("int64").sum()) for i in range(len(s))],
           "classes": list(s.class_names or [])}
     out["tensorflow_imported"] = any(m.split(".")[0] == "tensorflow" for m in sys.modules)

@@ -14,6 +14,7 @@ Evaluation: every held-out example exactly once, the last batch padded with copi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import grain
@@ -86,10 +87,18 @@ class _Augment(grain.transforms.RandomMap):
       raise DataError(f"{where}: preprocessing {self.spec!r} failed: {e}") from None
 
 
-def _select(example: dict[str, Any]) -> dict[str, Any]:
+def _select(example: dict[str, Any], target: str = "label") -> dict[str, Any]:
+  """The batch fields of an example; for segmentation the (augmented) mask is the label."""
   out = {k: example[k] for k in BATCH_KEYS if k in example}
+  if target != "label":
+    mask = np.asarray(example[target])
+    out["label"] = (mask.reshape(mask.shape[:2]) > 0).astype(np.int32)
   out.setdefault("valid", np.float32(1.0))
   return out
+
+
+def _selector(source: Source):
+  return functools.partial(_select, target=source.key if source.task == "segmentation" else "label")
 
 
 def train_dataset(source: Source, indices, *, pp: str, global_batch: int, seed: int,
@@ -104,7 +113,7 @@ def train_dataset(source: Source, indices, *, pp: str, global_batch: int, seed: 
   ds = grain.MapDataset.source(_Examples(source, indices)).seed(seed).shuffle()
   # Augment before splitting among processes: each element's random draw depends on its place
   # in the shuffled epoch only, so 1 process and N processes train on identical batches.
-  ds = ds.random_map(_Augment(source, pp))[:n][process_index::process_count].map(_select)
+  ds = ds.random_map(_Augment(source, pp))[:n][process_index::process_count].map(_selector(source))
   ds = ds.batch(local_batch, drop_remainder=True).repeat(None)
   return _prefetch(ds, workers)
 
@@ -115,7 +124,7 @@ def eval_dataset(source: Source, indices, *, pp: str, global_batch: int, workers
   if len(indices) == 0:
     raise DataError("the evaluation split is empty")
   positions = _EvalPositions(source, indices, global_batch, process_index, process_count)
-  ds = grain.MapDataset.source(positions).seed(0).random_map(_Augment(source, pp)).map(_select)
+  ds = grain.MapDataset.source(positions).seed(0).random_map(_Augment(source, pp)).map(_selector(source))
   return _prefetch(ds.batch(positions.local_batch), workers)
 
 
@@ -161,6 +170,13 @@ class Input:
                          global_batch=self.config.batch_size, seed=self.config.seed,
                          workers=d.workers, process_index=self.process_index,
                          process_count=self.process_count)
+
+  def image_shape(self) -> tuple[int, ...]:
+    """The shape of one preprocessed image (H, W, C): what the model is initialised on."""
+    ex = dict(self.eval_source.load(int(self.eval_indices[0])))
+    ex["index"] = np.int64(self.eval_indices[0])
+    return tuple(_Augment(self.eval_source, self.config.data.eval_pp).random_map(
+        ex, np.random.default_rng(0))["image"].shape)
 
   def eval(self) -> grain.IterDataset:
     d = self.config.data

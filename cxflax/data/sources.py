@@ -79,16 +79,23 @@ class Source:
     """Where example i comes from (a file path, a row), for error messages."""
     raise NotImplementedError
 
+  def example_name(self, i: int) -> str:
+    """Example i's file name (as prediction files list it)."""
+    raise NotImplementedError
+
 
 class PhantomSource(Source):
   """The built-in procedural data (see cxflax.data.phantom): CT regression or CXR classes."""
 
   def __init__(self, kind: str = "ct", num_subjects: int = 64, image_size: int = 512,
-               slices_per_subject=(3, 6), seed: int = 0):
+               slices_per_subject=(3, 6), seed: int = 0, covid_labels: bool = False):
     self.phantom = phantom_lib.Phantom(kind, num_subjects, image_size, tuple(slices_per_subject), seed)
     self._labels = None
+    self.covid_labels = covid_labels and kind == "ct"
     if kind == "cxr":
       self.task, self.class_names = "classification", phantom_lib.CXR_CLASS_NAMES
+    elif self.covid_labels:  # COVID-CT-like: a slice is COVID when it has any lesion
+      self.task, self.class_names = "classification", COVID_CT_CLASSES
 
   def __len__(self):
     return len(self.phantom)
@@ -98,21 +105,28 @@ class PhantomSource(Source):
 
   def labels(self):
     if self._labels is None:  # CT labels come from rendering the masks: compute them once
-      if self.task == "classification":
+      if self.phantom.kind == "cxr":
         self._labels = np.array([self.phantom.subject_class(self.phantom.subject(i))
                                  for i in range(len(self))], np.int32)
       else:
-        self._labels = np.array([self.phantom.percentage(i) for i in range(len(self))], np.float32)
+        pct = np.array([self.phantom.percentage(i) for i in range(len(self))], np.float32)
+        self._labels = (pct > 0).astype(np.int32) if self.covid_labels else pct
     return self._labels
 
   def load(self, i):
     ex = self.phantom[i]
-    label = ex["label"] if self.task == "classification" else ex["percentage"]
+    if self.phantom.kind == "cxr":
+      label = ex["label"]
+    else:
+      label = np.int32(ex["percentage"] > 0) if self.covid_labels else ex["percentage"]
     return dict(image=ex["image"], label=label, lung_mask=ex["lung_mask"],
                 lesion_mask=ex["lesion_mask"])
 
   def describe(self, i):
     return f"phantom sample {i} ({self.phantom.kind}, seed {self.phantom.seed})"
+
+  def example_name(self, i):
+    return f"Image_{i:05d}.png"  # the name export.py gives it
 
 
 @dataclasses.dataclass
@@ -153,6 +167,9 @@ class FileSource(Source):
   def describe(self, i):
     return f"{self.paths[i]} ({self.wheres[i]})"
 
+  def example_name(self, i):
+    return os.path.basename(self.paths[i])
+
   def subset(self, keep: Sequence[int]) -> "FileSource":
     entries = [Entry(self.paths[i], self._labels[i], self._subjects[i], self.wheres[i]) for i in keep]
     return FileSource(self.name, entries, self.task, self.class_names, self.window)
@@ -182,6 +199,9 @@ class RelabeledSource(Source):
   def describe(self, i):
     return f"{self.base.describe(i)} (pseudo-labelled)"
 
+  def example_name(self, i):
+    return self.base.example_name(i)
+
 
 class ConcatSource(Source):
   """Two sources of the same task one after the other (indices of the second start at len(a))."""
@@ -210,6 +230,110 @@ class ConcatSource(Source):
   def describe(self, i):
     src, j = self._pick(i)
     return src.describe(j)
+
+  def example_name(self, i):
+    src, j = self._pick(i)
+    return src.example_name(j)
+
+
+SEGMENTATION_CLASSES = ("background", "lung")
+
+
+def mask_file(mask_dir: str, image_name: str) -> str:
+  """Where a lung mask of image `image_name` lives (and where --mode=predict writes it)."""
+  return os.path.join(mask_dir, os.path.splitext(image_name)[0] + ".png")
+
+
+def read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
+  """A mask file as uint8 0/1 of `shape` (nearest-neighbour resized if it differs): any value
+  above half the file's maximum is inside."""
+  m = read_image(path)[..., 0].astype(np.float32)
+  m = (m > 0.5 * max(float(m.max()), 1.0)).astype(np.uint8)
+  if m.shape != tuple(shape):
+    from PIL import Image
+    m = np.asarray(Image.fromarray(m).resize((shape[1], shape[0]), Image.NEAREST))
+  return m
+
+
+class WrappedSource(Source):
+  """Another source's examples, everything delegated to it; subclasses change one thing."""
+
+  def __init__(self, base: Source):
+    self.base, self.task, self.class_names = base, base.task, base.class_names
+
+  def __len__(self):
+    return len(self.base)
+
+  def subjects(self):
+    return self.base.subjects()
+
+  def labels(self):
+    return self.base.labels()
+
+  def strata(self):
+    return self.base.strata()
+
+  def load(self, i):
+    return self.base.load(i)
+
+  def describe(self, i):
+    return self.base.describe(i)
+
+  def example_name(self, i):
+    return self.base.example_name(i)
+
+
+class WithMasks(WrappedSource):
+  """Another source's examples with their lung masks read from files (config.data.mask_dir:
+  <mask_dir>/<image name stem>.png, as a segmentation run's --mode=predict writes them). Every
+  mask file is checked up front."""
+
+  def __init__(self, base: Source, mask_dir: str, key: str = "lung_mask"):
+    super().__init__(base)
+    if not os.path.isdir(mask_dir):
+      raise DataError(f"config.data.mask_dir {mask_dir!r} is not a directory")
+    self.key = key
+    self.paths = [mask_file(mask_dir, base.example_name(i)) for i in range(len(base))]
+    missing = [i for i, path in enumerate(self.paths) if not os.path.isfile(path)]
+    if missing:
+      raise DataError(f"{len(missing)} of {len(base)} images have no mask in {mask_dir}, e.g. "
+                      f"{base.describe(missing[0])}: {self.paths[missing[0]]} not found")
+
+  def load(self, i):
+    ex = dict(self.base.load(i))
+    ex[self.key] = read_mask(self.paths[i], ex["image"].shape[:2])
+    return ex
+
+  def describe(self, i):
+    return f"{self.base.describe(i)} (mask {self.paths[i]})"
+
+
+class SegmentationTarget(WrappedSource):
+  """A source whose lung masks are the targets (config.data.target='lung_mask'): per-pixel
+  classes background / lung. Folds stay grouped and stratified as the base source's."""
+
+  def __init__(self, base: Source, key: str = "lung_mask"):
+    super().__init__(base)
+    self.key, self.task, self.class_names = key, "segmentation", SEGMENTATION_CLASSES
+
+  def load(self, i):
+    ex = self.base.load(i)
+    if self.key not in ex:
+      raise DataError(f"{self.base.describe(i)}: no {self.key} to segment (for files on disk, set "
+                      "config.data.mask_dir to the folder of mask PNGs)")
+    return ex
+
+
+def image_folder(folder: str) -> FileSource:
+  """Every image under `folder` (recursively), unlabeled: what a trained model is asked about."""
+  if not os.path.isdir(folder):
+    raise DataError(f"{folder!r} is not a directory of images")
+  paths = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                 if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
+  if not paths:
+    raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+  entries = [Entry(p, np.nan, os.path.relpath(p, folder), p) for p in paths]
+  return FileSource(folder, entries, "regression")
 
 
 class _Problems:
@@ -594,10 +718,19 @@ def make_source(data_config, split: str = "train", unlabeled_ok: bool = False) -
     raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
   if name not in SOURCES:
     raise ConfigError(f"unknown data source {name!r}; known sources: {', '.join(SOURCES)}")
+  source = _make_base_source(data_config, name, split, unlabeled_ok)
+  if data_config.get("mask_dir"):
+    source = WithMasks(source, data_config.mask_dir)
+  if data_config.get("target", "label") != "label":
+    source = SegmentationTarget(source, data_config.target)
+  return source
+
+
+def _make_base_source(data_config, name: str, split: str, unlabeled_ok: bool) -> Source:
   if name == "phantom":
     p = data_config.phantom
     return PhantomSource(p.kind, p.num_subjects, data_config.image_size, p.slices_per_subject,
-                         p.seed + 1_000_003 * SPLITS.index(split))
+                         p.seed + 1_000_003 * SPLITS.index(split), p.get("covid_labels", False))
   if name == "tfds":
     from cxflax.data.tfds_source import TfdsSource
     return TfdsSource(data_config.tfds_name, split, data_config.root)

@@ -67,6 +67,9 @@ class TfdsSource(Source):
   def describe(self, i):
     return f"{self._names[i]} (tfds {self.name} {self.split}, record {i})"
 
+  def example_name(self, i):
+    return self._names[i]
+
 
 def _text(v) -> str:
   return v.decode() if isinstance(v, bytes) else str(v)

@@ -8,8 +8,9 @@ Each op maps an example dict to a new one, given a numpy Generator that grain se
 using nearest-neighbour sampling so masks stay binary.
 
 Ops: resize, center_crop, random_resized_crop, flip_lr, flip_ud, rotate, shift_scale_rotate,
-rand_augment, color_jitter, lighting, to_rgb, to_gray, normalize ('imagenet', 'dataset' — the
-training split's statistics, filled in at start-up — 'xrv', or explicit mean and std).
+rand_augment, color_jitter, lighting, to_rgb, to_gray, equalize, gamma, normalize ('imagenet',
+'dataset' — the training split's statistics, filled in at start-up — 'xrv', or explicit mean and
+std), mask_image and append_mask (for patch classifiers).
 """
 
 from __future__ import annotations
@@ -168,6 +169,60 @@ def _to_gray() -> Op:
   def apply(ex, rng):
     img = ex["image"]
     return ex if img.shape[-1] == 1 else {**ex, "image": _luminance(img)}
+  return apply
+
+
+@register("equalize")
+def _equalize(bins: int = 256) -> Op:
+  """Histogram equalisation of each channel (the patch paper's X-ray preprocessing): values
+  mapped through their cumulative distribution to [0, 1]."""
+  def apply(ex, rng):
+    img = ex["image"]
+    out = np.empty_like(img, np.float32)
+    for c in range(img.shape[-1]):
+      q = np.clip((img[..., c] * (bins - 1)).round().astype(np.int64), 0, bins - 1)
+      cdf = np.cumsum(np.bincount(q.ravel(), minlength=bins)).astype(np.float64)
+      lo = cdf[cdf > 0][0]
+      out[..., c] = ((cdf[q] - lo) / max(cdf[-1] - lo, 1.0)).astype(np.float32)
+    return {**ex, "image": out}
+  return apply
+
+
+@register("gamma")
+def _gamma(gamma: float = 0.5) -> Op:
+  """x ** gamma on [0, 1] images (the patch paper's brightness correction after equalisation)."""
+  if gamma <= 0:
+    raise ValueError(f"gamma must be positive, got {gamma}")
+
+  def apply(ex, rng):
+    return {**ex, "image": np.power(np.clip(ex["image"], 0, 1), gamma).astype(np.float32)}
+  return apply
+
+
+def _mask_of(ex: Example, key: str, op: str) -> np.ndarray:
+  if key not in ex:
+    raise ValueError(f"{op}: the example has no {key!r} (known masks: {_masks(ex)}; for files on "
+                     "disk set config.data.mask_dir)")
+  mask = np.asarray(ex[key])
+  if mask.shape[:2] != ex["image"].shape[:2]:
+    raise ValueError(f"{op}: {key} is {mask.shape[:2]} but the image is {ex['image'].shape[:2]}")
+  return (mask.reshape(mask.shape[:2] + (1,)) > 0).astype(np.float32)
+
+
+@register("mask_image")
+def _mask_image(key: str = "lung_mask") -> Op:
+  """The image multiplied by a mask (black outside the lungs), as the patch classifier sees it."""
+  def apply(ex, rng):
+    return {**ex, "image": (ex["image"] * _mask_of(ex, key, "mask_image")).astype(np.float32)}
+  return apply
+
+
+@register("append_mask")
+def _append_mask(key: str = "lung_mask") -> Op:
+  """The mask as one more (last) image channel, for models that sample patches inside it.
+  Last in a spec: after normalize, which must not touch it."""
+  def apply(ex, rng):
+    return {**ex, "image": np.concatenate([ex["image"], _mask_of(ex, key, "append_mask")], -1)}
   return apply
 
 

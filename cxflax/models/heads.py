@@ -6,8 +6,6 @@ average, or the hybrid pooling of seed 001) and what to predict.
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,6 +101,16 @@ class FastaiHead(nn.Module):
     return nn.Dense(self.num_outputs, dtype=self.dtype, name="fc2")(x)
 
 
+def _embed(x, hidden, dim: int, pool: str, dtype):
+  """Linear layers fc1.. with ReLU to an L2-normalised embedding, in the caller's scope, so that
+  the embedding and the classifier built on it share parameter names (seed 004's phases)."""
+  x = _features(x, pool)
+  for i, width in enumerate(hidden):
+    x = nn.relu(nn.Dense(width, dtype=dtype, name=f"fc{i + 1}")(x))
+  x = nn.Dense(dim, dtype=dtype, name=f"fc{len(hidden) + 1}")(x).astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 class EmbeddingHead(nn.Module):
   """Seed 004's embedding network head: linear layers with ReLU to an L2-normalised embedding."""
   hidden: tuple[int, ...] = (1024, 1024)
@@ -112,23 +120,22 @@ class EmbeddingHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = _features(x, self.pool)
-    for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"fc{i + 1}")(x))
-    x = nn.Dense(self.dim, dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x).astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return _embed(x, self.hidden, self.dim, self.pool, self.dtype)
 
 
 class EmbeddingClassifierHead(nn.Module):
-  """Seed 004's third phase: classification layers on the (frozen) embedding head."""
+  """Seed 004's third phase: classification layers (cls1..) on the embedding (fc1..), whose
+  parameters keep the embedding head's names so they load from the triplet phase's run."""
   num_outputs: int
   hidden: tuple[int, ...] = (256,)
-  embedding: EmbeddingHead = dataclasses.field(default_factory=EmbeddingHead)
+  embedding_hidden: tuple[int, ...] = (1024, 1024)
+  embedding_dim: int = 512
+  pool: str = "avg"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    e = self.embedding(x, train=train)
+    e = _embed(x, self.embedding_hidden, self.embedding_dim, self.pool, self.dtype)
     for i, width in enumerate(self.hidden):
       e = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"cls{i + 1}")(e))
     return nn.Dense(self.num_outputs, dtype=self.dtype, name=f"cls{len(self.hidden) + 1}")(e)
@@ -165,8 +172,7 @@ def make_head(name: str, num_outputs: int, pool: str = "avg", dropout: float = 0
   if name == "embedding":
     return EmbeddingHead(pool=pool, dtype=dtype, **kwargs)
   if name == "embedding_classifier":
-    embedding = EmbeddingHead(pool=pool, dtype=dtype, **kwargs.pop("embedding", {}))
-    return EmbeddingClassifierHead(num_outputs, embedding=embedding, dtype=dtype, **kwargs)
+    return EmbeddingClassifierHead(num_outputs, pool=pool, dtype=dtype, **kwargs)
   raise ValueError(f"unknown head {name!r}; known heads: {', '.join(HEADS)}")
 
 

@@ -21,7 +21,10 @@ from flax import traverse_util
 
 from cxflax.errors import CheckpointError, ConfigError
 from cxflax.models.ensembles import FeatureEnsemble, NeuralWeightEnsemble
+from cxflax.models import create_model
+from cxflax.models.fc_densenet import SEGMENTATION_MODELS
 from cxflax.models.heads import MLPHead, Network, create_network, with_backbone
+from cxflax.models.patches import PatchClassifier
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train.steps import init_variables
 
@@ -34,6 +37,7 @@ def task_of(config, data_task: str) -> str:
 
 
 def num_outputs(task: str, class_names) -> int:
+  """1 for regression; one per class for classification (logits) and segmentation (per pixel)."""
   return 1 if task == "regression" else len(class_names or ())
 
 
@@ -45,11 +49,25 @@ def build_model(config, task: str, class_names=None) -> nn.Module:
   if kind:
     return _build_ensemble(config, task, class_names)
   dtype = jnp.dtype(config.dtype)
+  if task == "segmentation":
+    if config.model not in SEGMENTATION_MODELS:
+      raise ConfigError(f"segmentation (config.data.target={config.data.target!r}) needs a "
+                        f"segmentation model, one of {SEGMENTATION_MODELS}; got {config.model!r}")
+    return create_model(config.model, num_classes=num_outputs(task, class_names), dtype=dtype)
+  if config.model in SEGMENTATION_MODELS:
+    raise ConfigError(f"{config.model} is a segmentation model: set config.data.target='lung_mask'")
   backbone_kwargs = {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate else {}
   head_kwargs = dict(config.head_kwargs)
-  return create_network(config.model, config.head, num_outputs(task, class_names), pool=config.pool,
-                        head_dropout=config.head_dropout, dtype=dtype, backbone_kwargs=backbone_kwargs,
-                        head_kwargs=head_kwargs, backbone_classes=config.backbone_classes)
+  network = create_network(config.model, config.head, num_outputs(task, class_names), pool=config.pool,
+                           head_dropout=config.head_dropout, dtype=dtype, backbone_kwargs=backbone_kwargs,
+                           head_kwargs=head_kwargs, backbone_classes=config.backbone_classes)
+  p = config.get("patches")
+  if p and p.num:
+    if task != "classification":
+      raise ConfigError(f"config.patches.num > 0: patch classifiers classify; this is a {task} task")
+    return PatchClassifier(network=network, patch_size=p.size, num_patches=p.num, aggregate=p.aggregate,
+                           seed=config.seed)
+  return network
 
 
 @dataclasses.dataclass
@@ -147,7 +165,12 @@ def warm_start(variables: dict, path: str, model_name: str) -> dict:
   (seed 004 builds each training phase on the previous one)."""
   from cxflax.convert import META, load_converted
   if os.path.isfile(os.path.join(path, META)):
-    out = with_backbone(variables, load_converted(path, model_name))
+    pretrained = load_converted(path, model_name)
+    if "network" in variables["params"]:  # a patch classifier: the backbone is inside its network
+      inner = with_backbone({col: tree["network"] for col, tree in variables.items()}, pretrained)
+      out = {col: {**tree, "network": inner[col]} for col, tree in variables.items()}
+    else:
+      out = with_backbone(variables, pretrained)
     logging.info("backbone initialised from %s", path)
     return out
   source = load_run(path).variables

@@ -25,7 +25,7 @@ from cxflax import config as config_lib
 from cxflax import parallel
 from cxflax.data import pipeline
 from cxflax.data.pipeline import Input, create_input
-from cxflax.data.sources import RelabeledSource, make_source
+from cxflax.data.sources import RelabeledSource, image_folder, make_source, mask_file
 from cxflax.errors import CheckpointError, ConfigError, DataError
 from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
@@ -41,10 +41,6 @@ def prepare_workdir(workdir: str) -> str:
     raise ConfigError(f"--workdir {workdir!r} exists and is not a directory")
   os.makedirs(workdir, exist_ok=True)
   return workdir
-
-
-def _image_shape(config) -> tuple[int, int, int]:
-  return (config.data.image_size, config.data.image_size, 3)
 
 
 def checkpoint_meta(config, task: str, class_names, stage: int = 0, stage_start: int = 0) -> dict[str, Any]:
@@ -70,6 +66,8 @@ def run_evaluation(eval_step, variables, batches, mesh) -> dict[str, np.ndarray]
 
 
 def score(task: str, class_names, result: dict, round_predictions: bool = False) -> dict:
+  if task == "segmentation":
+    return metrics_lib.segmentation_metrics(result["pred"], class_names)
   if task == "regression":
     pred = np.round(result["pred"]) if round_predictions else result["pred"]
     return metrics_lib.regression_metrics(pred, result["label"])
@@ -81,21 +79,26 @@ def score(task: str, class_names, result: dict, round_predictions: bool = False)
 
 
 def _baseline(task, class_names, train_labels, eval_labels) -> dict:
+  if task == "segmentation":  # eval_labels: per-image pixel counts of each class
+    return metrics_lib.segmentation_baseline(eval_labels, class_names)
   kind = "regression" if task == "regression" else "classification"
   return metrics_lib.baseline_metrics(kind, train_labels, eval_labels,
                                       None if kind == "regression" else len(class_names))
 
 
 def _headline(task: str) -> str:
-  return "mae" if task == "regression" else "accuracy"
+  return {"regression": "mae", "segmentation": "jaccard"}.get(task, "accuracy")
+
+
+_TRIVIAL = {"regression": "training mean", "segmentation": "every pixel lung"}
 
 
 def _summary(task: str, metrics: dict, base: dict) -> str:
   key = _headline(task)
-  extra = [k for k in ("rmse", "macro_f1", "auc") if k in metrics and k != key]
+  extra = [k for k in ("rmse", "macro_f1", "auc", "dice") if k in metrics and k != key]
   others = ", ".join(f"{k}={metrics[k]:.4f}" for k in extra)
   return (f"eval {key}={metrics[key]:.4f} ({others}) | trivial baseline "
-          f"({'training mean' if task == 'regression' else 'majority class'}) {key}={base[key]:.4f}")
+          f"({_TRIVIAL.get(task, 'majority class')}) {key}={base[key]:.4f}")
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.check_task(config, first.task)
   class_names = first.class_names
   model = build.build_model(config, task, class_names)
-  variables = build.initial_variables(config, model, _image_shape(stages[0]), config.seed)
+  variables = build.initial_variables(config, model, first.image_shape(), config.seed)
   parameter_overview.log_parameter_overview(variables["params"], msg=f"{config.model} parameters")
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   alpha = _class_alpha(config, first.source.labels()[first.train_indices], class_names)
@@ -284,7 +287,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
   inp = create_input(config, jax.process_index(), jax.process_count())
   task = build.task_of(config, inp.task)
   model = build.build_model(config, task, inp.class_names)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1,) + _image_shape(config), np.float32)))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1,) + inp.image_shape(), np.float32)))
   target = ckpt_lib.abstract({"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
                              parallel.replicated(mesh))
   ckpts.check_compatible(step, checkpoint_meta(config, task, inp.class_names), target)
@@ -359,10 +362,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   mesh = parallel.make_mesh()
   p = config.predict
   runs = [(r, s) for r in (p.runs or (workdir,)) for s in build.last_steps(r, p.last_n)]
-  source = make_source(config.data, p.split, unlabeled_ok=True)
+  source = image_folder(p.images) if p.images else make_source(config.data, p.split, unlabeled_ok=True)
+  if build.load_run(*runs[0]).meta["task"] == "segmentation":
+    return predict_masks(runs, source, config.eval_batch_size, mesh, os.path.join(workdir, "masks"))
   preds = predict_source(runs, source, config.eval_batch_size, mesh)
-  out = os.path.join(workdir, f"predictions_{p.split}.csv")
-  names = [os.path.basename(source.describe(i).split(" ")[0]) for i in range(len(source))]
+  split = "images" if p.images else p.split
+  out = os.path.join(workdir, f"predictions_{split}.csv")
+  names = [source.example_name(i) for i in range(len(source))]
   if jax.process_index() == 0:
     with open(out, "w", newline="") as f:
       w = csv.writer(f)
@@ -372,15 +378,52 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
         else:
           w.writerow([name, source.class_names[int(np.argmax(v))]] + [f"{x:.6f}" for x in v])
   labels = source.labels()
-  message = f"Predictions of {len(runs)} checkpoint(s) for {len(source)} {p.split} examples written to {out}"
+  message = f"Predictions of {len(runs)} checkpoint(s) for {len(source)} {split} examples written to {out}"
   if not np.any(np.isnan(labels.astype(np.float64))):
     task = "regression" if preds.ndim == 1 else "classification"
     result = {"pred": np.round(preds) if (p.round and task == "regression") else preds, "label": labels}
     metrics = score(task, source.class_names, result)
-    _write_json(workdir, f"predict_metrics_{p.split}.json", {"runs": runs, "metrics": metrics})
+    _write_json(workdir, f"predict_metrics_{split}.json", {"runs": runs, "metrics": metrics})
     message += f"; {_headline(task)}={metrics[_headline(task)]:.4f}"
   _announce(message)
   return out
+
+
+def predict_masks(runs: list[tuple[str, int]], source, batch_size: int, mesh, out_dir: str) -> str:
+  """Lung masks of a segmentation run for every image of `source`, written as 0/255 PNGs of each
+  image's own size to out_dir/<image name stem>.png — the layout config.data.mask_dir reads."""
+  if len(runs) != 1:
+    raise ConfigError(f"segmentation predicts from one checkpoint; got {len(runs)} (set "
+                      "config.predict.last_n=1 and at most one of config.predict.runs)")
+  names = [source.example_name(i) for i in range(len(source))]
+  seen: dict[str, int] = {}
+  for i, name in enumerate(names):
+    if name in seen:
+      raise DataError(f"two images would write the same mask {name}: {source.describe(seen[name])} "
+                      f"and {source.describe(i)}")
+    seen[name] = i
+  run = build.load_run(*runs[0])
+  batches = pipeline.eval_dataset(source, np.arange(len(source)), pp=run.config.data.eval_pp,
+                                  global_batch=batch_size, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  step = make_eval_step(run.model, "segmentation", mesh, with_masks=True)
+  os.makedirs(out_dir, exist_ok=True)
+  from PIL import Image
+  written = 0
+  for batch in batches:
+    out = step(run.variables, parallel.shard_batch(batch, mesh))
+    keep = parallel.gather(out["valid"]) > 0
+    for i, mask in zip(parallel.gather(out["index"])[keep], parallel.gather(out["mask"])[keep]):
+      if jax.process_index() == 0:
+        h, w = source.load(int(i))["image"].shape[:2]
+        img = Image.fromarray((mask > 0).astype(np.uint8) * 255).resize((w, h), Image.NEAREST)
+        img.save(mask_file(out_dir, names[int(i)]))
+      written += 1
+      if written % 100 == 0:
+        logging.info("masks: %d of %d written", written, len(source))
+  _announce(f"Lung masks of {written} images written to {out_dir} (checkpoint {run.path}); "
+            f"use them with --config.data.mask_dir={out_dir}")
+  return out_dir
 
 
 def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
@@ -393,7 +436,7 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
   inp = create_input(config, jax.process_index(), jax.process_count())
   task = build.task_of(config, inp.task)
   model = build.build_model(config, task, inp.class_names)
-  variables = build.initial_variables(config, model, _image_shape(config), config.seed)
+  variables = build.initial_variables(config, model, inp.image_shape(), config.seed)
   f = config.lr_find
   n = max(2, int(f.steps))
   rates = f.start * (f.end / f.start) ** (np.arange(n) / (n - 1))
@@ -415,10 +458,7 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
     best = min(best, smoothed)
     if not np.isfinite(loss) or (i > 5 and smoothed > 4 * best):
       break
-  lrs, sm = np.log10([r[0] for r in rows]), np.array([r[2] for r in rows])
-  cut = int(np.argmin(sm)) + 1
-  slopes = np.gradient(sm[:cut], lrs[:cut]) if cut > 2 else np.array([0.0])
-  suggested = float(rows[int(np.argmin(slopes))][0])
+  suggested = suggest_learning_rate([r[0] for r in rows], [r[2] for r in rows])
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "lr_find.csv"), "w", newline="") as fh:
       w = csv.writer(fh)
@@ -428,6 +468,19 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
   _announce(f"LR range test over {len(rows)} steps: suggested learning rate {suggested:.3g} "
             f"(steepest descent of the smoothed loss); see {os.path.join(workdir, 'lr_find.png')}")
   return suggested
+
+
+def suggest_learning_rate(rates, smoothed) -> float:
+  """The rate where the smoothed loss falls fastest (per decade), before its minimum, ignoring
+  the first tenth of the sweep (fastai's skip_start); a tenth of the rate at the minimum if the
+  loss never falls."""
+  lrs, sm = np.log10(np.asarray(rates)), np.asarray(smoothed, np.float64)
+  start = max(1, len(sm) // 10)
+  end = start + int(np.argmin(sm[start:])) + 1
+  if end - start < 3:
+    return float(rates[end - 1]) / 10
+  slopes = np.gradient(sm[start:end], lrs[start:end])
+  return float(rates[start + int(np.argmin(slopes))])
 
 
 def _plot_lr_find(path: str, rows, suggested: float, size=(640, 420)) -> None:

@@ -19,6 +19,7 @@ from cxflax.errors import ConfigError
 LOSSES = ("smooth_l1", "mse", "multitask", "multitask_kl", "cross_entropy", "focal", "triplet")
 REGRESSION_LOSSES = ("smooth_l1", "mse", "multitask", "multitask_kl")
 CLASSIFICATION_LOSSES = ("cross_entropy", "focal", "triplet")
+SEGMENTATION_LOSSES = ("cross_entropy",)  # per pixel, on (B, H, W, classes) logits
 
 
 def _weighted_mean(per_example, weights):

@@ -87,3 +87,32 @@ def baseline_metrics(task: str, train_labels: np.ndarray, eval_labels: np.ndarra
     return regression_metrics(np.full(len(eval_labels), np.mean(train_labels)), eval_labels)
   majority = int(np.bincount(np.asarray(train_labels, np.int64), minlength=num_classes).argmax())
   return scalar_metrics(classification_metrics(np.full(len(eval_labels), majority), eval_labels, num_classes))
+
+
+def segmentation_metrics(counts: np.ndarray, class_names) -> dict[str, float]:
+  """Jaccard index and Dice coefficient per foreground class, averaged over images, and pixel
+  accuracy, from per-image counts (N, classes, 3) of [intersection, predicted, true] pixels.
+  An image where a class is neither predicted nor present scores 1 for it (a correct empty mask).
+  """
+  c = np.asarray(counts, np.float64)
+  inter, pred, true = c[..., 0], c[..., 1], c[..., 2]
+  union = pred + true - inter
+  jaccard = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+  dice = np.where(pred + true > 0, 2 * inter / np.maximum(pred + true, 1), 1.0)
+  names = list(class_names)
+  out = {"jaccard": float(jaccard[:, 1:].mean()), "dice": float(dice[:, 1:].mean()),
+         "pixel_accuracy": float((inter.sum(1) / np.maximum(true.sum(1), 1)).mean())}
+  for k, name in enumerate(names[1:], start=1):
+    out[f"jaccard/{name}"] = float(jaccard[:, k].mean())
+    out[f"dice/{name}"] = float(dice[:, k].mean())
+  return out
+
+
+def segmentation_baseline(true_counts: np.ndarray, class_names) -> dict[str, float]:
+  """The metrics of calling every pixel the first foreground class (e.g. 'every pixel lung'),
+  from per-image true pixel counts (N, classes)."""
+  t = np.asarray(true_counts, np.float64)
+  pred = np.zeros_like(t)
+  pred[:, 1] = t.sum(1)
+  inter = np.minimum(pred, t)
+  return scalar_metrics(segmentation_metrics(np.stack([inter, pred, t], -1), class_names))

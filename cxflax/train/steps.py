@@ -52,7 +52,8 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
 
   def loss_and_stats(params, batch_stats, batch, rng):
     outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                   train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+                                   train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": rng, "patches": jax.random.fold_in(rng, 1)})
     return compute_loss(config, outputs, batch["label"], class_alpha=class_alpha), updates
 
   grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
@@ -88,15 +89,32 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
   return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module, task: str, mesh) -> Callable:
+def segmentation_counts(logits, labels):
+  """Per image and class, [intersection, predicted, true] pixel counts (B, classes, 3): all that
+  Jaccard and Dice need, so evaluation gathers counts instead of masks."""
+  n = logits.shape[-1]
+  pred = jax.nn.one_hot(jnp.argmax(logits, -1), n, dtype=jnp.int32)
+  true = jax.nn.one_hot(labels, n, dtype=jnp.int32)
+  return jnp.stack([jnp.sum(pred * true, (1, 2)), jnp.sum(pred, (1, 2)), jnp.sum(true, (1, 2))], -1)
+
+
+def make_eval_step(model: nn.Module, task: str, mesh, with_masks: bool = False) -> Callable:
   """jit(variables, batch) → {'pred', 'label', 'index', 'valid'} split over 'data'.
 
-  'pred' is the regressed value, the class probabilities, or the embedding; the other fields
-  pass through so that gathering them keeps every prediction beside its own label, on any
-  number of processes.
+  'pred' is the regressed value, the class probabilities, the embedding, or for segmentation
+  the per-class pixel counts of segmentation_counts (with 'label' the true counts, and, given
+  with_masks, 'mask': the predicted class of every pixel). The other fields pass through so that
+  gathering them keeps every prediction beside its own label, on any number of processes.
   """
   def step(variables, batch):
     out = prediction(model.apply(variables, batch["image"], train=False))
+    if task == "segmentation":
+      label = batch["label"] if batch["label"].ndim == 3 else jnp.zeros(out.shape[:3], jnp.int32)
+      counts = segmentation_counts(out, label)
+      result = {"pred": counts, "label": counts[..., 2], "index": batch["index"], "valid": batch["valid"]}
+      if with_masks:
+        result["mask"] = jnp.argmax(out, -1).astype(jnp.uint8)
+      return result
     if task == "regression":
       pred = out[..., 0]
     elif task == "classification":

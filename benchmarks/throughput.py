@@ -1,0 +1,181 @@
+"""Train and eval throughput of cxflax's models beside timm's in PyTorch, measured in one run.
+
+    python -m benchmarks.throughput [--models resnet50 resnest50d] [--batch 16] [--image_size 224]
+        [--dtype float32] [--devices N] [--repeats 3] [--no_torch] [--out FILE]
+
+For each model, cxflax's jitted steps over a mesh of `--devices` devices (default: all; the
+global batch is split over them, exactly as training runs): the train step (SGD, cross-entropy,
+1000 classes) plain and with SAM (two forward/backward passes), the eval step, each step's
+compile time, XLA's FLOP count of the compiled step (cost analysis) and the FLOP/s it achieves,
+and that as a fraction of the float32 matrix-product ceiling measured in the same run on the
+same devices (MFU). Memory is XLA's compiled footprint (arguments + outputs + temporaries, per
+device), and on GPUs the device's peak bytes in use. timm's model in PyTorch on the same batch
+(train step with SGD; eval under no_grad) is timed in the same run (CPU threads = all cores),
+with the ratio cxflax / PyTorch. Prints a table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import default_out, print_table, time_call, write_json
+from cxflax import parallel
+from cxflax.config import base_config, finalize
+from cxflax.models.heads import create_network
+from cxflax.train import optim
+from cxflax.train.steps import create_train_state, init_variables, make_eval_step, make_train_step
+
+
+def matmul_ceiling(devices, n: int = 2048, dtype=jnp.float32) -> float:
+  """FLOP/s of an n×n×n product on each device at once (the sum over devices)."""
+  mesh = parallel.make_mesh(devices)
+  sharding = parallel.data_sharded(mesh)
+  k = len(devices)
+  a = jax.device_put(jnp.ones((k * n, n), dtype), sharding)
+  b = jax.device_put(jnp.ones((n, n), dtype), parallel.replicated(mesh))
+  f = jax.jit(lambda a, b: a @ b, out_shardings=sharding)
+  return 2 * k * n ** 3 / time_call(f, a, b, repeats=5)
+
+
+def _compiled_stats(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out = {"flops": float(cost.get("flops", 0.0)) if cost else 0.0}
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    out["compiled_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                          + mem.temp_size_in_bytes) / 2 ** 20
+  return out
+
+
+def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats: int, sam: bool) -> dict:
+  """Train-step and eval-step images/s, compile seconds, FLOPs and memory of cxflax's model."""
+  c = base_config()
+  c.model, c.batch_size, c.eval_batch_size, c.data.image_size = name, batch, batch, size
+  c.loss, c.optimizer, c.schedule, c.dtype = "cross_entropy", "sgd", "constant", dtype
+  c.sam_rho = 0.05 if sam else 0.0
+  c = finalize(c)
+  mesh = parallel.make_mesh(devices)
+  model = create_network(name, "linear", 1000, dtype=jnp.dtype(dtype))
+  variables = init_variables(model, (size, size, 3), 0)
+  tx, _ = optim.make_optimizer(c, 10, variables["params"])
+  state = create_train_state(model, tx, variables, mesh)
+  rng = np.random.default_rng(0)
+  batch_data = parallel.shard_batch({
+      "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+      "label": rng.integers(0, 1000, batch).astype(np.int32),
+      "index": np.arange(batch, dtype=np.int64), "valid": np.ones(batch, np.float32)}, mesh)
+  out = {}
+  t = time.perf_counter()
+  train = make_train_step(model, c, mesh).lower(state, batch_data).compile()
+  out["train_compile_s"] = time.perf_counter() - t
+  stats = _compiled_stats(train)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], m = train(holder["state"], batch_data)
+    return m["loss"]
+  step_s = time_call(run, repeats=repeats)
+  out["train_img_s"] = batch / step_s
+  out["train_flops_per_img"] = stats["flops"] * len(devices) / batch
+  out["train_flop_s"] = stats["flops"] * len(devices) / step_s
+  out["train_compiled_mb"] = stats.get("compiled_mb")
+  variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
+  t = time.perf_counter()
+  evaluate = make_eval_step(model, "classification", mesh).lower(variables, batch_data).compile()
+  out["eval_compile_s"] = time.perf_counter() - t
+  eval_s = time_call(lambda: evaluate(variables, batch_data)["pred"], repeats=repeats)
+  out["eval_img_s"] = batch / eval_s
+  out["eval_flop_s"] = _compiled_stats(evaluate)["flops"] * len(devices) / eval_s
+  peak = [d.memory_stats().get("peak_bytes_in_use") for d in devices if d.memory_stats()]
+  if peak and all(p is not None for p in peak):
+    out["peak_mb"] = max(peak) / 2 ** 20
+  return out
+
+
+def torch_rates(name: str, batch: int, size: int, repeats: int) -> dict:
+  """timm's model in PyTorch: SGD train-step and no_grad eval images/s on the same batch."""
+  import torch
+  import timm
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = timm.create_model(name, pretrained=False, num_classes=1000)
+  x = torch.randn(batch, 3, size, size)
+  y = torch.randint(0, 1000, (batch,))
+  opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+  loss_fn = torch.nn.CrossEntropyLoss()
+
+  def train():
+    opt.zero_grad(set_to_none=True)
+    loss_fn(model(x), y).backward()
+    opt.step()
+
+  def timed(fn):
+    fn()
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+  model.train()
+  train_s = timed(train)
+  model.eval()
+  with torch.no_grad():
+    eval_s = timed(lambda: model(x))
+  return {"torch_train_img_s": batch / train_s, "torch_eval_img_s": batch / eval_s}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--models", nargs="+", default=["resnet50", "resnest50d"])
+  ap.add_argument("--batch", type=int, default=16, help="global batch, split over the devices")
+  ap.add_argument("--image_size", type=int, default=224)
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--devices", type=int, default=0, help="devices to use (0: all)")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--no_sam", action="store_true", help="skip the SAM train step")
+  ap.add_argument("--no_torch", action="store_true", help="skip PyTorch/timm")
+  ap.add_argument("--out", default=default_out("throughput"))
+  args = ap.parse_args()
+
+  devices = jax.devices()[:args.devices] if args.devices else jax.devices()
+  if args.batch % len(devices):
+    raise SystemExit(f"--batch {args.batch} must be a multiple of the {len(devices)} devices")
+  ceiling = matmul_ceiling(devices, dtype=jnp.dtype(args.dtype))
+  print(f"{len(devices)} {devices[0].platform} device(s); {args.dtype} matmul ceiling "
+        f"{ceiling / 1e9:.0f} GFLOP/s", flush=True)
+  rows = []
+  for name in args.models:
+    row = {"model": name, "batch": args.batch, "size": args.image_size, "devices": len(devices)}
+    row.update(cxflax_rates(name, args.batch, args.image_size, args.dtype, devices, args.repeats, sam=False))
+    row["train_mfu"] = row["train_flop_s"] / ceiling
+    row["eval_mfu"] = row["eval_flop_s"] / ceiling
+    if not args.no_sam:
+      sam = cxflax_rates(name, args.batch, args.image_size, args.dtype, devices, args.repeats, sam=True)
+      row["sam_train_img_s"] = sam["train_img_s"]
+    if not args.no_torch:
+      try:
+        row.update(torch_rates(name, args.batch, args.image_size, args.repeats))
+        row["train_vs_torch"] = row["train_img_s"] / row["torch_train_img_s"]
+        row["eval_vs_torch"] = row["eval_img_s"] / row["torch_eval_img_s"]
+      except ImportError as e:
+        print(f"PyTorch/timm not available ({e}); pip install '.[test]' to compare")
+    rows.append(row)
+    print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+  path = write_json(args.out, "throughput", rows, dtype=args.dtype, matmul_ceiling_flop_s=ceiling)
+  columns = ["model", "devices", "train_img_s", "sam_train_img_s", "eval_img_s", "torch_train_img_s",
+             "torch_eval_img_s", "train_vs_torch", "eval_vs_torch", "train_mfu", "eval_mfu",
+             "train_compile_s", "train_compiled_mb", "peak_mb"]
+  print(f"\nresults in {path}")
+  print_table(rows, [c for c in columns if any(c in r for r in rows)])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,78 @@
+"""Seed 004 (Diko, COVID-CT): COVID / non-COVID CT slices (UCSD-AI4H COVID-CT) with DenseNet-169,
+trained in three phases (Sec. 8 of the report), each a run started from the previous one with
+--config.init_from=PREVIOUS_WORKDIR:
+
+  `:finetune`   DenseNet-169 with a 2-way classifier; only denseblock3, denseblock4 and the
+                classifier train; SGD (momentum 0.9) at 0.007 halved every 400 epochs, 3000
+                epochs, batch 128, cross-entropy.
+  `:triplet`    the fine-tuned network without its classifier, three linear layers to an
+                L2-normalised 512-d embedding, triplet loss (margin 1) over the batch's
+                triplets; denseblock4 and the embedding layers train; batch 64.
+  `:classify`   classification layers on the frozen embedding network.
+
+Augmentation: random resized crop to 224, horizontal and vertical flips with p = 0.7, rotation
+and colour jitter (brightness, contrast); normalisation by the training split's statistics (the
+report found them better than ImageNet's). Evaluated on the official test split: accuracy, F1,
+AUC.
+
+Departs from the report: its triplets are random (or an augmented anchor as positive); we mine
+them within each batch (batch-hard), which needs no extra pass over the data. The report does
+not give the widths of its embedding layers: we use 1024, 1024, 512. Its rotation range is not
+given: we use 15°. `:PHASE,runlocal` shrinks each phase to minutes on 64-px phantom CT slices
+(COVID = any lesion) with densenet121 and a few epochs.
+"""
+
+from cxflax.config import base_config
+
+PHASES = ("finetune", "triplet", "classify")
+
+
+def get_config(arg: str | None = None):
+  args = set((arg or "finetune").split(",")) - {""}
+  phases = args & set(PHASES)
+  if args - set(PHASES) - {"runlocal"} or len(phases) > 1:
+    raise ValueError(f"config argument {arg!r}: give one phase of {PHASES}, optionally with runlocal")
+  phase = phases.pop() if phases else "finetune"
+  c = base_config()
+  c.model = "densenet169"
+  c.data.source, c.data.eval_split = "covid_ct", "test"
+  c.data.image_size = 224
+  c.data.train_pp = ("to_rgb|random_resized_crop({size})|flip_lr(0.7)|flip_ud(0.7)|rotate(15)|"
+                     "color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
+  c.data.eval_pp = "to_rgb|resize(256)|center_crop({size})|normalize('dataset')"
+  c.data.workers = 2
+  c.optimizer, c.momentum, c.learning_rate = "sgd", 0.9, 0.007
+  c.schedule, c.schedule_unit, c.step_decay_epochs, c.step_decay_factor = "step", "epoch", 400, 0.5
+  c.num_epochs = 3000
+  c.train_frozen_bn = False
+  if phase == "finetune":
+    c.head, c.loss = "linear", "cross_entropy"
+    c.batch_size = c.eval_batch_size = 128
+    c.freeze = ("^backbone/features/(conv0|norm0|denseblock1|transition1|denseblock2|transition2)",)
+  elif phase == "triplet":
+    c.head, c.loss, c.triplet_margin = "embedding", "triplet", 1.0
+    c.head_kwargs.hidden, c.head_kwargs.dim = (1024, 1024), 512
+    c.batch_size = c.eval_batch_size = 64
+    c.freeze = ("^backbone/features/(conv0|norm0|denseblock[123]|transition[123])",)
+  else:
+    c.head, c.loss = "embedding_classifier", "cross_entropy"
+    c.head_kwargs.embedding_hidden, c.head_kwargs.embedding_dim = (1024, 1024), 512
+    c.head_kwargs.hidden = (256,)
+    c.batch_size = c.eval_batch_size = 64
+    c.freeze = ("^backbone/", "^head/fc")
+  if "runlocal" in args:
+    c.model = "densenet121"
+    c.data.source, c.data.eval_split = "phantom", "fold"
+    c.data.phantom.kind, c.data.phantom.num_subjects, c.data.phantom.covid_labels = "ct", 60, True
+    c.data.image_size = 64
+    c.data.train_pp = ("to_rgb|random_resized_crop({size}, scale=(0.6, 1.0))|flip_lr(0.7)|flip_ud(0.7)|"
+                       "rotate(15)|color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
+    c.data.eval_pp = "to_rgb|resize({size})|normalize('dataset')"
+    c.data.workers = 0
+    c.data.stats_images = 64
+    c.batch_size = c.eval_batch_size = 32
+    c.num_epochs, c.step_decay_epochs = 6, 4
+    c.learning_rate = 0.05
+    c.log_every_steps = 10
+    c.keep_checkpoints = 2
+  return c

@@ -1,0 +1,75 @@
+"""Seed 000 (Anwar, SEnsembleNet): infection percentage regression with six timm backbones and a
+squeeze-and-excitation ensemble of them.
+
+Members (`--config=configs/sensemble.py:MODEL`, MODEL one of resnest50d, resnetrs50,
+seresnext50_32x4d, ecaresnet50t, skresnext50_32x4d, seresnet50), as in Sec. 2.2–2.6 and the
+authors' code: timm's network with its 1000-way ImageNet classifier kept, then 500 → 250 → 1
+linear layers with ReLU; SmoothL1 (β = 1); AdamW, learning rate 1e-3; cosine annealing
+(T_max = 10 epochs, η_min = 1e-6, stepped per epoch, so the rate rises again after each 10
+epochs), or warm restarts with `:MODEL,warm` (T_0 = 10); 50 epochs; batch 72 (48 for
+skresnext50_32x4d) with gradients accumulated over 4 batches; resize 256 → centre crop 224,
+horizontal flip, shift-scale-rotate (±6.25 %, ±10 %, ±30°, p = 0.5); 5 subject-grouped folds.
+
+Ensemble stage (`--mode=ensemble --config=configs/sensemble.py:ensemble` or `:ensemble,average`
+with `--config.ensemble.members=(DIR1,DIR2,...)`, the members' workdirs of one fold): the members
+are frozen, their 1000-d outputs stacked, weighted per member by the SE block (Linear 6→3 → ReLU →
+Linear 3→6 → sigmoid) or not ('average'), averaged over members, and fed to a new 500 → 250 → 1
+head trained like a member (batch 224).
+
+Departs from the paper: members run in inference mode inside the ensemble (the authors' frozen
+members kept updating their BatchNorm statistics, an artefact of training them inside a module in
+training mode); float32 rather than the authors' float16 (set --config.dtype=bfloat16 on GPUs).
+`:runlocal` (with a member or `ensemble`) shrinks everything to 64-px phantom slices.
+"""
+
+from cxflax.config import base_config
+
+MEMBERS = ("resnest50d", "resnetrs50", "seresnext50_32x4d", "ecaresnet50t", "skresnext50_32x4d", "seresnet50")
+
+
+def get_config(arg: str | None = None):
+  args = [a for a in (arg or "resnest50d").split(",") if a]
+  models = [a for a in args if a in MEMBERS or a in ("resnest14d", "resnet10t")]
+  flags = set(args) - set(models)
+  unknown = flags - {"ensemble", "average", "warm", "runlocal"}
+  if unknown or len(models) > 1:
+    raise ValueError(f"config argument {arg!r}: give one member model of {MEMBERS} (or 'ensemble'), "
+                     "optionally with warm, average, runlocal")
+  c = base_config()
+  c.model = models[0] if models else "resnest50d"
+  c.backbone_classes = 1000
+  c.head, c.head_kwargs.hidden = "mlp", (500, 250)
+  c.loss, c.loss_beta = "smooth_l1", 1.0
+  c.optimizer, c.learning_rate, c.weight_decay = "adamw", 1e-3, 0.01
+  c.schedule, c.schedule_unit, c.cosine_period_epochs, c.min_learning_rate = "cosine", "epoch", 10, 1e-6
+  if "warm" in flags:
+    c.schedule = "cosine_restarts"
+  c.num_epochs = 50
+  c.batch_size = c.eval_batch_size = 48 if c.model == "skresnext50_32x4d" else 72
+  c.grad_accum_steps = 4
+  c.num_folds, c.data.stratify = 5, "none"
+  c.data.image_size = 224
+  c.data.train_pp = ("to_rgb|resize(256)|center_crop({size})|flip_lr(0.5)|"
+                     "shift_scale_rotate(0.0625, 0.1, 30, p=0.5)|normalize('imagenet')")
+  c.data.eval_pp = "to_rgb|resize(256)|center_crop({size})|normalize('imagenet')"
+  c.data.workers = 2
+  if "ensemble" in flags or "average" in flags:
+    c.ensemble.kind = "average" if "average" in flags else "se"
+    c.ensemble.head_hidden = (500, 250)
+    c.freeze = ("^backbone/members_",)
+    c.train_frozen_bn = False
+    c.batch_size = c.eval_batch_size = 224
+  if "runlocal" in flags:
+    c.model = c.model if c.model in ("resnest14d", "resnet10t") else "resnest14d"
+    c.data.image_size = 64
+    c.data.train_pp = ("to_rgb|resize(72)|center_crop({size})|flip_lr(0.5)|"
+                       "shift_scale_rotate(0.0625, 0.1, 30, p=0.5)|normalize('imagenet')")
+    c.data.eval_pp = "to_rgb|resize(72)|center_crop({size})|normalize('imagenet')"
+    c.data.workers = 0
+    c.data.phantom.num_subjects = 100
+    c.batch_size = c.eval_batch_size = 32
+    c.grad_accum_steps = 1
+    c.num_epochs, c.cosine_period_epochs = 12, 12
+    c.log_every_steps = 10
+    c.keep_checkpoints = 2
+  return c

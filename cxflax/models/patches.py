@@ -1,0 +1,92 @@
+"""Patch-based classification (Oh, Park & Ye; seed 003's patch learners), every patch at once.
+
+The input is the masked image with its lung mask as the last channel (preprocessing
+`...|mask_image('lung_mask')|...|append_mask('lung_mask')`). Patch centres are drawn uniformly
+among the mask's pixels; a patch whose centre lies near the border is shifted inside the image
+(clipped), never padded. Training classifies one fresh random patch per image per step.
+Inference crops K patches per image on the device — `jax.vmap` over `lax.dynamic_slice` — and
+classifies all B·K of them in one forward pass; the K answers are aggregated by mean probability
+or by majority vote.
+
+Inference patches are drawn from a key derived from the image's own mask, so an image gets the
+same patches whichever batch it is in and however large the batch is.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+AGGREGATES = ("mean", "vote")
+
+
+def sample_centers(key, mask, num: int):
+  """`num` (row, col) centres drawn uniformly among the pixels where mask > 0 (anywhere, if the
+  mask is empty), by inverse-CDF sampling: memory O(H·W), not O(num·H·W)."""
+  h, w = mask.shape
+  inside = (mask.reshape(-1) > 0).astype(jnp.int32)
+  inside = jnp.where(jnp.any(inside > 0), inside, jnp.ones_like(inside))
+  cdf = jnp.cumsum(inside)
+  u = jax.random.randint(key, (num,), 0, cdf[-1])  # the u-th pixel inside, 0-based
+  flat = jnp.searchsorted(cdf, u, side="right")
+  return jnp.stack([flat // w, flat % w], axis=-1).astype(jnp.int32)
+
+
+def crop_patches(image, centers, size: int):
+  """(K, size, size, C) patches of `image` (H, W, C) centred at `centers` (K, 2), each shifted
+  inside the image where it would cross the border."""
+  h, w, c = image.shape
+  starts = jnp.clip(centers - size // 2, 0, jnp.array([h - size, w - size]))
+  return jax.vmap(lambda s: lax.dynamic_slice(image, (s[0], s[1], 0), (size, size, c)))(starts)
+
+
+def mask_key(key, mask):
+  """A key that depends only on the mask's content: an image's inference patches do not depend
+  on the batch around it."""
+  flat = (mask.reshape(-1) > 0).astype(jnp.uint32)
+  weights = jnp.arange(flat.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+  return jax.random.fold_in(key, jnp.sum(flat * weights, dtype=jnp.uint32))
+
+
+def aggregate(logits, how: str):
+  """(B, K, C) patch logits → (B, C) log-probabilities of the image: log of the mean patch
+  probability, or log of the fraction of patch votes per class (majority vote = argmax; ties go
+  to the lower class index). Read as logits, softmax gives back the probabilities/fractions."""
+  if how == "mean":
+    return jnp.log(jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1))
+  if how == "vote":
+    votes = jnp.mean(jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1]), axis=1)
+    return jnp.log(jnp.maximum(votes, 1e-6))
+  raise ValueError(f"unknown patch aggregation {how!r}; use one of {AGGREGATES}")
+
+
+class PatchClassifier(nn.Module):
+  """A classification network applied to patches inside the lungs (see the module docstring).
+  Parameters: {'network': the wrapped network's}."""
+  network: nn.Module
+  patch_size: int = 224
+  num_patches: int = 100
+  aggregate: str = "mean"
+  seed: int = 0
+
+  def patches(self, x, num: int, key):
+    """(B, num, p, p, C) patches of images x (B, H, W, C + 1) (mask last), and their centres."""
+    image, mask = x[..., :-1], x[..., -1]
+    if min(image.shape[1:3]) < self.patch_size:
+      raise ValueError(f"patch size {self.patch_size} exceeds the image {image.shape[1:3]}")
+    keys = key if key.ndim else jax.random.split(key, x.shape[0])
+    centers = jax.vmap(sample_centers, (0, 0, None))(keys, mask, num)
+    return jax.vmap(crop_patches, (0, 0, None))(image, centers, self.patch_size), centers
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    b = x.shape[0]
+    if train:  # one fresh random patch per image
+      patches, _ = self.patches(x, 1, self.make_rng("patches"))
+      return self.network(patches[:, 0], train=True)
+    keys = jax.vmap(mask_key, (None, 0))(jax.random.key(self.seed), x[..., -1])
+    patches, _ = self.patches(x, self.num_patches, keys)
+    logits = self.network(patches.reshape((b * self.num_patches,) + patches.shape[2:]), train=False)
+    return aggregate(logits.reshape(b, self.num_patches, -1), self.aggregate)

@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on tiny settings and write what they promise (their
+figures are measured by running them at full size; no timing is asserted here)."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_python
+
+
+def _run(module, out, *args, devices=None):
+  proc = run_python("", args=["-m", f"benchmarks.{module}", "--out", str(out), *args], devices=devices,
+                    timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out) as f:
+    return proc, json.load(f)
+
+
+def test_throughput_on_two_devices_with_flops_and_torch(tmp_path):
+  pytest.importorskip("timm")
+  proc, result = _run("throughput", tmp_path / "t.json", "--models", "resnet10t", "--batch", "4",
+                      "--image_size", "32", "--repeats", "1", devices=2)
+  (row,) = result["rows"]
+  assert row["devices"] == 2 and row["model"] == "resnet10t"
+  for key in ("train_img_s", "sam_train_img_s", "eval_img_s", "torch_train_img_s", "torch_eval_img_s"):
+    assert row[key] > 0, key
+  # resnet10t: ~1.9 GFLOPs forward at 224 px, so ~0.04 at 32 px; a train step is ~3x that.
+  assert 0.06e9 < row["train_flops_per_img"] < 0.3e9
+  assert 0 < row["train_mfu"] < 1.5 and result["matmul_ceiling_flop_s"] > 0
+  assert "train_vs_torch" in proc.stdout
+
+
+def test_patch_inference_agrees_with_the_loop(tmp_path):
+  _, result = _run("patch_inference", tmp_path / "p.json", "--model", "resnet10t", "--image_size", "96",
+                   "--patch", "32", "--ks", "3", "--images", "2", "--repeats", "1")
+  (row,) = result["rows"]
+  assert row["K"] == 3 and row["same_votes"] is True
+  assert row["batched_img_s"] > 0 and row["loop_img_s"] > 0 and row["reference_img_s"] > 0

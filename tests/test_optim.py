@@ -1,0 +1,213 @@
+"""Schedules and optimizers against PyTorch's, parameter groups, freezing, SAM, accumulation."""
+
+import json
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from cxflax.config import base_config
+from cxflax.errors import ConfigError
+from cxflax.train import optim
+from tests.conftest import run_python
+
+
+def _config(**kw):
+  c = base_config()
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+@pytest.mark.parametrize("kw,torch_sched", [
+    (dict(schedule="cosine", cosine_period_epochs=4, min_learning_rate=1e-3, schedule_unit="epoch"),
+     lambda o: __import__("torch").optim.lr_scheduler.CosineAnnealingLR(o, T_max=4, eta_min=1e-3)),
+    (dict(schedule="cosine_restarts", cosine_period_epochs=3, restart_mult=1, min_learning_rate=0.0, schedule_unit="epoch"),
+     lambda o: __import__("torch").optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=1)),
+    (dict(schedule="cosine_restarts", cosine_period_epochs=2, restart_mult=2, min_learning_rate=1e-4, schedule_unit="epoch"),
+     lambda o: __import__("torch").optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=2, T_mult=2, eta_min=1e-4)),
+    (dict(schedule="step", step_decay_epochs=3, step_decay_factor=0.5, schedule_unit="epoch"),
+     lambda o: __import__("torch").optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
+])
+def test_schedules_match_torch_schedulers_stepped_per_epoch(kw, torch_sched):
+  torch = pytest.importorskip("torch")
+  c = _config(learning_rate=0.1, num_epochs=14, **kw)
+  steps_per_epoch = 5
+  ours = optim.make_schedule(c, steps_per_epoch)
+  opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+  sched = torch_sched(opt)
+  for epoch in range(14):
+    expected = opt.param_groups[0]["lr"]
+    for s in range(steps_per_epoch):  # constant within the epoch
+      assert float(ours(epoch * steps_per_epoch + s)) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    opt.step()
+    sched.step()
+
+
+def test_warmup_cosine_and_errors():
+  c = _config(learning_rate=1.0, num_epochs=10, warmup_epochs=2, schedule="warmup_cosine")
+  s = optim.make_schedule(c, 10)
+  assert float(s(0)) == 0.0 and float(s(20)) == pytest.approx(1.0) and float(s(100)) == pytest.approx(0.0, abs=1e-6)
+  assert float(s(10)) == pytest.approx(0.5)
+  with pytest.raises(ConfigError, match="warmup_epochs"):
+    optim.make_schedule(_config(num_epochs=1, warmup_epochs=1), 10)
+  with pytest.raises(ConfigError, match="unknown schedule"):
+    optim.make_schedule(_config(schedule="linear"), 10)
+
+
+def _tiny_params():
+  return {"backbone": {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "bn": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+                       "layer4": {"kernel": jnp.ones((4, 4))}},
+          "head": {"fc": {"kernel": jnp.ones((4, 1)), "bias": jnp.zeros(1)}}}
+
+
+def test_discriminative_rates_are_geometric_and_groups_are_regexes():
+  c = _config(learning_rate=1e-3, param_groups=("^backbone/(conv|bn)", "^backbone/layer4", "^head/"),
+              group_lr_range=(1e-6, 1e-4))
+  np.testing.assert_allclose(optim.group_learning_rates(c), [1e-6, 1e-5, 1e-4], rtol=1e-9)
+  labels = optim.param_labels(c, _tiny_params())
+  assert labels["backbone"]["conv"]["kernel"] == "group0" and labels["backbone"]["layer4"]["kernel"] == "group1"
+  assert labels["head"]["fc"]["bias"] == "group2"
+  with pytest.raises(ConfigError, match="matches none"):
+    optim.param_labels(_config(param_groups=("^head/",)), _tiny_params())
+
+
+def test_group_rates_and_frozen_parameters_in_updates():
+  params = _tiny_params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  c = _config(optimizer="sgd", momentum=0.0, schedule="constant", learning_rate=1e-3,
+              param_groups=("^backbone/", "^head/"), group_lr_range=(1e-5, 1e-3))
+  tx, _ = optim.make_optimizer(c, 10, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(updates["backbone"]["conv"]["kernel"][0, 0, 0, 0]) == pytest.approx(-1e-5)
+  assert float(updates["head"]["fc"]["kernel"][0, 0]) == pytest.approx(-1e-3)
+  frozen = _config(optimizer="sgd", momentum=0.0, schedule="constant", learning_rate=1e-2, freeze=("^backbone/",))
+  tx, _ = optim.make_optimizer(frozen, 10, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(jnp.abs(updates["backbone"]["conv"]["kernel"]).max()) == 0.0
+  assert float(updates["backbone"]["bn"]["scale"][0]) == pytest.approx(-1e-2)  # fastai: BN stays trainable
+  assert float(updates["head"]["fc"]["kernel"][0, 0]) == pytest.approx(-1e-2)
+  strict = frozen.copy_and_resolve_references()
+  strict.train_frozen_bn = False
+  tx, _ = optim.make_optimizer(strict, 10, params)
+  assert float(jnp.abs(tx.update(grads, tx.init(params), params)[0]["backbone"]["bn"]["scale"]).max()) == 0.0
+  with pytest.raises(ConfigError, match="freezes every parameter"):
+    optim.make_optimizer(_config(freeze=(".",), train_frozen_bn=False), 10, params)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizers_match_torch(name):
+  """Five steps on a linear least-squares problem: same parameters as torch.optim."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(16, 5)).astype(np.float32), rng.normal(size=(16,)).astype(np.float32)
+  w0 = rng.normal(size=(5,)).astype(np.float32)
+  c = _config(optimizer=name, learning_rate=0.05, momentum=0.9, weight_decay=0.01, schedule="constant")
+  tx, _ = optim.make_optimizer(c, 10, {"w": jnp.asarray(w0)})
+  params, state = {"w": jnp.asarray(w0)}, None
+  state = tx.init(params)
+  loss = lambda p: jnp.mean((jnp.asarray(x) @ p["w"] - jnp.asarray(y)) ** 2)
+  for _ in range(5):
+    g = jax.grad(loss)(params)
+    u, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, u)
+  wt = torch.tensor(w0, requires_grad=True)
+  opt = {"sgd": lambda: torch.optim.SGD([wt], lr=0.05, momentum=0.9, weight_decay=0.01),
+         "adam": lambda: torch.optim.Adam([wt], lr=0.05, weight_decay=0.01),
+         "adamw": lambda: torch.optim.AdamW([wt], lr=0.05, weight_decay=0.01)}[name]()
+  for _ in range(5):
+    opt.zero_grad()
+    ((torch.tensor(x) @ wt - torch.tensor(y)) ** 2).mean().backward()
+    opt.step()
+  np.testing.assert_allclose(np.asarray(params["w"]), wt.detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=(8,)).astype(np.float32)
+  loss = lambda p, xs, ys: jnp.mean((xs @ p["w"] - ys) ** 2)
+  p0 = {"w": jnp.ones(3)}
+  c = _config(optimizer="sgd", momentum=0.9, learning_rate=0.1, schedule="constant")
+  full, _ = optim.make_optimizer(c, 10, p0)
+  u, _ = full.update(jax.grad(loss)(p0, x, y), full.init(p0), p0)
+  c.grad_accum_steps = 2
+  acc, _ = optim.make_optimizer(c, 10, p0)
+  s, p = acc.init(p0), p0
+  for half in (slice(0, 4), slice(4, 8)):
+    ua, s = acc.update(jax.grad(loss)(p, x[half], y[half]), s, p)
+    p = optax.apply_updates(p, ua)
+  np.testing.assert_allclose(np.asarray(p["w"]), np.asarray(optax.apply_updates(p0, u)["w"]), rtol=1e-6)
+
+
+_SAM_CHECK = textwrap.dedent("""
+    import json, sys, jax, jax.numpy as jnp, numpy as np, optax
+    import flax.linen as nn
+    from cxflax import parallel
+    from cxflax.config import base_config, finalize
+    from cxflax.train import optim
+    from cxflax.train.steps import create_train_state, make_train_step
+
+    class Net(nn.Module):  # conv, BatchNorm, linear: small enough to check SAM by hand
+      @nn.compact
+      def __call__(self, x, train=False):
+        from cxflax.models.layers import batch_norm
+        x = nn.Conv(4, (3, 3))(x)
+        x = nn.relu(batch_norm(train, jnp.float32, name="bn")(x))
+        return nn.Dense(1)(jnp.mean(x, axis=(1, 2)))
+
+    c = base_config()
+    c.optimizer, c.momentum, c.learning_rate, c.schedule, c.sam_rho = "sgd", 0.0, 0.1, "constant", 0.05
+    c.batch_size = 8
+    c.sam_per_device = sys.argv[1] == "per_device"
+    c = finalize(c)
+    model = Net()
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 6, 6, 1)).astype(np.float32), "label": rng.uniform(0, 5, 8).astype(np.float32)}
+    variables = model.init(jax.random.key(0), batch["image"][:1])
+    out = {}
+    for n in (1, 2, 8):
+      mesh = parallel.make_mesh(jax.devices()[:n])
+      tx, _ = optim.make_optimizer(c, 10, variables["params"])
+      state = create_train_state(model, tx, variables, mesh)
+      state, m = make_train_step(model, c, mesh)(state, parallel.shard_batch(batch, mesh))
+      out[n] = {"params": [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(state.params)],
+                "stats": [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(state.batch_stats)]}
+
+    # By hand: gradient at params + rho * g / |g|, over the batch (or over each device's half).
+    def loss(p, imgs, ys):
+      o, upd = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, imgs, train=True, mutable=["batch_stats"])
+      return jnp.mean(jnp.where(jnp.abs(o[:, 0] - ys) < 1, 0.5 * (o[:, 0] - ys) ** 2, jnp.abs(o[:, 0] - ys) - 0.5)), upd
+    def sam_grad(imgs, ys):
+      g = jax.grad(lambda p: loss(p, imgs, ys)[0])(variables["params"])
+      norm = optax.global_norm(g)
+      adv = jax.tree.map(lambda w, gi: w + 0.05 * gi / norm, variables["params"], g)
+      return jax.grad(lambda p: loss(p, imgs, ys)[0])(adv)
+    full = sam_grad(batch["image"], batch["label"])
+    halves = [sam_grad(batch["image"][i * 4:(i + 1) * 4], batch["label"][i * 4:(i + 1) * 4]) for i in range(2)]
+    per2 = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
+    manual = {k: [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(jax.tree.map(lambda w, g: w - 0.1 * g, variables["params"], gr))]
+              for k, gr in (("global", full), ("per_device_2", per2))}
+    clean_stats = [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(loss(variables["params"], batch["image"], batch["label"])[1])]
+    print("RESULT" + json.dumps({"runs": out, "manual": manual, "clean_stats": clean_stats}))
+""")
+
+
+@pytest.mark.parametrize("mode", ["global", "per_device"])
+def test_sam_step_by_hand_with_batchnorm_and_devices(mode):
+  proc = run_python("", devices=8, args=["-c", _SAM_CHECK, mode])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  runs, manual = out["runs"], out["manual"]
+  close = lambda a, b, tol=2e-5: all(np.allclose(x, y, rtol=tol, atol=1e-6) for x, y in zip(a, b))
+  assert close(runs["1"]["params"], manual["global"])  # one device: plain SAM
+  for n in ("1", "2", "8"):  # BatchNorm running statistics from the clean pass
+    assert close(runs[n]["stats"], out["clean_stats"])
+  if mode == "global":
+    assert close(runs["8"]["params"], manual["global"]) and close(runs["2"]["params"], manual["global"])
+  else:  # each device ascends along its own gradient (m-sharpness)
+    assert close(runs["2"]["params"], manual["per_device_2"])
+    assert not close(runs["2"]["params"], manual["global"], 1e-6)

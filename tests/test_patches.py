@@ -1,0 +1,148 @@
+"""Patch sampling and cropping, the patch classifier (one batched pass against a patch-by-patch
+loop, independence from batch composition), FC-DenseNet and the segmentation metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cxflax.models import create_model
+from cxflax.models.fc_densenet import FCDenseNet
+from cxflax.models.heads import create_network
+from cxflax.models.patches import PatchClassifier, aggregate, crop_patches, mask_key, sample_centers
+from cxflax.train import metrics as metrics_lib
+from cxflax.train.steps import segmentation_counts
+
+
+def _blob_mask(h, w, rows, cols):
+  m = np.zeros((h, w), np.float32)
+  m[rows[0]:rows[1], cols[0]:cols[1]] = 1
+  return m
+
+
+def test_centres_fall_inside_the_mask_and_cover_it():
+  mask = _blob_mask(40, 50, (5, 15), (30, 45))
+  centers = np.asarray(sample_centers(jax.random.key(0), jnp.asarray(mask), 4000))
+  assert mask[centers[:, 0], centers[:, 1]].all()
+  counts = np.zeros_like(mask)
+  np.add.at(counts, (centers[:, 0], centers[:, 1]), 1)
+  inside = counts[mask > 0]
+  assert (inside > 0).mean() > 0.99  # 150 pixels, 4000 draws: every pixel is hit
+  assert inside.std() / inside.mean() < 0.35  # uniform (Poisson noise at ~27 per pixel is ~0.19)
+  anywhere = np.asarray(sample_centers(jax.random.key(1), jnp.zeros((8, 8)), 500))
+  assert anywhere.min() >= 0 and anywhere[:, 0].max() == 7 and anywhere[:, 1].max() == 7  # empty mask
+
+
+def test_patches_are_clipped_at_the_borders():
+  img = np.arange(20 * 30 * 2, dtype=np.float32).reshape(20, 30, 2)
+  centers = jnp.array([[0, 0], [19, 29], [10, 15], [3, 28]])
+  p = np.asarray(crop_patches(jnp.asarray(img), centers, 8))
+  np.testing.assert_array_equal(p[0], img[0:8, 0:8])
+  np.testing.assert_array_equal(p[1], img[12:20, 22:30])
+  np.testing.assert_array_equal(p[2], img[6:14, 11:19])
+  np.testing.assert_array_equal(p[3], img[0:8, 22:30])
+
+
+def test_aggregation_by_mean_probability_and_majority_vote():
+  logits = jnp.log(jnp.array([[[0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.5, 0.4, 0.1]]]))
+  mean = np.asarray(jax.nn.softmax(aggregate(logits, "mean")))
+  np.testing.assert_allclose(mean[0], [0.4, 0.5, 0.1], rtol=1e-5)
+  votes = np.asarray(jax.nn.softmax(aggregate(logits, "vote")))
+  np.testing.assert_allclose(votes[0], [2 / 3, 1 / 3, 0], atol=1e-5)  # two of three patches vote 0
+  assert votes[0].argmax() == 0 and mean[0].argmax() == 1  # the two rules can disagree
+
+
+def _patch_model(num=12, size=32):
+  net = create_network("resnet10t", "linear", 3)
+  return PatchClassifier(network=net, patch_size=size, num_patches=num, aggregate="vote", seed=3)
+
+
+def _inputs(n, size=64, seed=0):
+  rng = np.random.default_rng(seed)
+  img = rng.normal(size=(n, size, size, 3)).astype(np.float32)
+  masks = np.stack([_blob_mask(size, size, (8 + i, 40 + i), (4 + 2 * i, 30 + 3 * i)) for i in range(n)])
+  return np.concatenate([img * masks[..., None], masks[..., None]], -1)
+
+
+@pytest.fixture(scope="module")
+def patch_model():
+  model = _patch_model()
+  variables = model.init(jax.random.key(0), jnp.asarray(_inputs(1)), train=False)
+  # make BatchNorm's running statistics non-trivial so that eval mode is a real test
+  variables = jax.tree.map(lambda x: x, variables)
+  _, upd = model.apply(variables, jnp.asarray(_inputs(4, seed=1)), train=True, mutable=["batch_stats"],
+                       rngs={"patches": jax.random.key(5), "dropout": jax.random.key(6)})
+  return model, {"params": variables["params"], "batch_stats": upd["batch_stats"]}
+
+
+def test_results_do_not_depend_on_the_batch(patch_model):
+  model, variables = patch_model
+  x = jnp.asarray(_inputs(5))
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  together = np.asarray(apply(variables, x))
+  alone = np.concatenate([np.asarray(apply(variables, x[i:i + 1])) for i in range(5)])
+  pairs = np.concatenate([np.asarray(apply(variables, x[i:i + 2])) for i in (0, 2)] +
+                         [np.asarray(apply(variables, x[4:5]))])
+  np.testing.assert_allclose(alone, together, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(pairs, together, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_patches_give_the_votes_of_a_patch_by_patch_loop(patch_model):
+  model, variables = patch_model
+  x = jnp.asarray(_inputs(3))
+  batched = np.asarray(jax.nn.softmax(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)))
+  net_vars = {col: tree["network"] for col, tree in variables.items()}
+  single = jax.jit(lambda v, p: model.network.apply(v, p[None], train=False)[0])
+  for i in range(3):  # the same patches, one forward pass each
+    key = mask_key(jax.random.key(model.seed), x[i, ..., -1])
+    centers = sample_centers(key, x[i, ..., -1], model.num_patches)
+    patches = crop_patches(x[i, ..., :-1], centers, model.patch_size)
+    votes = np.bincount([int(np.argmax(single(net_vars, p))) for p in patches], minlength=3)
+    np.testing.assert_allclose(batched[i], votes / votes.sum(), atol=1e-5)
+
+
+def test_training_draws_fresh_patches_inside_the_mask(patch_model):
+  model, variables = patch_model
+  x = jnp.asarray(_inputs(2))
+  keys = [jax.random.key(s) for s in (1, 2)]
+  _, c1 = model.apply(variables, x, 1, keys[0], method=PatchClassifier.patches)
+  _, c2 = model.apply(variables, x, 1, keys[1], method=PatchClassifier.patches)
+  assert not np.array_equal(np.asarray(c1), np.asarray(c2))
+  for c in (np.asarray(c1), np.asarray(c2)):
+    for i in range(2):
+      assert np.asarray(x)[i, c[i, 0, 0], c[i, 0, 1], -1] == 1
+  out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"patches": keys[0], "dropout": keys[1]})
+  assert out.shape == (2, 3)
+
+
+def test_fc_densenet_shapes_and_paper_sizes():
+  model = FCDenseNet(num_classes=3, down_blocks=(2, 2), bottleneck_layers=2, growth_rate=4, first_features=8)
+  for h, w in ((16, 16), (21, 35)):  # any size, not only multiples of 4
+    v = model.init(jax.random.key(0), jnp.zeros((1, h, w, 1)))
+    assert model.apply(v, jnp.ones((2, h, w, 1))).shape == (2, h, w, 3)
+  with pytest.raises(ValueError, match="at least 4 px"):
+    model.init(jax.random.key(0), jnp.zeros((1, 3, 8, 1)))
+  # The Tiramisu paper's sizes (Table 2: 1.5M, 3.5M, 9.4M for 11 CamVid classes), to ±10%.
+  for name, millions in (("fc_densenet56", 1.5), ("fc_densenet67", 3.5), ("fc_densenet103", 9.4)):
+    m = create_model(name, num_classes=11)
+    shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    n = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes["params"]))
+    assert abs(n / 1e6 - millions) < 0.1 * millions, (name, n)
+
+
+def test_segmentation_metrics_against_hand_counts():
+  pred = np.zeros((2, 4, 4), np.int64)
+  true = np.zeros((2, 4, 4), np.int64)
+  pred[0, :2, :] = 1   # 8 predicted
+  true[0, 1:3, :] = 1  # 8 true, 4 shared: Jaccard 4/12, Dice 8/16
+  # image 1: nothing to find and nothing found: a perfect empty mask
+  logits = jax.nn.one_hot(pred, 2) * 5.0
+  counts = np.asarray(segmentation_counts(logits, jnp.asarray(true)))
+  np.testing.assert_array_equal(counts[0, 1], [4, 8, 8])
+  m = metrics_lib.segmentation_metrics(counts, ("background", "lung"))
+  assert m["jaccard"] == pytest.approx((4 / 12 + 1.0) / 2)
+  assert m["dice"] == pytest.approx((0.5 + 1.0) / 2)
+  assert m["pixel_accuracy"] == pytest.approx((8 / 16 + 1.0) / 2)  # 4 lung + 4 background right
+  base = metrics_lib.segmentation_baseline(counts[..., 2], ("background", "lung"))
+  assert base["jaccard"] == pytest.approx((8 / 16 + 0.0) / 2)  # all-lung on an empty image scores 0
