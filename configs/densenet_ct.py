@@ -19,7 +19,8 @@ Departs from the report: its triplets are random (or an augmented anchor as posi
 them within each batch (batch-hard), which needs no extra pass over the data. The report does
 not give the widths of its embedding layers: we use 1024, 1024, 512. Its rotation range is not
 given: we use 15°. `:PHASE,runlocal` shrinks each phase to minutes on 64-px phantom CT slices
-(COVID = any lesion) with densenet121 and a few epochs.
+(COVID = any lesion) with densenet121 and a few epochs; its finetune phase trains every layer,
+as there are no ImageNet weights to keep.
 """
 
 from cxflax.config import base_config
@@ -73,6 +74,8 @@ def get_config(arg: str | None = None):
     c.batch_size = c.eval_batch_size = 32
     c.num_epochs, c.step_decay_epochs = 6, 4
     c.learning_rate = 0.05
+    if phase == "finetune":  # no ImageNet weights here: the early blocks must learn too
+      c.freeze = ()
     c.log_every_steps = 10
     c.keep_checkpoints = 2
   return c

@@ -36,3 +36,15 @@ def test_patch_inference_agrees_with_the_loop(tmp_path):
   (row,) = result["rows"]
   assert row["K"] == 3 and row["same_votes"] is True
   assert row["batched_img_s"] > 0 and row["loop_img_s"] > 0 and row["reference_img_s"] > 0
+
+
+def test_scaling_shows_a_split_batch_and_one_gradient_reduction(tmp_path):
+  _, result = _run("scaling", tmp_path / "s.json", "--models", "resnet10t", "--devices", "1", "2", "8",
+                   "--batch", "8", "--image_size", "32", devices=8)
+  rows = {r["devices"]: r for r in result["rows"]}
+  for n, r in rows.items():
+    assert r["per_device_batch"] and r["hlo_image_batch"] == [8 // n]
+  assert rows[1]["all_reduce_ops"] == 0
+  for n in (2, 8):  # the gradients (parameter-sized) once, plus BatchNorm statistics and the loss
+    assert 1.0 <= rows[n]["all_reduce_over_params"] < 1.1
+  assert rows[2]["flops_ratio"] < 1.15  # each device computes its half, not the whole batch
