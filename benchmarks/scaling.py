@@ -70,7 +70,6 @@ def entry_batch_dims(hlo: str, size: int) -> set[int]:
 
 def measure(name: str, n: int, batch: int, size: int) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from cxflax import parallel

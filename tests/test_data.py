@@ -1,6 +1,5 @@
 """Sources, image reading, folds and the grain pipelines, with their errors."""
 
-import os
 
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cxflax.models.ensembles import FeatureEnsemble, ModelSE, NeuralWeightEnsemble
-from tests.conftest import REPO, run_python
+from tests.conftest import run_python
 
 TINY = ["--config.data.phantom.num_subjects=24", "--config.batch_size=8", "--config.eval_batch_size=8",
         "--config.log_every_steps=2", "--config.data.image_size=32"]
@@ -44,8 +44,6 @@ def test_model_se_and_flannel_weights_match_their_formulas():
   gate = 1 / (1 + np.exp(-(np.maximum(s @ w1, 0) @ w2)))
   np.testing.assert_allclose(se.apply(v, stacked), np.asarray(stacked) * gate[:, None, :], rtol=1e-5)
 
-  class Const:  # members returning fixed logits
-    pass
   import flax.linen as nn
 
   class Fixed(nn.Module):
@@ -207,7 +205,7 @@ def test_predict_averages_checkpoints_and_pseudo_labels_extend_training(tmp_path
   pseudo = str(tmp_path / "pseudo")
   proc = _main("resnest.py:runlocal", pseudo, "--config.num_epochs=1", "--config.warmup_epochs=0.5",
                "--config.model=resnet10t", f"--config.pseudo_label.runs=('{wd}',)")
-  assert f"examples of the val split labelled by 1 run(s)" in proc.stderr
+  assert "examples of the val split labelled by 1 run(s)" in proc.stderr
 
 
 # --- the :runlocal variants learn (minutes each) ---------------------------------------------------

@@ -9,7 +9,6 @@ params/layer1_0/conv1/kernel. Tensors are transposed to flax's layouts (OIHW →
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Mapping
 
 import jax

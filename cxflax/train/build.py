@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import traverse_util
 
