@@ -363,8 +363,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   p = config.predict
   runs = [(r, s) for r in (p.runs or (workdir,)) for s in build.last_steps(r, p.last_n)]
   source = image_folder(p.images) if p.images else make_source(config.data, p.split, unlabeled_ok=True)
-  if build.load_run(*runs[0]).meta["task"] == "segmentation":
-    return predict_masks(runs, source, config.eval_batch_size, mesh, os.path.join(workdir, "masks"))
+  first = build.load_run(*runs[0])
+  if first.meta["task"] == "segmentation":
+    if len(runs) != 1:
+      raise ConfigError(f"segmentation predicts from one checkpoint; got {len(runs)} (set "
+                        "config.predict.last_n=1 and at most one of config.predict.runs)")
+    return predict_masks(first, source, config.eval_batch_size, mesh, os.path.join(workdir, "masks"))
   preds = predict_source(runs, source, config.eval_batch_size, mesh)
   split = "images" if p.images else p.split
   out = os.path.join(workdir, f"predictions_{split}.csv")
@@ -389,20 +393,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   return out
 
 
-def predict_masks(runs: list[tuple[str, int]], source, batch_size: int, mesh, out_dir: str) -> str:
+def predict_masks(run: build.Run, source, batch_size: int, mesh, out_dir: str) -> str:
   """Lung masks of a segmentation run for every image of `source`, written as 0/255 PNGs of each
   image's own size to out_dir/<image name stem>.png — the layout config.data.mask_dir reads."""
-  if len(runs) != 1:
-    raise ConfigError(f"segmentation predicts from one checkpoint; got {len(runs)} (set "
-                      "config.predict.last_n=1 and at most one of config.predict.runs)")
-  names = [source.example_name(i) for i in range(len(source))]
+  paths = [mask_file(out_dir, source.example_name(i)) for i in range(len(source))]
   seen: dict[str, int] = {}
-  for i, name in enumerate(names):
-    if name in seen:
-      raise DataError(f"two images would write the same mask {name}: {source.describe(seen[name])} "
+  for i, path in enumerate(paths):
+    if path in seen:
+      raise DataError(f"two images would write the same mask {path}: {source.describe(seen[path])} "
                       f"and {source.describe(i)}")
-    seen[name] = i
-  run = build.load_run(*runs[0])
+    seen[path] = i
   batches = pipeline.eval_dataset(source, np.arange(len(source)), pp=run.config.data.eval_pp,
                                   global_batch=batch_size, process_index=jax.process_index(),
                                   process_count=jax.process_count())
@@ -417,7 +417,7 @@ def predict_masks(runs: list[tuple[str, int]], source, batch_size: int, mesh, ou
       if jax.process_index() == 0:
         h, w = source.load(int(i))["image"].shape[:2]
         img = Image.fromarray((mask > 0).astype(np.uint8) * 255).resize((w, h), Image.NEAREST)
-        img.save(mask_file(out_dir, names[int(i)]))
+        img.save(paths[int(i)])
       written += 1
       if written % 100 == 0:
         logging.info("masks: %d of %d written", written, len(source))
