@@ -5,7 +5,8 @@
 
 For each model, cxflax's jitted steps over a mesh of `--devices` devices (default: all; the
 global batch is split over them, exactly as training runs): the train step (SGD, cross-entropy,
-1000 classes) plain and with SAM (two forward/backward passes), the eval step, each step's
+1000 classes) plain and with SAM (two forward/backward passes), the eval step (BatchNorm folded
+into the convolutions, as evaluation runs, and unfolded for comparison), each step's
 compile time, XLA's FLOP count of the compiled step (cost analysis) and the FLOP/s it achieves,
 and that as a fraction of the float32 matrix-product ceiling measured in the same run on the
 same devices (MFU). Memory is XLA's compiled footprint (arguments + outputs + temporaries, per
@@ -87,12 +88,14 @@ def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats:
   out["train_flop_s"] = stats["flops"] * len(devices) / step_s
   out["train_compiled_mb"] = stats.get("compiled_mb")
   variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
-  t = time.perf_counter()
-  evaluate = make_eval_step(model, "classification", mesh).lower(variables, batch_data).compile()
-  out["eval_compile_s"] = time.perf_counter() - t
-  eval_s = time_call(lambda: evaluate(variables, batch_data)["pred"], repeats=repeats)
-  out["eval_img_s"] = batch / eval_s
-  out["eval_flop_s"] = _compiled_stats(evaluate)["flops"] * len(devices) / eval_s
+  for fold_bn, key in ((True, "eval"), (False, "eval_unfolded")):
+    t = time.perf_counter()
+    evaluate = make_eval_step(model, "classification", mesh, fold_bn=fold_bn).lower(
+        variables, batch_data).compile()
+    out[f"{key}_compile_s"] = time.perf_counter() - t
+    eval_s = time_call(lambda: evaluate(variables, batch_data)["pred"], repeats=repeats)
+    out[f"{key}_img_s"] = batch / eval_s
+    out[f"{key}_flop_s"] = _compiled_stats(evaluate)["flops"] * len(devices) / eval_s
   peak = [d.memory_stats().get("peak_bytes_in_use") for d in devices if d.memory_stats()]
   if peak and all(p is not None for p in peak):
     out["peak_mb"] = max(peak) / 2 ** 20
@@ -170,7 +173,8 @@ def main():
     rows.append(row)
     print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
   path = write_json(args.out, "throughput", rows, dtype=args.dtype, matmul_ceiling_flop_s=ceiling)
-  columns = ["model", "devices", "train_img_s", "sam_train_img_s", "eval_img_s", "torch_train_img_s",
+  columns = ["model", "devices", "train_img_s", "sam_train_img_s", "eval_img_s", "eval_unfolded_img_s",
+             "torch_train_img_s",
              "torch_eval_img_s", "train_vs_torch", "eval_vs_torch", "train_mfu", "eval_mfu",
              "train_compile_s", "train_compiled_mb", "peak_mb"]
   print(f"\nresults in {path}")

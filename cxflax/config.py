@@ -158,6 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.phantom.slices_per_subject = (3, 6)
   c.data.phantom.seed = 0
   c.data.phantom.covid_labels = False  # ct: classes NonCOVID / COVID (any lesion) instead of the percentage
+  c.data.phantom.covid_min_percentage = 0.0  # with covid_labels: COVID when lesions cover more than this % of the lung
   return c
 
 

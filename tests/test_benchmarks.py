@@ -22,7 +22,8 @@ def test_throughput_on_two_devices_with_flops_and_torch(tmp_path):
                       "--image_size", "32", "--repeats", "1", devices=2)
   (row,) = result["rows"]
   assert row["devices"] == 2 and row["model"] == "resnet10t"
-  for key in ("train_img_s", "sam_train_img_s", "eval_img_s", "torch_train_img_s", "torch_eval_img_s"):
+  for key in ("train_img_s", "sam_train_img_s", "eval_img_s", "eval_unfolded_img_s", "torch_train_img_s",
+              "torch_eval_img_s"):
     assert row[key] > 0, key
   # resnet10t: ~1.9 GFLOPs forward at 224 px, so ~0.04 at 32 px; a train step is ~3x that.
   assert 0.06e9 < row["train_flops_per_img"] < 0.3e9

@@ -148,6 +148,19 @@ def test_masks_follow_geometric_ops():
   assert abs(ys.mean() - my.mean()) <= 0.5 and abs(xs.mean() - mx.mean()) <= 0.5
 
 
+def test_phantom_covid_labels_follow_the_lesion_threshold():
+  pct = PhantomSource("ct", 8, 32, seed=0).labels()
+  assert pct.min() == 0 and pct.max() > 1  # both kinds of slice present
+  for threshold in (0.0, 1.0):
+    src = PhantomSource("ct", 8, 32, seed=0, covid_labels=True, covid_min_percentage=threshold)
+    assert tuple(src.class_names) == ("NonCOVID", "COVID")
+    np.testing.assert_array_equal(src.labels(), (pct > threshold).astype(np.int32))
+    i = int(np.argmax((pct > 0) & (pct <= 1.0))) if threshold else int(np.argmax(pct))
+    assert src.load(i)["label"] == int(pct[i] > threshold)
+  with pytest.raises(ConfigError, match="covid_min_percentage"):
+    PhantomSource("ct", 8, 32, covid_labels=True, covid_min_percentage=-1)
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_eval_batches_count_every_example_once(processes):
   src = PhantomSource("ct", 7, 32, seed=0)

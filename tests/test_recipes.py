@@ -85,10 +85,11 @@ def test_stages_freeze_the_backbone_and_resume_across_stages(tmp_path):
   from cxflax.train.build import load_run
   from cxflax.train.steps import init_variables
   straight, halted = str(tmp_path / "straight"), str(tmp_path / "halted")
-  # 16 one-image subjects, 12 in training: one step per epoch; stages of 2, 2, 1, 2, 3 epochs.
+  # 16 one-image subjects, 12 in training: one step per epoch; stages of 2, 6, 1, 4, 6 epochs
+  # (steps 1-2, 3-8, 9, 10-13, 14-19).
   args = ["--config.data.phantom.num_subjects=16", "--config.keep_checkpoints=20", "--config.model=resnet10t"]
   _main("covid_resnet.py:runlocal", straight, *args)
-  _main("covid_resnet.py:runlocal", halted, *args, "--config.halt_after_steps=9")
+  _main("covid_resnet.py:runlocal", halted, *args, "--config.halt_after_steps=16")
   assert not os.path.exists(os.path.join(halted, "final_metrics.json"))
   proc = _main("covid_resnet.py:runlocal", halted, *args)
   assert "resumed from" in proc.stderr and "(stage 5 of 5)" in proc.stderr
@@ -135,7 +136,8 @@ def test_densenet_ct_phases_build_on_each_other(tmp_path):
   previous = None
   for phase in ("finetune", "triplet", "classify"):
     wd = str(tmp_path / phase)
-    extra = ["--config.num_epochs=1", "--config.data.stats_images=16", "--config.model=resnet10t"]
+    extra = ["--config.num_epochs=1", "--config.data.stats_images=16", "--config.model=resnet10t",
+             "--config.data.phantom.num_subjects=60"]
     if previous:
       extra.append(f"--config.init_from={previous}")
     _main(f"densenet_ct.py:{phase},runlocal", wd, *extra)

@@ -88,13 +88,17 @@ class PhantomSource(Source):
   """The built-in procedural data (see cxflax.data.phantom): CT regression or CXR classes."""
 
   def __init__(self, kind: str = "ct", num_subjects: int = 64, image_size: int = 512,
-               slices_per_subject=(3, 6), seed: int = 0, covid_labels: bool = False):
+               slices_per_subject=(3, 6), seed: int = 0, covid_labels: bool = False,
+               covid_min_percentage: float = 0.0):
     self.phantom = phantom_lib.Phantom(kind, num_subjects, image_size, tuple(slices_per_subject), seed)
     self._labels = None
     self.covid_labels = covid_labels and kind == "ct"
+    self.covid_min_percentage = float(covid_min_percentage)
+    if not 0.0 <= self.covid_min_percentage < 100.0:
+      raise ConfigError(f"phantom covid_min_percentage must be in [0, 100), got {covid_min_percentage}")
     if kind == "cxr":
       self.task, self.class_names = "classification", phantom_lib.CXR_CLASS_NAMES
-    elif self.covid_labels:  # COVID-CT-like: a slice is COVID when it has any lesion
+    elif self.covid_labels:  # COVID-CT-like: a slice is COVID when lesions cover > min % of its lung
       self.task, self.class_names = "classification", COVID_CT_CLASSES
 
   def __len__(self):
@@ -110,7 +114,7 @@ class PhantomSource(Source):
                                  for i in range(len(self))], np.int32)
       else:
         pct = np.array([self.phantom.percentage(i) for i in range(len(self))], np.float32)
-        self._labels = (pct > 0).astype(np.int32) if self.covid_labels else pct
+        self._labels = self._covid(pct).astype(np.int32) if self.covid_labels else pct
     return self._labels
 
   def load(self, i):
@@ -118,9 +122,12 @@ class PhantomSource(Source):
     if self.phantom.kind == "cxr":
       label = ex["label"]
     else:
-      label = np.int32(ex["percentage"] > 0) if self.covid_labels else ex["percentage"]
+      label = np.int32(self._covid(ex["percentage"])) if self.covid_labels else ex["percentage"]
     return dict(image=ex["image"], label=label, lung_mask=ex["lung_mask"],
                 lesion_mask=ex["lesion_mask"])
+
+  def _covid(self, percentage):
+    return np.asarray(percentage) > self.covid_min_percentage
 
   def describe(self, i):
     return f"phantom sample {i} ({self.phantom.kind}, seed {self.phantom.seed})"
@@ -730,7 +737,8 @@ def _make_base_source(data_config, name: str, split: str, unlabeled_ok: bool) ->
   if name == "phantom":
     p = data_config.phantom
     return PhantomSource(p.kind, p.num_subjects, data_config.image_size, p.slices_per_subject,
-                         p.seed + 1_000_003 * SPLITS.index(split), p.get("covid_labels", False))
+                         p.seed + 1_000_003 * SPLITS.index(split), p.get("covid_labels", False),
+                         p.get("covid_min_percentage", 0.0))
   if name == "tfds":
     from cxflax.data.tfds_source import TfdsSource
     return TfdsSource(data_config.tfds_name, split, data_config.root)

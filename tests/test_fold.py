@@ -1,0 +1,107 @@
+"""BatchNorm folded into convolutions for evaluation: same outputs, and only where exact."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from cxflax.models import create_model
+from cxflax.models.fold import apply_folded, fold_batchnorm, foldable_pairs
+from cxflax.models.heads import create_network
+from cxflax.models.layers import BatchNorm, Conv2d
+
+
+def _trained_looking(variables, seed=0):
+  """Random BatchNorm scales, biases and running statistics (fresh ones fold to a no-op)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for col, tree in variables.items():
+    flat = traverse_util.flatten_dict(tree)
+    for k, v in flat.items():
+      if k[-1] in ("scale", "var"):
+        flat[k] = jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
+      elif k[-1] in ("mean",) or (k[-1] == "bias" and col == "params"):
+        flat[k] = jnp.asarray(rng.normal(0, 0.3, v.shape), v.dtype)
+    out[col] = traverse_util.unflatten_dict(flat)
+  return out
+
+
+def _check(model, size, min_pairs):
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, size, size, 3)), jnp.float32)
+  variables = _trained_looking(model.init(jax.random.key(0), x, train=False))
+  pairs = foldable_pairs(model, variables, x)
+  assert len(pairs) >= min_pairs
+  want = model.apply(variables, x, train=False)
+  folded = fold_batchnorm(model, variables, x)
+  got = apply_folded(model, folded, x)
+  scale = float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * scale, rtol=0)
+  return pairs, folded
+
+
+def _bn_count(variables):
+  return sum(1 for k in traverse_util.flatten_dict(variables["batch_stats"]) if k[-1] == "mean")
+
+
+@pytest.mark.parametrize("name,size", [("resnet10t", 32), ("resnest14d", 32), ("resnet18", 32),
+                                       ("skresnext50_32x4d", 32), ("efficientnet_b0", 32),
+                                       ("vgg19_bn", 32), ("inception_v3", 80)])
+def test_every_batchnorm_after_a_convolution_folds_exactly(name, size):
+  model = create_model(name, num_classes=5)
+  x = jnp.zeros((1, size, size, 3))
+  n_bn = _bn_count(jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False)))
+  pairs, folded = _check(model, size, min_pairs=1)
+  if name.startswith(("resnet", "vgg", "inception")):  # conv → BN everywhere in these
+    assert len(pairs) == n_bn
+  assert _bn_count(folded) == n_bn - len(pairs)
+
+
+def test_pre_activation_networks_fold_only_the_pairs_that_are_exact():
+  # DenseNet: conv1 → norm2 inside each layer folds; the concatenated conv2 outputs do not.
+  pairs, _ = _check(create_model("densenet121", num_classes=3), 32, min_pairs=1)
+  folded = {bn[-1] for _, bn, _ in pairs}
+  assert folded == {"norm0", "norm2"}
+  # FC-DenseNet's first convolution feeds a BatchNorm and a concatenation: not folded.
+  pairs, _ = _check(create_model("fc_densenet_tiny", num_classes=2), 32, min_pairs=0)
+  assert all(conv[-1] != "first_conv" for conv, _, _ in pairs)
+
+
+def test_a_convolution_read_twice_is_not_folded():
+  class Twice(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      y = Conv2d(4, 3, name="conv")(x)
+      z = BatchNorm(use_running_average=not train, name="bn")(y)
+      return z + y  # y read again: folding conv would change this term
+  model = Twice()
+  x = jnp.ones((1, 8, 8, 3))
+  variables = _trained_looking(model.init(jax.random.key(0), x))
+  assert foldable_pairs(model, variables, x) == []
+  np.testing.assert_allclose(apply_folded(model, fold_batchnorm(model, variables, x), x),
+                             model.apply(variables, x), rtol=1e-6)
+
+
+def test_task_network_with_fastai_head_folds_its_backbone_only():
+  model = create_network("resnet10t", "fastai", 4, head_kwargs={"hidden": 16})
+  pairs, folded = _check(model, 32, min_pairs=1)
+  assert all(bn[0] == "backbone" for _, bn, _ in pairs)
+  assert "scale" in folded["params"]["head"]["bn1"] and "scale" in folded["params"]["head"]["bn2"]
+
+
+@pytest.mark.parametrize("task,head,outputs", [("classification", "linear", 3), ("regression", "mlp", 1)])
+def test_eval_step_folds_inside_jit_with_the_same_predictions(task, head, outputs):
+  from cxflax import parallel
+  from cxflax.train.steps import make_eval_step
+  model = create_network("resnet10t", head, outputs)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
+           "label": np.zeros(4, np.int32 if task == "classification" else np.float32),
+           "index": np.arange(4), "valid": np.ones(4, np.float32)}
+  variables = _trained_looking(model.init(jax.random.key(0), jnp.asarray(batch["image"]), train=False))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  sharded = parallel.shard_batch(batch, mesh)
+  folded = make_eval_step(model, task, mesh)(variables, sharded)["pred"]
+  plain = make_eval_step(model, task, mesh, fold_bn=False)(variables, sharded)["pred"]
+  np.testing.assert_allclose(np.asarray(folded), np.asarray(plain), rtol=1e-4, atol=1e-5)
