@@ -91,7 +91,7 @@ def test_task_network_with_fastai_head_folds_its_backbone_only():
 
 
 @pytest.mark.parametrize("task,head,outputs", [("classification", "linear", 3), ("regression", "mlp", 1)])
-def test_eval_step_folds_inside_jit_with_the_same_predictions(task, head, outputs):
+def test_eval_step_folds_once_with_the_same_predictions(task, head, outputs):
   from cxflax import parallel
   from cxflax.train.steps import make_eval_step
   model = create_network("resnet10t", head, outputs)
@@ -102,6 +102,10 @@ def test_eval_step_folds_inside_jit_with_the_same_predictions(task, head, output
   variables = _trained_looking(model.init(jax.random.key(0), jnp.asarray(batch["image"]), train=False))
   mesh = parallel.make_mesh(jax.devices()[:1])
   sharded = parallel.shard_batch(batch, mesh)
-  folded = make_eval_step(model, task, mesh)(variables, sharded)["pred"]
-  plain = make_eval_step(model, task, mesh, fold_bn=False)(variables, sharded)["pred"]
+  step = make_eval_step(model, task, mesh)
+  prepared = step.prepare(variables, (32, 32, 3))
+  assert "scale" not in prepared["params"]["backbone"]["bn1"]  # the stem's BatchNorm is folded
+  folded = step(prepared, sharded)["pred"]
+  plain_step = make_eval_step(model, task, mesh, fold_bn=False)
+  plain = plain_step(plain_step.prepare(variables, (32, 32, 3)), sharded)["pred"]
   np.testing.assert_allclose(np.asarray(folded), np.asarray(plain), rtol=1e-4, atol=1e-5)

@@ -19,7 +19,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.extend
-import jax.numpy as jnp
 from flax.core import unfreeze
 
 from cxflax.models.layers import BatchNorm, Conv2d
@@ -34,19 +33,19 @@ def foldable_pairs(model: nn.Module, variables: dict, image) -> list[tuple[tuple
   convolution's output read by nothing else, from a trace of `model.apply(variables, image,
   train=False)` (abstract: no computation runs)."""
   convs: list[tuple] = []  # conv paths, in the order their outputs were marked
-  marked: dict[int, int] = {}  # id(marked output tracer) -> index in convs
+  marked: dict[int, tuple] = {}  # id(marked output) -> (index in convs, the output, kept alive)
   pairs: list[tuple[int, tuple, float]] = []
 
   def record(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name == "__call__" and isinstance(module, Conv2d):
       y = jax.lax.optimization_barrier(next_fun(*args, **kwargs))  # a marker in the jaxpr
-      marked[id(y)] = len(convs)
+      marked[id(y)] = (len(convs), y)
       convs.append(_path(module))
       return y
     if (context.method_name == "__call__" and isinstance(module, BatchNorm)
         and module.use_running_average and args and id(args[0]) in marked):
-      pairs.append((marked[id(args[0])], _path(module), module.epsilon))
+      pairs.append((marked[id(args[0])][0], _path(module), module.epsilon))
     return next_fun(*args, **kwargs)
 
   def traced(variables, image):

@@ -99,38 +99,66 @@ def segmentation_counts(logits, labels):
   return jnp.stack([jnp.sum(pred * true, (1, 2)), jnp.sum(pred, (1, 2)), jnp.sum(true, (1, 2))], -1)
 
 
-def make_eval_step(model: nn.Module, task: str, mesh, with_masks: bool = False,
-                   fold_bn: bool = True) -> Callable:
-  """jit(variables, batch) → {'pred', 'label', 'index', 'valid'} split over 'data'.
+class EvalStep:
+  """The compiled eval step: `step.prepare(variables, image_shape)` once per evaluation, then
+  `step(prepared, batch)` for each batch → {'pred', 'label', 'index', 'valid'} split over 'data'.
 
   'pred' is the regressed value, the class probabilities, the embedding, or for segmentation
   the per-class pixel counts of segmentation_counts (with 'label' the true counts, and, given
   with_masks, 'mask': the predicted class of every pixel). The other fields pass through so that
   gathering them keeps every prediction beside its own label, on any number of processes.
-  With fold_bn, BatchNorms that follow a convolution are folded into it inside the step
-  (cxflax.models.fold: the same function, less work per activation; the fold itself is a few
-  elementwise operations on the weights).
-  """
-  def step(variables, batch):
-    if fold_bn:
-      out = apply_folded(model, fold_batchnorm(model, variables, batch["image"]), batch["image"])
-    else:
-      out = model.apply(variables, batch["image"], train=False)
-    out = prediction(out)
-    if task == "segmentation":
-      label = batch["label"] if batch["label"].ndim == 3 else jnp.zeros(out.shape[:3], jnp.int32)
-      counts = segmentation_counts(out, label)
-      result = {"pred": counts, "label": counts[..., 2], "index": batch["index"], "valid": batch["valid"]}
-      if with_masks:
-        result["mask"] = jnp.argmax(out, -1).astype(jnp.uint8)
-      return result
-    if task == "regression":
-      pred = out[..., 0]
-    elif task == "classification":
-      pred = jax.nn.softmax(out, axis=-1)
-    else:  # embedding
-      pred = out
-    return {"pred": pred, "label": batch["label"], "index": batch["index"], "valid": batch["valid"]}
 
-  rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  return jax.jit(step, in_shardings=(rep, data), out_shardings=data)
+  With fold_bn, prepare folds every BatchNorm that follows a convolution into it
+  (cxflax.models.fold: the same function, less work per activation). The fold runs once, in its
+  own compiled function: folded inside the step, the rescaled kernels were recomputed for every
+  batch and fused into the convolutions, and the step measured no faster than unfolded
+  (benchmarks/NOTES.md §7).
+  """
+
+  def __init__(self, model: nn.Module, task: str, mesh, with_masks: bool = False, fold_bn: bool = True):
+    self.model, self.fold_bn = model, fold_bn
+    self._rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    self._folds: dict[tuple, Callable] = {}
+    apply = apply_folded if fold_bn else lambda m, v, x: m.apply(v, x, train=False)
+
+    def step(variables, batch):
+      out = prediction(apply(model, variables, batch["image"]))
+      if task == "segmentation":
+        label = batch["label"] if batch["label"].ndim == 3 else jnp.zeros(out.shape[:3], jnp.int32)
+        counts = segmentation_counts(out, label)
+        result = {"pred": counts, "label": counts[..., 2], "index": batch["index"], "valid": batch["valid"]}
+        if with_masks:
+          result["mask"] = jnp.argmax(out, -1).astype(jnp.uint8)
+        return result
+      if task == "regression":
+        pred = out[..., 0]
+      elif task == "classification":
+        pred = jax.nn.softmax(out, axis=-1)
+      else:  # embedding
+        pred = out
+      return {"pred": pred, "label": batch["label"], "index": batch["index"], "valid": batch["valid"]}
+
+    self._step = jax.jit(step, in_shardings=(self._rep, data), out_shardings=data)
+
+  def prepare(self, variables: dict, image_shape) -> dict:
+    """The variables the step takes: folded (see class doc) for images of `image_shape`
+    (H, W, C), or unchanged without fold_bn."""
+    if not self.fold_bn:
+      return variables
+    key = tuple(image_shape)
+    if key not in self._folds:
+      image = jax.ShapeDtypeStruct((1,) + key, jnp.float32)
+      self._folds[key] = jax.jit(lambda v: fold_batchnorm(self.model, v, image), out_shardings=self._rep)
+    return self._folds[key](variables)
+
+  def __call__(self, prepared: dict, batch: dict) -> dict:
+    return self._step(prepared, batch)
+
+  def lower(self, prepared: dict, batch: dict):
+    return self._step.lower(prepared, batch)
+
+
+def make_eval_step(model: nn.Module, task: str, mesh, with_masks: bool = False,
+                   fold_bn: bool = True) -> EvalStep:
+  """See EvalStep."""
+  return EvalStep(model, task, mesh, with_masks, fold_bn)
