@@ -87,7 +87,7 @@ def conv2d(x, kernel, stride: int = 1, padding: int | tuple[int, int] = 0, dilat
   if groups == 1 and kh == kw == 1 and ph == pw == 0:
     if stride > 1:
       x = x[:, ::stride, ::stride, :]
-    return jnp.dot(x, kernel[0, 0])
+    return _channel_product(x, kernel[0, 0])
   out_h = (x.shape[1] + 2 * ph - dilation * (kh - 1) - 1) // stride + 1
   out_w = (x.shape[2] + 2 * pw - dilation * (kw - 1) - 1) // stride + 1
   if groups == 1 and max(out_h, out_w) <= 2:
@@ -97,11 +97,19 @@ def conv2d(x, kernel, stride: int = 1, padding: int | tuple[int, int] = 0, dilat
       for j in range(kw):
         tap = xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
                  j * dilation:j * dilation + stride * (out_w - 1) + 1:stride, :]
-        y = y + jnp.dot(tap, kernel[i, j])
+        y = y + _channel_product(tap, kernel[i, j])
     return y
   return jax.lax.conv_general_dilated(
       x, kernel, (stride, stride), ((ph, ph), (pw, pw)), rhs_dilation=(dilation, dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _channel_product(x, matrix):
+  """x (..., C) @ matrix (C, O) as one 2-D product: the gradients of a product over a 4-D
+  array are 4-D contractions that XLA's CPU backend runs 1.5-3.5x slower than the 2-D matrix
+  products they become after the reshape (benchmarks/NOTES.md, attempt 5)."""
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), matrix)
+  return y.reshape(x.shape[:-1] + (matrix.shape[-1],))
 
 
 class BatchNorm(nn.Module):
