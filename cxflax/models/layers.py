@@ -7,12 +7,15 @@ parameters in float32.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -76,7 +79,7 @@ def conv2d(x, kernel, stride: int = 1, padding: int | tuple[int, int] = 0, dilat
   written otherwise (summed in another order; see benchmarks/NOTES.md): 1x1 convolutions are a
   product over channels (strided by slicing); outputs of at most 2 px on a side are one product
   per kernel tap; convolutions with a few groups (ResNeSt's radix-2 split attention) run group
-  by group.
+  by group; large ones on one CPU take their kernel gradient image by image.
   """
   kh, kw = kernel.shape[:2]
   ph, pw = pair(padding)
@@ -99,9 +102,99 @@ def conv2d(x, kernel, stride: int = 1, padding: int | tuple[int, int] = 0, dilat
                  j * dilation:j * dilation + stride * (out_w - 1) + 1:stride, :]
         y = y + _channel_product(tap, kernel[i, j])
     return y
+  if groups == 1 and dilation == 1 and out_h * out_w >= _BLOCKED_WEIGHT_GRADIENT_FROM and _image_by_image_applies():
+    return _conv_image_by_image_weight_gradient(x, kernel, stride, ((ph, ph), (pw, pw)))
+  return _xla_conv(x, kernel, stride, ((ph, ph), (pw, pw)), dilation, groups)
+
+
+def _xla_conv(x, kernel, stride: int, pads, dilation: int = 1, groups: int = 1):
   return jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), ((ph, ph), (pw, pw)), rhs_dilation=(dilation, dilation),
+      x, kernel, (stride, stride), pads, rhs_dilation=(dilation, dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+# Convolutions with at least this many output pixels take their kernel gradient image by image
+# (below), where that measured faster: 2-4x at 56-112 px, ~1.3x at 28 px, even at 14 px.
+_BLOCKED_WEIGHT_GRADIENT_FROM = 28 * 28
+
+
+_image_by_image_enabled = True
+
+
+def _image_by_image_applies() -> bool:
+  """Whether the image-by-image kernel gradient is used: a CPU-only workaround (cuDNN computes
+  these gradients well), on one device only (a scan over the batch axis would make the SPMD
+  partitioner gather a sharded batch), and not inside `xla_kernel_gradients()`."""
+  return _image_by_image_enabled and jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+@contextlib.contextmanager
+def xla_kernel_gradients():
+  """Traces convolutions with XLA's own kernel gradients. For counting FLOPs: XLA's cost
+  analysis counts the body of the image-by-image scan once, not once per image."""
+  global _image_by_image_enabled
+  previous, _image_by_image_enabled = _image_by_image_enabled, False
+  try:
+    yield
+  finally:
+    _image_by_image_enabled = previous
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_image_by_image_weight_gradient(x, kernel, stride: int, pads):
+  """XLA's convolution, and its input gradient; only the kernel gradient is computed otherwise.
+
+  XLA's CPU backend computes the kernel gradient of a convolution over large, shallow maps at
+  10-25 GFLOP/s (ResNeSt's 112-px stem: ~1 s of a 9 s step): it streams the whole batch through
+  memory once per kernel tap. Here, one image at a time (in cache), each tap's contribution is
+  one matrix product of a contiguous slice of the flattened padded image with the output
+  gradient (benchmarks/NOTES.md, attempt 8). Same sums, in another order.
+  """
+  return _xla_conv(x, kernel, stride, pads)
+
+
+def _conv_iibwg_fwd(x, kernel, stride, pads):
+  return _xla_conv(x, kernel, stride, pads), (x, kernel)
+
+
+def _conv_iibwg_bwd(stride, pads, residuals, g):
+  x, kernel = residuals
+  _, input_gradient = jax.vjp(lambda x: _xla_conv(x, kernel, stride, pads), x)
+  return input_gradient(g)[0], _kernel_gradient_by_image(x, g, kernel.shape, stride, pads)
+
+
+_conv_image_by_image_weight_gradient.defvjp(_conv_iibwg_fwd, _conv_iibwg_bwd)
+
+
+def _kernel_gradient_by_image(x, g, kernel_shape, stride: int, pads):
+  """d(loss)/d(kernel) of a stride-`stride` convolution from its input and output gradient.
+
+  The padded input is split into its stride x stride phases and each phase flattened with rows
+  of width wq, the output gradient padded to the same row width with zeros. Tap (i, j) then
+  reads phase (i mod s, j mod s) from flat offset (i // s) * wq + j // s on: one contiguous
+  slice, multiplied by the output gradient (the zero columns drop the wrapped-around pixels).
+  """
+  kh, kw, c, o = kernel_shape
+  s = stride
+  b, oh, ow, _ = g.shape
+  hq, wq = oh + (kh - 1) // s + 1, ow + (kw - 1) // s  # one spare row keeps every slice in range
+  (top, _), (left, _) = pads
+  xp = jnp.pad(x, ((0, 0), (top, max(0, s * hq - x.shape[1] - top)),
+                   (left, max(0, s * wq - x.shape[2] - left)), (0, 0)))[:, :s * hq, :s * wq]
+  phases = [xp[:, a::s, e::s].reshape(b, hq * wq, c) for a in range(s) for e in range(s)]
+  gp = jnp.pad(g, ((0, 0), (0, 0), (0, wq - ow), (0, 0))).reshape(b, oh * wq, o)
+  length = oh * wq
+  taps = [(i % s * s + j % s, i // s * wq + j // s) for i in range(kh) for j in range(kw)]
+
+  def add_image(total, image):
+    image_phases, image_g = image
+    per_tap = [jax.lax.dot_general(image_phases[p][start:start + length], image_g,
+                                   (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+               for p, start in taps]
+    return total + jnp.stack(per_tap), None
+
+  total, _ = jax.lax.scan(add_image, jnp.zeros((kh * kw, c, o), jnp.float32), (phases, gp))
+  return total.reshape(kernel_shape).astype(g.dtype)
 
 
 def _channel_product(x, matrix):
@@ -197,8 +290,8 @@ class ConvNormAct(nn.Module):
 
 def max_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False):
   """torch.nn.MaxPool2d: padding with -inf; ceil_mode adds a partial last window."""
-  pads = [_pool_pads(n, kernel, stride, padding, ceil_mode) for n in x.shape[1:3]]
-  return nn.max_pool(x, (kernel, kernel), (stride, stride), padding=pads)
+  pads = tuple(_pool_pads(n, kernel, stride, padding, ceil_mode) for n in x.shape[1:3])
+  return _max_pool(x, kernel, stride, pads)
 
 
 def avg_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False,
@@ -206,9 +299,100 @@ def avg_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = Fa
   """torch.nn.AvgPool2d. ceil_mode's partial last windows average only the pixels they cover."""
   if ceil_mode and padding and count_include_pad:
     raise ValueError("avg_pool: ceil_mode with counted padding is not supported (no timm model uses it)")
-  pads = [_pool_pads(n, kernel, stride, padding, ceil_mode) for n in x.shape[1:3]]
+  pads = tuple(_pool_pads(n, kernel, stride, padding, ceil_mode) for n in x.shape[1:3])
+  return _avg_pool(x, kernel, stride, pads, count_include_pad and not ceil_mode)
+
+
+# XLA's CPU backend runs the gradients of reduce_window pooling (select-and-scatter for max, a
+# padded reduce_window for average) 4-30x slower than the forward passes (ResNet-50's stem max
+# pool: 340 ms against 25 ms at batch 16, 224 px). The custom VJPs below give the same
+# gradients from one cotangent array per window tap, added up phase by phase
+# (benchmarks/NOTES.md, attempt 7). Forward passes stay reduce_window.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, kernel: int, stride: int, pads):
+  return nn.max_pool(x, (kernel, kernel), (stride, stride), padding=pads)
+
+
+def _max_pool_fwd(x, kernel, stride, pads):
+  """The max and, per output, the first window tap (row-major) holding it — the element that
+  select-and-scatter and torch's MaxPool2d send the gradient to; NaN wins, as in torch."""
+  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+  y = tap = None
+  for n, t in enumerate(_window_taps(xp, kernel, stride)):
+    if y is None:
+      y, tap = t, jnp.zeros(t.shape, jnp.int8 if kernel * kernel < 128 else jnp.int32)
+    else:
+      take = (t > y) | jnp.isnan(t)
+      y, tap = jnp.where(take, t, y), jnp.where(take, jnp.asarray(n, tap.dtype), tap)
+  return y, (tap, x.shape)
+
+
+def _max_pool_bwd(kernel, stride, pads, residuals, g):
+  tap, x_shape = residuals
+  zero = jnp.zeros((), g.dtype)
+  per_tap = [jnp.where(tap == n, g, zero) for n in range(kernel * kernel)]
+  return (_taps_to_input(per_tap, kernel, stride, pads, x_shape),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _avg_pool(x, kernel: int, stride: int, pads, count_include_pad: bool):
   return nn.avg_pool(x, (kernel, kernel), (stride, stride), padding=pads,
-                     count_include_pad=count_include_pad and not ceil_mode)
+                     count_include_pad=count_include_pad)
+
+
+def _avg_pool_fwd(x, kernel, stride, pads, count_include_pad):
+  return _avg_pool(x, kernel, stride, pads, count_include_pad), x.shape
+
+
+def _avg_pool_bwd(kernel, stride, pads, count_include_pad, x_shape, g):
+  if count_include_pad:
+    g = g / (kernel * kernel)
+  else:  # each window divides by the pixels it covers inside the image
+    covered = [np.array([len(range(max(o * stride - low, 0), min(o * stride - low + kernel, n)))
+                         for o in range(out)])
+               for n, (low, _), out in zip(x_shape[1:3], pads, g.shape[1:3])]
+    g = g / jnp.asarray(np.outer(*covered)[None, :, :, None], g.dtype)
+  return (_taps_to_input([g] * (kernel * kernel), kernel, stride, pads, x_shape),)
+
+
+_avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+
+
+def _window_taps(xp, kernel: int, stride: int):
+  """The k*k strided views of a padded NHWC array, one per window tap in row-major order: view
+  (i, j) holds, at each output position, the pixel at offset (i, j) in that output's window."""
+  b, hp, wp, c = xp.shape
+  oh, ow = (hp - kernel) // stride + 1, (wp - kernel) // stride + 1
+  for i in range(kernel):
+    for j in range(kernel):
+      yield jax.lax.slice(xp, (0, i, j, 0), (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, c),
+                          (1, stride, stride, 1))
+
+
+def _taps_to_input(per_tap, kernel: int, stride: int, pads, x_shape):
+  """Adds per-tap output-sized arrays back onto the input pixels they came from (the transpose
+  of `_window_taps`, cropped to the unpadded input). Tap (i, j) lands on input phase
+  (i mod s, j mod s) shifted by (i // s, j // s) there, so each phase is a sum of shifted
+  output-sized arrays and the phases interleave with one reshape: no strided scatter."""
+  b, oh, ow, c = per_tap[0].shape
+  hq = -(-(x_shape[1] + sum(pads[0])) // stride)
+  wq = -(-(x_shape[2] + sum(pads[1])) // stride)
+  phases = {}
+  for n, t in enumerate(per_tap):
+    i, j = divmod(n, kernel)
+    di, dj = i // stride, j // stride
+    t = jnp.pad(t, ((0, 0), (di, hq - oh - di), (dj, wq - ow - dj), (0, 0)))
+    key = (i % stride, j % stride)
+    phases[key] = phases[key] + t if key in phases else t
+  zero = jnp.zeros((b, hq, wq, c), per_tap[0].dtype)
+  rows = [jnp.stack([phases.get((a, e), zero) for e in range(stride)], axis=3) for a in range(stride)]
+  padded = jnp.stack(rows, axis=2).reshape(b, hq * stride, wq * stride, c)
+  (top, _), (left, _) = pads
+  return padded[:, top:top + x_shape[1], left:left + x_shape[2]]
 
 
 def _pool_pads(n: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> tuple[int, int]:

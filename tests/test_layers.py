@@ -1,0 +1,121 @@
+"""Layers whose gradients cxflax writes itself (for speed) give the gradients of the plain form."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cxflax.models import layers
+
+# (shape, kernel, stride, padding, ceil_mode): ResNet's stem pool, VGG's 2x2, Inception's
+# unpadded 3x3/2 on odd sizes, stride 1, ceil mode with a partial last window.
+POOLS = [((2, 12, 12, 3), 3, 2, 1, False), ((2, 8, 8, 3), 2, 2, 0, False),
+         ((2, 11, 9, 3), 3, 2, 0, False), ((2, 7, 7, 3), 3, 1, 1, False),
+         ((2, 9, 7, 3), 2, 2, 0, True), ((1, 10, 10, 2), 3, 3, 1, False)]
+
+
+def _ties(shape, seed):
+  """ReLU'd small integers: most windows hold their maximum more than once."""
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(np.maximum(rng.integers(-3, 3, shape), 0).astype(np.float32))
+
+
+def _grad(pool, x):
+  """The gradient of a random weighting of the pooled output."""
+  w = jnp.asarray(np.random.default_rng(1).normal(size=pool(x).shape).astype(np.float32))
+  return jax.grad(lambda x: jnp.sum(pool(x) * w))(x)
+
+
+@pytest.mark.parametrize("shape,k,s,p,ceil", POOLS)
+def test_max_pool_gradient_goes_to_the_first_maximum(shape, k, s, p, ceil):
+  """Same values and gradients as reduce_window's select-and-scatter, ties included."""
+  x = _ties(shape, 0)
+  pads = [layers._pool_pads(n, k, s, p, ceil) for n in shape[1:3]]
+  plain = lambda x: nn.max_pool(x, (k, k), (s, s), padding=pads)
+  ours = lambda x: layers.max_pool(x, k, s, padding=p, ceil_mode=ceil)
+  np.testing.assert_array_equal(ours(x), plain(x))
+  np.testing.assert_allclose(_grad(ours, x), _grad(plain, x), atol=1e-6)
+  np.testing.assert_allclose(jax.jit(lambda x: _grad(ours, x))(x), _grad(plain, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,k,s,p,ceil", POOLS)
+@pytest.mark.parametrize("count_include_pad", [True, False])
+def test_avg_pool_gradient(shape, k, s, p, ceil, count_include_pad):
+  if ceil and p and count_include_pad:
+    pytest.skip("rejected combination (tested below)")
+  x = jnp.asarray(np.random.default_rng(2).normal(size=shape).astype(np.float32))
+  pads = [layers._pool_pads(n, k, s, p, ceil) for n in shape[1:3]]
+  plain = lambda x: nn.avg_pool(x, (k, k), (s, s), padding=pads,
+                                count_include_pad=count_include_pad and not ceil)
+  ours = lambda x: layers.avg_pool(x, k, s, padding=p, ceil_mode=ceil, count_include_pad=count_include_pad)
+  np.testing.assert_allclose(_grad(ours, x), _grad(plain, x), atol=1e-6)
+
+
+def test_pool_gradients_match_torch():
+  """The tie rule is torch's too: MaxPool2d's gradient, and AvgPool2d's in ceil mode."""
+  torch = pytest.importorskip("torch")
+  x = _ties((2, 13, 13, 4), 3)
+  xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
+  for ours, theirs in [(lambda x: layers.max_pool(x, 3, 2, padding=1), torch.nn.MaxPool2d(3, 2, 1)),
+                       (lambda x: layers.avg_pool(x, 2, 2, ceil_mode=True, count_include_pad=False),
+                        torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False))]:
+    w = np.random.default_rng(4).normal(size=ours(x).shape).astype(np.float32)
+    xt.grad = None
+    (theirs(xt) * torch.tensor(w.transpose(0, 3, 1, 2))).sum().backward()
+    expected = xt.grad.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(ours(x) * w))(x), expected, atol=1e-6)
+
+
+def test_max_pool_passes_nan_as_torch_does():
+  x = jnp.zeros((1, 4, 4, 1)).at[0, 1, 1, 0].set(jnp.nan)
+  y, grad = jax.value_and_grad(lambda x: jnp.sum(layers.max_pool(x, 2, 2)))(x)
+  assert np.isnan(y)
+  assert grad[0, 1, 1, 0] == 1 and float(jnp.sum(grad)) == 4  # one pixel per window
+
+
+def test_avg_pool_rejects_ceil_mode_with_counted_padding():
+  with pytest.raises(ValueError, match="ceil_mode"):
+    layers.avg_pool(jnp.zeros((1, 5, 5, 1)), 3, 2, padding=1, ceil_mode=True)
+
+
+# (input shape, output channels, kernel, stride, padding): stride 1 and 2, odd sizes, ResNet's
+# 7x7 stem, an unpadded convolution, and a padding larger than the kernel needs.
+CONVS = [((2, 9, 9, 3), 4, 3, 1, 1), ((2, 11, 8, 3), 5, 3, 2, 1), ((2, 13, 13, 2), 4, 7, 2, 3),
+         ((1, 10, 7, 2), 3, 3, 1, 0), ((1, 8, 8, 2), 3, 3, 2, 3), ((2, 9, 10, 3), 2, 5, 3, 2)]
+
+
+@pytest.mark.parametrize("shape,features,k,s,p", CONVS)
+def test_image_by_image_kernel_gradient(shape, features, k, s, p):
+  """Output and both gradients equal those of XLA's own convolution."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(k, k, shape[-1], features)).astype(np.float32))
+  pads = ((p, p), (p, p))
+  plain = lambda x, w: layers._xla_conv(x, w, s, pads)
+  ours = lambda x, w: layers._conv_image_by_image_weight_gradient(x, w, s, pads)
+  y = plain(x, kernel)
+  np.testing.assert_allclose(ours(x, kernel), y, rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  expected = jax.grad(lambda x, w: jnp.sum(plain(x, w) * g), argnums=(0, 1))(x, kernel)
+  got = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w) * g), argnums=(0, 1)))(x, kernel)
+  for a, e in zip(got, expected):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_large_convolutions_take_the_image_by_image_path():
+  """conv2d routes a single-device CPU convolution with a large output there, and gets the
+  same kernel gradient; in bfloat16 the gradient keeps the compute dtype."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 30, 30, 3)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)).astype(np.float32))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(layers.conv2d(x, w, 1, 1))))(kernel))
+  assert ("scan" in jaxpr) == layers._image_by_image_applies()
+  with layers.xla_kernel_gradients():
+    assert "scan" not in str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(layers.conv2d(x, w, 1, 1))))(kernel))
+  grad = jax.grad(lambda w, x: jnp.sum(layers.conv2d(x, w, 1, 1) ** 2))
+  plain = jax.grad(lambda w, x: jnp.sum(layers._xla_conv(x, w, 1, ((1, 1), (1, 1))) ** 2))
+  np.testing.assert_allclose(grad(kernel, x), plain(kernel, x), rtol=1e-4)
+  half = grad(kernel.astype(jnp.bfloat16), x.astype(jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(np.float32), plain(kernel, x), rtol=0.05, atol=0.5)
