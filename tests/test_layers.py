@@ -93,7 +93,7 @@ def test_image_by_image_kernel_gradient(shape, features, k, s, p):
   kernel = jnp.asarray(rng.normal(size=(k, k, shape[-1], features)).astype(np.float32))
   pads = ((p, p), (p, p))
   plain = lambda x, w: layers._xla_conv(x, w, s, pads)
-  ours = lambda x, w: layers._conv_image_by_image_weight_gradient(x, w, s, pads)
+  ours = lambda x, w: layers._conv_image_by_image_kernel_gradient(x, w, s, pads)
   y = plain(x, kernel)
   np.testing.assert_allclose(ours(x, kernel), y, rtol=1e-5, atol=1e-5)
   g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))

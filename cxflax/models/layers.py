@@ -102,8 +102,9 @@ def conv2d(x, kernel, stride: int = 1, padding: int | tuple[int, int] = 0, dilat
                  j * dilation:j * dilation + stride * (out_w - 1) + 1:stride, :]
         y = y + _channel_product(tap, kernel[i, j])
     return y
-  if groups == 1 and dilation == 1 and out_h * out_w >= _BLOCKED_WEIGHT_GRADIENT_FROM and _image_by_image_applies():
-    return _conv_image_by_image_weight_gradient(x, kernel, stride, ((ph, ph), (pw, pw)))
+  if (groups == 1 and dilation == 1 and out_h * out_w >= _IMAGE_BY_IMAGE_FROM_PIXELS
+      and _image_by_image_applies()):
+    return _conv_image_by_image_kernel_gradient(x, kernel, stride, ((ph, ph), (pw, pw)))
   return _xla_conv(x, kernel, stride, ((ph, ph), (pw, pw)), dilation, groups)
 
 
@@ -115,7 +116,7 @@ def _xla_conv(x, kernel, stride: int, pads, dilation: int = 1, groups: int = 1):
 
 # Convolutions with at least this many output pixels take their kernel gradient image by image
 # (below), where that measured faster: 2-4x at 56-112 px, ~1.3x at 28 px, even at 14 px.
-_BLOCKED_WEIGHT_GRADIENT_FROM = 28 * 28
+_IMAGE_BY_IMAGE_FROM_PIXELS = 28 * 28
 
 
 _image_by_image_enabled = True
@@ -141,7 +142,7 @@ def xla_kernel_gradients():
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_image_by_image_weight_gradient(x, kernel, stride: int, pads):
+def _conv_image_by_image_kernel_gradient(x, kernel, stride: int, pads):
   """XLA's convolution, and its input gradient; only the kernel gradient is computed otherwise.
 
   XLA's CPU backend computes the kernel gradient of a convolution over large, shallow maps at
@@ -153,17 +154,17 @@ def _conv_image_by_image_weight_gradient(x, kernel, stride: int, pads):
   return _xla_conv(x, kernel, stride, pads)
 
 
-def _conv_iibwg_fwd(x, kernel, stride, pads):
+def _image_by_image_fwd(x, kernel, stride, pads):
   return _xla_conv(x, kernel, stride, pads), (x, kernel)
 
 
-def _conv_iibwg_bwd(stride, pads, residuals, g):
+def _image_by_image_bwd(stride, pads, residuals, g):
   x, kernel = residuals
   _, input_gradient = jax.vjp(lambda x: _xla_conv(x, kernel, stride, pads), x)
   return input_gradient(g)[0], _kernel_gradient_by_image(x, g, kernel.shape, stride, pads)
 
 
-_conv_image_by_image_weight_gradient.defvjp(_conv_iibwg_fwd, _conv_iibwg_bwd)
+_conv_image_by_image_kernel_gradient.defvjp(_image_by_image_fwd, _image_by_image_bwd)
 
 
 def _kernel_gradient_by_image(x, g, kernel_shape, stride: int, pads):
