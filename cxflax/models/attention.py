@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import flax.linen as nn
 import jax
@@ -78,9 +80,12 @@ class SplitAttention(nn.Module):
     attn_chs = make_divisible(x.shape[-1] * r * self.rd_ratio, self.rd_divisor, min_value=32)
     x = Conv2d(c * r, self.kernel_size, self.stride, groups=g * r, dtype=self.dtype, name="conv")(x)
     x = nn.relu(batch_norm(train, self.dtype, name="bn0")(x))
-    b, h, w, _ = x.shape
-    splits = x.reshape(b, h, w, r, c) if r > 1 else x[..., None, :]
-    gap = jnp.mean(jnp.sum(splits, axis=3), axis=(1, 2), keepdims=True)
+    b = x.shape[0]
+    # The splits as slices, summed one by one: written as a reduction over a radix axis, XLA's
+    # CPU backend fused it into the next 1x1 convolution's matrix product and ran that product
+    # several times slower (resnest50d eval 15 -> 19 img/s; benchmarks/NOTES.md, attempt 9).
+    splits = [x[..., i * c:(i + 1) * c] for i in range(r)]
+    gap = functools.reduce(operator.add, (jnp.mean(s, axis=(1, 2), keepdims=True) for s in splits))
     gap = Conv2d(attn_chs, 1, groups=g, use_bias=True, dtype=self.dtype, name="fc1")(gap)
     gap = nn.relu(batch_norm(train, self.dtype, name="bn1")(gap))
     attn = Conv2d(c * r, 1, groups=g, use_bias=True, dtype=self.dtype, name="fc2")(gap).reshape(b, c * r)
@@ -88,7 +93,7 @@ class SplitAttention(nn.Module):
       # timm: view (B, groups, radix, C/groups) → softmax over radix → radix-major order.
       attn = jax.nn.softmax(attn.reshape(b, g, r, c // g), axis=2)
       attn = attn.transpose(0, 2, 1, 3).reshape(b, 1, 1, r, c)
-      return jnp.sum(splits * attn, axis=3)
+      return functools.reduce(operator.add, (s * attn[:, :, :, i] for i, s in enumerate(splits)))
     return x * nn.sigmoid(attn)[:, None, None, :]
 
 
@@ -110,11 +115,11 @@ class SelectiveKernel(nn.Module):
     paths = [ConvNormAct(self.features, 3, self.stride, dilation=(k - 1) // 2, groups=groups,
                          dtype=self.dtype, name=f"paths_{i}")(x, train)
              for i, k in enumerate(self.kernel_sizes)]
-    stacked = jnp.stack(paths, axis=3)  # (B, H, W, paths, C)
     attn_chs = make_divisible(self.features * self.rd_ratio, self.rd_divisor)
-    s = jnp.mean(jnp.sum(stacked, axis=3), axis=(1, 2), keepdims=True)
+    s = functools.reduce(operator.add, (jnp.mean(p, axis=(1, 2), keepdims=True) for p in paths))
     s = _SKAttn(attn_chs, len(paths), self.features, self.dtype, name="attn")(s, train)
-    return jnp.sum(stacked * s, axis=3)
+    # Summed path by path, not as a reduction over a stacked axis (see SplitAttention).
+    return functools.reduce(operator.add, (p * s[:, :, :, i] for i, p in enumerate(paths)))
 
 
 class _SKAttn(nn.Module):
