@@ -11,13 +11,14 @@ compile time, XLA's FLOP count of the compiled step (cost analysis) and the FLOP
 and that as a fraction of the float32 matrix-product ceiling measured in the same run on the
 same devices (MFU). Memory is XLA's compiled footprint (arguments + outputs + temporaries, per
 device), and on GPUs the device's peak bytes in use. timm's model in PyTorch on the same batch
-(train step with SGD; eval under no_grad) is timed in the same run (CPU threads = all cores),
-with the ratio cxflax / PyTorch. Prints a table last and writes JSON.
+(train step with SGD; eval under no_grad) is timed in the same run, in a fresh process per
+model (CPU threads = all cores), with the ratio cxflax / PyTorch. Prints a table last and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import time
 
@@ -35,14 +36,16 @@ from cxflax.train.steps import create_train_state, init_variables, make_eval_ste
 
 
 def matmul_ceiling(devices, n: int = 2048, dtype=jnp.float32) -> float:
-  """FLOP/s of an n×n×n product on each device at once (the sum over devices)."""
+  """FLOP/s of an n×n×n product on each device at once (the sum over devices), best of 9."""
   mesh = parallel.make_mesh(devices)
   sharding = parallel.data_sharded(mesh)
   k = len(devices)
   a = jax.device_put(jnp.ones((k * n, n), dtype), sharding)
   b = jax.device_put(jnp.ones((n, n), dtype), parallel.replicated(mesh))
   f = jax.jit(lambda a, b: a @ b, out_shardings=sharding)
-  return 2 * k * n ** 3 / time_call(f, a, b, repeats=5)
+  jax.block_until_ready(f(a, b))
+  # The fastest of several calls: a ceiling, and the median moved by 1.5x between runs here.
+  return 2 * k * n ** 3 / min(time_call(f, a, b, repeats=1, warmup=0) for _ in range(9))
 
 
 def _compiled_stats(compiled) -> dict:
@@ -116,7 +119,20 @@ def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats:
 
 
 def torch_rates(name: str, batch: int, size: int, repeats: int) -> dict:
-  """timm's model in PyTorch: SGD train-step and no_grad eval images/s on the same batch."""
+  """timm's model in PyTorch, in a fresh process of its own (see _torch_rates_here)."""
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(_torch_rates_here, (name, batch, size, repeats))
+
+
+def _torch_rates_here(name: str, batch: int, size: int, repeats: int) -> dict:
+  """SGD train-step and no_grad eval images/s on the same batch, after two warm-up calls.
+
+  PyTorch's CPU speed here depends on the process's history: glibc returns large tensors to the
+  system and faults their pages in again on the next step, less so once earlier frees have
+  raised its mmap threshold, so timm's figures moved by up to 1.7x with the models measured
+  before them in the same process (benchmarks/NOTES.md §8). A fresh process per model gives
+  every model the same start, that of a user's training script.
+  """
   import torch
   import timm
   torch.set_num_threads(os.cpu_count() or 1)
@@ -132,6 +148,7 @@ def torch_rates(name: str, batch: int, size: int, repeats: int) -> dict:
     opt.step()
 
   def timed(fn):
+    fn()
     fn()
     times = []
     for _ in range(repeats):
