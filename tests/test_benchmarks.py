@@ -49,3 +49,31 @@ def test_scaling_shows_a_split_batch_and_one_gradient_reduction(tmp_path):
   for n in (2, 8):  # the gradients (parameter-sized) once, plus BatchNorm statistics and the loss
     assert 1.0 <= rows[n]["all_reduce_over_params"] < 1.1
   assert rows[2]["flops_ratio"] < 1.15  # each device computes its half, not the whole batch
+
+
+def test_op_profile_reads_flops_and_scopes_from_the_compiled_hlo():
+  import jax
+  import jax.numpy as jnp
+  from benchmarks.op_profile import describe, parse_hlo
+
+  def f(x, k, w):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.tanh(y).reshape(-1, 6) @ w
+  x, k, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 6)), jnp.ones((6, 5))
+  text = jax.jit(f).lower(x, k, w).compile().as_text()
+  instructions, computations = parse_hlo(text)
+  entry = next(name for name in computations if f"ENTRY %{name} " in text)
+  rows = [describe(instructions, computations, n) for n in computations[entry]]
+  kinds = {r["kind"] for r in rows}
+  assert {"convolution", "dot"} <= kinds, kinds
+  conv_flops, dot_flops = 2 * 2 * 8 * 8 * 6 * 9 * 3, 2 * 128 * 6 * 5
+  assert sum(r["flops"] for r in rows) == conv_flops + dot_flops
+
+
+def test_op_profile_runs_on_a_train_step(tmp_path):
+  _, result = _run("op_profile", tmp_path / "o.json", "--model", "resnet10t", "--mode", "train",
+                   "--batch", "2", "--image_size", "32", "--top", "5")
+  assert result["mode"] == "train" and result["rows"]
+  assert any(r["kind"] == "convolution" and r["gflop_s"] > 0 for r in result["rows"])
+  assert any("layer1_0" in r["scope"] for r in result["rows"])
+  assert sum(k["ms"] for k in result["by_kind"]) > 0
