@@ -119,3 +119,17 @@ def test_large_convolutions_take_the_image_by_image_path():
   half = grad(kernel.astype(jnp.bfloat16), x.astype(jnp.bfloat16))
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(half.astype(np.float32), plain(kernel, x), rtol=0.05, atol=0.5)
+
+
+def test_relu_matches_jax_relu_in_value_and_derivative():
+  x = jnp.array([-jnp.inf, -2.0, -0.0, 0.0, 1e-30, 3.0, jnp.inf, jnp.nan] +
+                list(np.random.default_rng(0).normal(size=24)), jnp.float32)
+  np.testing.assert_array_equal(layers.relu(x), jax.nn.relu(x))  # NaN propagates, -inf → 0
+  assert np.isnan(layers.relu(x)[7])
+  t = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+  _, tangent = jax.jvp(layers.relu, (x,), (t,))
+  _, expected = jax.jvp(jax.nn.relu, (x,), (t,))
+  np.testing.assert_array_equal(tangent, expected)
+  assert tangent[2] == 0 and tangent[3] == 0  # relu'(0) = 0, as torch
+  grad = jax.grad(lambda x: jnp.sum(layers.relu(x) * t))(x)
+  np.testing.assert_array_equal(grad, jax.grad(lambda x: jnp.sum(jax.nn.relu(x) * t))(x))

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxflax.models.layers import Conv2d, ConvNormAct, Dtype, batch_norm, make_divisible
+from cxflax.models.layers import Conv2d, ConvNormAct, Dtype, batch_norm, make_divisible, relu
 
 
 class SqueezeExcite(nn.Module):
@@ -24,7 +24,7 @@ class SqueezeExcite(nn.Module):
     channels = x.shape[-1]
     rd = make_divisible(channels * self.rd_ratio, self.rd_divisor, round_limit=0.0)
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.relu(Conv2d(rd, 1, use_bias=True, dtype=self.dtype, name="fc1")(s))
+    s = relu(Conv2d(rd, 1, use_bias=True, dtype=self.dtype, name="fc1")(s))
     s = Conv2d(channels, 1, use_bias=True, dtype=self.dtype, name="fc2")(s)
     return x * nn.sigmoid(s)
 
@@ -79,7 +79,7 @@ class SplitAttention(nn.Module):
     r, c, g = self.radix, self.features, self.groups
     attn_chs = make_divisible(x.shape[-1] * r * self.rd_ratio, self.rd_divisor, min_value=32)
     x = Conv2d(c * r, self.kernel_size, self.stride, groups=g * r, dtype=self.dtype, name="conv")(x)
-    x = nn.relu(batch_norm(train, self.dtype, name="bn0")(x))
+    x = relu(batch_norm(train, self.dtype, name="bn0")(x))
     b = x.shape[0]
     # The splits as slices, summed one by one: written as a reduction over a radix axis, XLA's
     # CPU backend fused it into the next 1x1 convolution's matrix product and ran that product
@@ -87,7 +87,7 @@ class SplitAttention(nn.Module):
     splits = [x[..., i * c:(i + 1) * c] for i in range(r)]
     gap = functools.reduce(operator.add, (jnp.mean(s, axis=(1, 2), keepdims=True) for s in splits))
     gap = Conv2d(attn_chs, 1, groups=g, use_bias=True, dtype=self.dtype, name="fc1")(gap)
-    gap = nn.relu(batch_norm(train, self.dtype, name="bn1")(gap))
+    gap = relu(batch_norm(train, self.dtype, name="bn1")(gap))
     attn = Conv2d(c * r, 1, groups=g, use_bias=True, dtype=self.dtype, name="fc2")(gap).reshape(b, c * r)
     if r > 1:
       # timm: view (B, groups, radix, C/groups) → softmax over radix → radix-major order.
@@ -133,7 +133,7 @@ class _SKAttn(nn.Module):
   def __call__(self, s, train: bool):
     b = s.shape[0]
     s = Conv2d(self.attn_channels, 1, dtype=self.dtype, name="fc_reduce")(s)
-    s = nn.relu(batch_norm(train, self.dtype, name="bn")(s))
+    s = relu(batch_norm(train, self.dtype, name="bn")(s))
     s = Conv2d(self.features * self.num_paths, 1, dtype=self.dtype, name="fc_select")(s)
     return jax.nn.softmax(s.reshape(b, 1, 1, self.num_paths, self.features), axis=3)
 

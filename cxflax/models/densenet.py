@@ -10,11 +10,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxflax.models import registry
-from cxflax.models.layers import Conv2d, Dtype, avg_pool, batch_norm, classifier, max_pool
+from cxflax.models.layers import Conv2d, Dtype, avg_pool, batch_norm, classifier, max_pool, relu
 
 
 def _norm_act(x, train, dtype, name):
-  return nn.relu(batch_norm(train, dtype, name=name)(x))
+  return relu(batch_norm(train, dtype, name=name)(x))
 
 
 class DenseLayer(nn.Module):

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxflax.models.layers import Dtype
+from cxflax.models.layers import Dtype, relu
 
 
 class ModelSE(nn.Module):
@@ -25,7 +25,7 @@ class ModelSE(nn.Module):
   def __call__(self, stacked):
     m = stacked.shape[-1]
     s = jnp.mean(stacked, axis=1)
-    s = nn.relu(nn.Dense(max(1, m // self.reduction), use_bias=False, dtype=self.dtype, name="fc1")(s))
+    s = relu(nn.Dense(max(1, m // self.reduction), use_bias=False, dtype=self.dtype, name="fc1")(s))
     w = nn.sigmoid(nn.Dense(m, use_bias=False, dtype=self.dtype, name="fc2")(s))
     return stacked * w[:, None, :]
 

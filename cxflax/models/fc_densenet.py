@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxflax.models import registry
-from cxflax.models.layers import Conv2d, Dtype, batch_norm, max_pool
+from cxflax.models.layers import Conv2d, Dtype, batch_norm, max_pool, relu
 
 
 class _DenseLayer(nn.Module):
@@ -33,7 +33,7 @@ class _DenseLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = nn.relu(batch_norm(train, self.dtype, name="norm")(x))
+    y = relu(batch_norm(train, self.dtype, name="norm")(x))
     y = Conv2d(self.growth_rate, 3, padding=1, use_bias=True, dtype=self.dtype, name="conv")(y)
     return nn.Dropout(self.drop_rate, deterministic=not train)(y)
 
@@ -83,7 +83,7 @@ class FCDenseNet(nn.Module):
     for i, n in enumerate(self.down_blocks):
       x, _ = _DenseBlock(n, self.growth_rate, self.drop_rate, self.dtype, name=f"down{i + 1}")(x, train)
       skips.append(x)
-      y = nn.relu(batch_norm(train, self.dtype, name=f"transition_down{i + 1}_norm")(x))
+      y = relu(batch_norm(train, self.dtype, name=f"transition_down{i + 1}_norm")(x))
       y = Conv2d(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name=f"transition_down{i + 1}_conv")(y)
       y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
       x = max_pool(y, 2, 2)

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from cxflax.errors import CheckpointError
 from cxflax.models import registry
-from cxflax.models.layers import Dtype, batch_norm, global_pool
+from cxflax.models.layers import Dtype, batch_norm, global_pool, relu
 
 POOLS = ("avg", "max", "avgmax", "catavgmax", "hybrid")
 
@@ -60,7 +60,7 @@ class MLPHead(nn.Module):
   def __call__(self, x, train: bool = False):
     x = _features(x, self.pool)
     for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"fc{i + 1}")(x))
+      x = relu(nn.Dense(width, dtype=self.dtype, name=f"fc{i + 1}")(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_outputs, dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x)
 
@@ -95,7 +95,7 @@ class FastaiHead(nn.Module):
     x = x if x.ndim == 2 else global_pool(x, "catavgmax")
     x = batch_norm(train, self.dtype, name="bn1")(x)
     x = nn.Dropout(self.ps / 2, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+    x = relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
     x = batch_norm(train, self.dtype, name="bn2")(x)
     x = nn.Dropout(self.ps, deterministic=not train)(x)
     return nn.Dense(self.num_outputs, dtype=self.dtype, name="fc2")(x)
@@ -106,7 +106,7 @@ def _embed(x, hidden, dim: int, pool: str, dtype):
   the embedding and the classifier built on it share parameter names (seed 004's phases)."""
   x = _features(x, pool)
   for i, width in enumerate(hidden):
-    x = nn.relu(nn.Dense(width, dtype=dtype, name=f"fc{i + 1}")(x))
+    x = relu(nn.Dense(width, dtype=dtype, name=f"fc{i + 1}")(x))
   x = nn.Dense(dim, dtype=dtype, name=f"fc{len(hidden) + 1}")(x).astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -137,7 +137,7 @@ class EmbeddingClassifierHead(nn.Module):
   def __call__(self, x, train: bool = False):
     e = _embed(x, self.embedding_hidden, self.embedding_dim, self.pool, self.dtype)
     for i, width in enumerate(self.hidden):
-      e = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"cls{i + 1}")(e))
+      e = relu(nn.Dense(width, dtype=self.dtype, name=f"cls{i + 1}")(e))
     return nn.Dense(self.num_outputs, dtype=self.dtype, name=f"cls{len(self.hidden) + 1}")(e)
 
 

@@ -264,7 +264,22 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "": None, None: None}
+@jax.custom_jvp
+def relu(x):
+  """max(x, 0) written as a select. XLA's CPU backend broadcasts the zero of max(x, 0) into a
+  full-size array where it fuses the ReLU into a matrix product or convolution; the select
+  avoids that (eval +10-15%, benchmarks/NOTES.md attempt 10). NaN propagates, as in torch; the
+  derivative is jax.nn.relu's (0 at x <= 0)."""
+  return jnp.where(x < 0, jnp.zeros_like(x), x)
+
+
+@relu.defjvp
+def _relu_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return relu(x), jnp.where(x > 0, t, jnp.zeros_like(t))
+
+
+ACTIVATIONS = {"relu": relu, "silu": nn.silu, "": None, None: None}
 
 
 class ConvNormAct(nn.Module):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from cxflax.models import registry
 from cxflax.models.attention import SelectiveKernel, SplitAttention, make_attention
 from cxflax.models.layers import (Conv2d, ConvNormAct, DropPath, Dtype, avg_pool, batch_norm,
-                                  classifier, max_pool)
+                                  classifier, max_pool, relu)
 
 
 def _shortcut(x, features: int, stride: int, avg_down: bool, train: bool, dtype: Dtype):
@@ -59,7 +59,7 @@ class BasicBlock(nn.Module):
       raise ValueError("BasicBlock supports only cardinality 1 and base_width 64")
     out = self.planes * self.expansion
     y = Conv2d(self.planes // self.reduce_first, 3, self.stride, dtype=self.dtype, name="conv1")(x)
-    y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
+    y = relu(batch_norm(train, self.dtype, name="bn1")(y))
     y = Conv2d(out, 3, dtype=self.dtype, name="conv2")(y)
     y = batch_norm(train, self.dtype, name="bn2", zero_init=self.zero_init_last)(y)
     return _residual(self, x, y, out, train)
@@ -86,9 +86,9 @@ class Bottleneck(nn.Module):
     width = int(math.floor(self.planes * (self.base_width / 64)) * self.cardinality)
     out = self.planes * self.expansion
     y = Conv2d(width // self.reduce_first, 1, dtype=self.dtype, name="conv1")(x)
-    y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
+    y = relu(batch_norm(train, self.dtype, name="bn1")(y))
     y = Conv2d(width, 3, self.stride, groups=self.cardinality, dtype=self.dtype, name="conv2")(y)
-    y = nn.relu(batch_norm(train, self.dtype, name="bn2")(y))
+    y = relu(batch_norm(train, self.dtype, name="bn2")(y))
     y = Conv2d(out, 1, dtype=self.dtype, name="conv3")(y)
     y = batch_norm(train, self.dtype, name="bn3", zero_init=self.zero_init_last)(y)
     return _residual(self, x, y, out, train)
@@ -153,7 +153,7 @@ class ResNestBottleneck(nn.Module):
     out = self.planes * self.expansion
     avd_stride, stride = (self.stride, 1) if self.avd and self.stride > 1 else (0, self.stride)
     y = Conv2d(width, 1, dtype=self.dtype, name="conv1")(x)
-    y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
+    y = relu(batch_norm(train, self.dtype, name="bn1")(y))
     if avd_stride and self.avd_first:
       y = avg_pool(y, 3, avd_stride, padding=1)
     if self.radix >= 1:
@@ -161,7 +161,7 @@ class ResNestBottleneck(nn.Module):
                          name="conv2")(y, train)
     else:
       y = Conv2d(width, 3, stride, groups=self.cardinality, dtype=self.dtype, name="conv2")(y)
-      y = nn.relu(batch_norm(train, self.dtype, name="bn2")(y))
+      y = relu(batch_norm(train, self.dtype, name="bn2")(y))
     if avd_stride and not self.avd_first:
       y = avg_pool(y, 3, avd_stride, padding=1)
     y = Conv2d(out, 1, dtype=self.dtype, name="conv3")(y)
@@ -181,7 +181,7 @@ def _residual(block: nn.Module, x, y, out_features: int, train: bool):
     y = DropPath(block.drop_path_rate, name="drop_path")(y, train)
   if block.downsample:
     x = _shortcut(x, out_features, block.stride, block.avg_down, train, block.dtype)
-  return nn.relu(y + x)
+  return relu(y + x)
 
 
 class ResNet(nn.Module):
@@ -220,16 +220,16 @@ class ResNet(nn.Module):
       chs = (3 * (self.stem_width // 4), self.stem_width) if "tiered" in self.stem_type else (
           self.stem_width, self.stem_width)
       x = Conv2d(chs[0], 3, 2, dtype=self.dtype, name="conv1_0")(x)
-      x = nn.relu(batch_norm(train, self.dtype, name="conv1_1")(x))
+      x = relu(batch_norm(train, self.dtype, name="conv1_1")(x))
       x = Conv2d(chs[1], 3, 1, dtype=self.dtype, name="conv1_3")(x)
-      x = nn.relu(batch_norm(train, self.dtype, name="conv1_4")(x))
+      x = relu(batch_norm(train, self.dtype, name="conv1_4")(x))
       x = Conv2d(inplanes, 3, 1, dtype=self.dtype, name="conv1_6")(x)
     else:
       x = Conv2d(inplanes, 7, 2, dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
+    x = relu(batch_norm(train, self.dtype, name="bn1")(x))
     if self.replace_stem_pool:
       x = Conv2d(inplanes, 3, 2, dtype=self.dtype, name="maxpool_0")(x)
-      x = nn.relu(batch_norm(train, self.dtype, name="maxpool_1")(x))
+      x = relu(batch_norm(train, self.dtype, name="maxpool_1")(x))
     else:
       x = max_pool(x, 3, 2, padding=1)
 

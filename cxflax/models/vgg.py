@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxflax.models import registry
-from cxflax.models.layers import Conv2d, Dtype, batch_norm, global_pool, max_pool
+from cxflax.models.layers import Conv2d, Dtype, batch_norm, global_pool, max_pool, relu
 
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
          512, 512, 512, 512, "M")
@@ -38,9 +38,9 @@ class _ConvMlp(nn.Module):
     k = self.kernel_size
     if x.shape[1] < k or x.shape[2] < k:
       x = adaptive_avg_pool(x, max(k, x.shape[1]), max(k, x.shape[2]))
-    x = nn.relu(Conv2d(self.features, k, padding=0, use_bias=True, dtype=self.dtype, name="fc1")(x))
+    x = relu(Conv2d(self.features, k, padding=0, use_bias=True, dtype=self.dtype, name="fc1")(x))
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-    return nn.relu(Conv2d(self.features, 1, padding=0, use_bias=True, dtype=self.dtype, name="fc2")(x))
+    return relu(Conv2d(self.features, 1, padding=0, use_bias=True, dtype=self.dtype, name="fc2")(x))
 
 
 class _Head(nn.Module):
@@ -74,7 +74,7 @@ class VGG(nn.Module):
         index += 1
       else:
         x = Conv2d(v, 3, padding=1, use_bias=True, dtype=self.dtype, name=f"features_{index}")(x)
-        x = nn.relu(batch_norm(train, self.dtype, name=f"features_{index + 1}")(x))
+        x = relu(batch_norm(train, self.dtype, name=f"features_{index + 1}")(x))
         index += 3
     x = _ConvMlp(drop_rate=self.drop_rate, dtype=self.dtype, name="pre_logits")(x, train)
     if not self.global_pool:
