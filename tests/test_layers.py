@@ -133,3 +133,71 @@ def test_relu_matches_jax_relu_in_value_and_derivative():
   assert tangent[2] == 0 and tangent[3] == 0  # relu'(0) = 0, as torch
   grad = jax.grad(lambda x: jnp.sum(layers.relu(x) * t))(x)
   np.testing.assert_array_equal(grad, jax.grad(lambda x: jnp.sum(jax.nn.relu(x) * t))(x))
+
+
+def _plain_batch_norm(x, scale, bias, ra_mean, ra_var, momentum=0.1, eps=1e-5):
+  """torch's BatchNorm2d in training mode, written out for autodiff."""
+  mean = jnp.mean(x, (0, 1, 2))
+  var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+  n = x.size // x.shape[-1]
+  y = (x - mean) / jnp.sqrt(var + eps) * scale + bias
+  return y, (1 - momentum) * ra_mean + momentum * mean, (1 - momentum) * ra_var + momentum * var * n / (n - 1)
+
+
+def test_batch_norm_training_gradient_is_autodiffs():
+  """The closed-form backward of BatchNorm in training mode against autodiff of the plain form,
+  with a loss that also reads the updated running statistics (their cotangents must count)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(3.0, 2.0, size=(3, 5, 4, 6)), jnp.float32)
+  scale, bias = (jnp.asarray(rng.normal(size=6), jnp.float32) for _ in range(2))
+  stats = {"mean": jnp.asarray(rng.normal(size=6), jnp.float32),
+           "var": jnp.asarray(rng.uniform(0.5, 2, size=6), jnp.float32)}
+  w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  bn = layers.BatchNorm(use_running_average=False)
+
+  def ours(x, scale, bias, with_stats):
+    y, new = bn.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x,
+                      mutable=["batch_stats"])
+    new = new["batch_stats"]
+    return jnp.sum(y * w) + with_stats * (jnp.sum(jnp.sin(new["mean"])) + jnp.sum(new["var"] * scale)), (y, new)
+
+  def plain(x, scale, bias, with_stats):
+    y, mean, var = _plain_batch_norm(x, scale, bias, stats["mean"], stats["var"])
+    return jnp.sum(y * w) + with_stats * (jnp.sum(jnp.sin(mean)) + jnp.sum(var * scale)), (y, {"mean": mean, "var": var})
+
+  for with_stats in (0.0, 1.0):
+    (value, (y, new)), grads = jax.value_and_grad(ours, (0, 1, 2), has_aux=True)(x, scale, bias, with_stats)
+    (value_p, (y_p, new_p)), grads_p = jax.value_and_grad(plain, (0, 1, 2), has_aux=True)(x, scale, bias, with_stats)
+    np.testing.assert_allclose(y, y_p, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new["mean"], new_p["mean"], rtol=1e-6)
+    np.testing.assert_allclose(new["var"], new_p["var"], rtol=1e-5)
+    for g, g_p in zip(grads, grads_p):
+      np.testing.assert_allclose(g, g_p, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_training_matches_torch():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(1)
+  x = rng.normal(-1.0, 4.0, size=(4, 3, 3, 5)).astype(np.float32)
+  w = rng.normal(size=x.shape).astype(np.float32)
+  scale, bias = (rng.normal(size=5).astype(np.float32) for _ in range(2))
+  bn = layers.BatchNorm(use_running_average=False)
+  variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+               "batch_stats": {"mean": jnp.zeros(5), "var": jnp.ones(5)}}
+
+  def loss(params, x):
+    y, new = bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+    return jnp.sum(y * w), new["batch_stats"]
+  (_, new), (g_params, g_x) = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables["params"], jnp.asarray(x))
+
+  theirs = torch.nn.BatchNorm2d(5)
+  with torch.no_grad():
+    theirs.weight.copy_(torch.tensor(scale))
+    theirs.bias.copy_(torch.tensor(bias))
+  xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  (theirs(xt) * torch.tensor(w.transpose(0, 3, 1, 2))).sum().backward()
+  np.testing.assert_allclose(g_x, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(g_params["scale"], theirs.weight.grad.numpy(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(g_params["bias"], theirs.bias.grad.numpy(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(new["mean"], theirs.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new["var"], theirs.running_var.numpy(), rtol=1e-5)

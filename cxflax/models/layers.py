@@ -229,19 +229,74 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", self.scale_init, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-      mean = jnp.mean(xf, axes)
-      var = jnp.mean(jnp.square(xf - mean), axes)
-      if not self.is_initializing():
-        n = math.prod(x.shape[:-1])
-        m = self.momentum
-        ra_mean.value = (1 - m) * ra_mean.value + m * mean.astype(ra_mean.value.dtype)
-        ra_var.value = (1 - m) * ra_var.value + m * (var * n / max(n - 1, 1)).astype(ra_var.value.dtype)
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    return ((x - mean.astype(self.dtype)) * mul.astype(self.dtype) + bias.astype(self.dtype)).astype(self.dtype)
+      return _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.dtype)
+    y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+    if not self.is_initializing():
+      n = math.prod(x.shape[:-1])
+      m = self.momentum
+      ra_mean.value = (1 - m) * ra_mean.value + m * mean.astype(ra_mean.value.dtype)
+      ra_var.value = (1 - m) * ra_var.value + m * (var * n / max(n - 1, 1)).astype(ra_var.value.dtype)
+    return y
+
+
+def _batch_stats(x):
+  """Per-channel mean and biased variance over all but the last axis, by two passes (float32)."""
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(xf, axes)
+  return mean, jnp.mean(jnp.square(xf - mean), axes)
+
+
+def _normalize(x, mean, var, scale, bias, epsilon: float, dtype):
+  mul = scale * jax.lax.rsqrt(var + epsilon)
+  return ((x - mean.astype(dtype)) * mul.astype(dtype) + bias.astype(dtype)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x, scale, bias, epsilon: float, dtype):
+  """BatchNorm with batch statistics → (y, mean, var), differentiated in closed form.
+
+  Autodiff of the two-pass statistics also differentiates the variance through the mean (a
+  term that is zero but still summed over the batch) and spreads the rest over more passes
+  over the activations than torch's native_batch_norm_backward, whose closed form this is: two
+  sums over the output gradient, then the input gradient (benchmarks/NOTES.md, attempt 11).
+  The cotangents of mean and var (zero in a train step, where they only feed the running
+  averages) are honoured when present."""
+  mean, var = _batch_stats(x)
+  return _normalize(x, mean, var, scale, bias, epsilon, dtype), mean, var
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, dtype):
+  x, scale, bias = x.value, scale.value, bias.value
+  mean, var = _batch_stats(x)
+  return (_normalize(x, mean, var, scale, bias, epsilon, dtype), mean, var), (x, scale, mean, var)
+
+
+def _batch_norm_train_bwd(epsilon, dtype, residuals, cotangents):
+  x, scale, mean, var = residuals
+  gy, g_mean, g_var = cotangents
+  axes = tuple(range(x.ndim - 1))
+  n = math.prod(x.shape[:-1])
+  f32 = jnp.promote_types(x.dtype, jnp.float32)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  centred = x.astype(f32) - mean
+  if isinstance(gy, jax.custom_derivatives.SymbolicZero):
+    g = jnp.zeros(x.shape, f32)
+  else:
+    g = gy.astype(f32)
+  g_bias = jnp.sum(g, axes)
+  g_scale = jnp.sum(g * centred, axes) * rstd
+  mul = scale * rstd
+  # d/dx of (x - mean)·mul + bias with mean and var functions of x:
+  gx = mul * g - (mul / n) * g_bias - centred * (mul * rstd * g_scale / n)
+  if not isinstance(g_mean, jax.custom_derivatives.SymbolicZero):
+    gx = gx + g_mean / n
+  if not isinstance(g_var, jax.custom_derivatives.SymbolicZero):
+    gx = gx + centred * (2 * g_var / n)
+  return gx.astype(x.dtype), g_scale, g_bias
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd, symbolic_zeros=True)
 
 
 def batch_norm(train: bool, dtype: Dtype, name: str | None = None, zero_init: bool = False,
