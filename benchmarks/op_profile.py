@@ -3,13 +3,15 @@
     python -m benchmarks.op_profile [--model resnest50d] [--mode eval|train] [--batch 16]
         [--image_size 224] [--top 30] [--out FILE]
 
-Traces a few calls of the jitted eval apply (or the parameter gradient in training mode) with
-`jax.profiler`, sums the trace's events per compiled HLO instruction (XLA names each thunk after
-its instruction), and reads from the compiled HLO what each one computes: its main operation
-(convolution, dot, reduce, ...), FLOPs for convolutions and products, and the model scope it
-came from. Prints the top instructions by time, then the time per kind of operation, and writes
-JSON. Operations that XLA runs concurrently overlap in the trace, so single times can overstate;
-this finds where to look (benchmarks/NOTES.md, attempt 9), whole-step A/B runs measure.
+Traces a few calls of the jitted eval apply (or of the train step, as benchmarks.throughput
+times it) with `jax.profiler`, sums the trace's events per compiled HLO instruction (XLA names
+each thunk after its instruction), and reads from the compiled HLO what each one computes: its
+main operation (convolution, dot, reduce, ...), FLOPs for convolutions and products, and the
+model scope it came from. Prints the top instructions by time, then the time per kind of
+operation, and writes JSON. Operations that XLA runs concurrently overlap in the trace, so
+single times can overstate; this finds where to look (benchmarks/NOTES.md, attempt 9), whole-step
+A/B runs measure. Inside a loop body (the image-by-image kernel gradients) an instruction's time
+sums every iteration while its FLOPs are one iteration's, so its GFLOP/s reads low.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import default_out, print_table, write_json
+from benchmarks.throughput import train_setup
 from cxflax.models import create_model
+from cxflax.train.steps import make_train_step
 
 _MAIN_OPS = ("convolution", "dot", "reduce-window", "select-and-scatter", "reduce", "scatter", "while")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
@@ -88,13 +92,13 @@ def describe(instructions: dict, computations: dict, name: str) -> dict:
           "scope": scope.group(1) if scope else ""}
 
 
-def profile(fn, args, calls: int = 2) -> dict[str, float]:
-  """Seconds per call of each traced event name, over `calls` calls of the compiled fn."""
-  jax.block_until_ready(fn(*args))
+def profile(call, calls: int = 2) -> dict[str, float]:
+  """Seconds per call of each traced event name, over `calls` calls of call() (after one)."""
+  jax.block_until_ready(call())
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
       for _ in range(calls):
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(call())
     paths = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
     if not paths:
       raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {tmp}")
@@ -107,19 +111,25 @@ def profile(fn, args, calls: int = 2) -> dict[str, float]:
   return seconds
 
 
-def step_fn(model_name: str, mode: str, batch: int, size: int):
-  """The jitted function to profile and its arguments: eval apply, or the parameter gradient of
-  the mean logit in training mode (batch statistics, as a train step computes)."""
-  model = create_model(model_name)
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.float32)
-  variables = model.init(jax.random.PRNGKey(0), x[:1])
+def compiled_step(model_name: str, mode: str, batch: int, size: int):
+  """The compiled step to profile and a call that runs it once: the eval apply, or the train
+  step exactly as benchmarks.throughput times it (make_train_step: SGD, cross-entropy, the
+  state donated and carried from call to call)."""
   if mode == "eval":
-    return jax.jit(lambda v, x: model.apply(v, x, train=False)), (variables, x)
+    model = create_model(model_name)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    return compiled, lambda: compiled(variables, x)
+  model, config, mesh, state, batch_data = train_setup(model_name, batch, size, "float32",
+                                                       jax.devices()[:1])
+  compiled = make_train_step(model, config, mesh).lower(state, batch_data).compile()
+  holder = {"state": state}
 
-  def loss(params, x):
-    out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
-    return jnp.mean(out)
-  return jax.jit(jax.grad(loss)), (variables["params"], x)
+  def call():
+    holder["state"], metrics = compiled(holder["state"], batch_data)
+    return metrics["loss"]
+  return compiled, call
 
 
 def main():
@@ -132,10 +142,9 @@ def main():
   ap.add_argument("--out", default=default_out("op_profile"))
   args = ap.parse_args()
 
-  fn, fn_args = step_fn(args.model, args.mode, args.batch, args.image_size)
-  compiled = fn.lower(*fn_args).compile()
+  compiled, call = compiled_step(args.model, args.mode, args.batch, args.image_size)
   instructions, computations = parse_hlo(compiled.as_text())
-  seconds = profile(compiled, fn_args)
+  seconds = profile(call)
   rows = []
   for name, s in seconds.items():
     if name in instructions:

@@ -69,8 +69,10 @@ def _step_flops(model, config, mesh, state, batch_data) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats: int, sam: bool) -> dict:
-  """Train-step and eval-step images/s, compile seconds, FLOPs and memory of cxflax's model."""
+def train_setup(name: str, batch: int, size: int, dtype: str, devices, sam: bool = False):
+  """What a classification run builds for `name` (SGD, cross-entropy, 1000 classes): model,
+  config, mesh, replicated train state and a random batch split over the mesh. Shared with
+  benchmarks.op_profile, which profiles the same train step."""
   c = base_config()
   c.model, c.batch_size, c.eval_batch_size, c.data.image_size = name, batch, batch, size
   c.loss, c.optimizer, c.schedule, c.dtype = "cross_entropy", "sgd", "constant", dtype
@@ -86,6 +88,12 @@ def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats:
       "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
       "label": rng.integers(0, 1000, batch).astype(np.int32),
       "index": np.arange(batch, dtype=np.int64), "valid": np.ones(batch, np.float32)}, mesh)
+  return model, c, mesh, state, batch_data
+
+
+def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats: int, sam: bool) -> dict:
+  """Train-step and eval-step images/s, compile seconds, FLOPs and memory of cxflax's model."""
+  model, c, mesh, state, batch_data = train_setup(name, batch, size, dtype, devices, sam)
   out = {}
   t = time.perf_counter()
   train = make_train_step(model, c, mesh).lower(state, batch_data).compile()

@@ -76,4 +76,6 @@ def test_op_profile_runs_on_a_train_step(tmp_path):
   assert result["mode"] == "train" and result["rows"]
   assert any(r["kind"] == "convolution" and r["gflop_s"] > 0 for r in result["rows"])
   assert any("layer1_0" in r["scope"] for r in result["rows"])
+  # the project's own train step (make_train_step's `step`, with its cross-entropy loss)
+  assert any(r["scope"].startswith("jit(step)/") and "log_softmax" in r["scope"] for r in result["rows"])
   assert sum(k["ms"] for k in result["by_kind"]) > 0
