@@ -168,6 +168,7 @@ def test_batch_norm_training_gradient_is_autodiffs():
   for with_stats in (0.0, 1.0):
     (value, (y, new)), grads = jax.value_and_grad(ours, (0, 1, 2), has_aux=True)(x, scale, bias, with_stats)
     (value_p, (y_p, new_p)), grads_p = jax.value_and_grad(plain, (0, 1, 2), has_aux=True)(x, scale, bias, with_stats)
+    np.testing.assert_allclose(value, value_p, rtol=1e-5)
     np.testing.assert_allclose(y, y_p, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new["mean"], new_p["mean"], rtol=1e-6)
     np.testing.assert_allclose(new["var"], new_p["var"], rtol=1e-5)
