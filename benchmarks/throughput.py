@@ -12,7 +12,8 @@ and that as a fraction of the float32 matrix-product ceiling measured in the sam
 same devices (MFU). Memory is XLA's compiled footprint (arguments + outputs + temporaries, per
 device), and on GPUs the device's peak bytes in use. timm's model in PyTorch on the same batch
 (train step with SGD; eval under no_grad) is timed in the same run, in a fresh process per
-model (CPU threads = all cores), with the ratio cxflax / PyTorch. Prints a table last and writes JSON.
+model (CPU threads = all cores), with the ratio cxflax / PyTorch and, on the CPU, timm's MFU
+from the same FLOP count. Prints a table last and writes JSON.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats:
     out[f"{key}_compile_s"] = time.perf_counter() - t
     eval_s = time_call(lambda: evaluate(prepared, batch_data)["pred"], repeats=repeats)
     out[f"{key}_img_s"] = batch / eval_s
-    out[f"{key}_flop_s"] = _compiled_stats(evaluate)["flops"] * len(devices) / eval_s
+    flops = _compiled_stats(evaluate)["flops"] * len(devices)
+    out[f"{key}_flops_per_img"] = flops / batch
+    out[f"{key}_flop_s"] = flops / eval_s
   peak = [d.memory_stats().get("peak_bytes_in_use") for d in devices if d.memory_stats()]
   if peak and all(p is not None for p in peak):
     out["peak_mb"] = max(peak) / 2 ** 20
@@ -173,6 +176,14 @@ def _torch_rates_here(name: str, batch: int, size: int, repeats: int) -> dict:
   return {"torch_train_img_s": batch / train_s, "torch_eval_img_s": batch / eval_s}
 
 
+def torch_mfu(row: dict, ceiling: float) -> dict:
+  """timm's MFU, from cxflax's FLOP count of the same architecture per image (the FLOPs do not
+  depend on the framework): how far PyTorch runs from the ceiling, and so whether a target
+  ratio is reachable at all — a ratio r needs cxflax at r times timm's MFU, ≤ 1."""
+  return {"torch_train_mfu": row["torch_train_img_s"] * row["train_flops_per_img"] / ceiling,
+          "torch_eval_mfu": row["torch_eval_img_s"] * row["eval_flops_per_img"] / ceiling}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--models", nargs="+", default=["resnet50", "resnest50d"])
@@ -206,6 +217,8 @@ def main():
         row.update(torch_rates(name, args.batch, args.image_size, args.repeats))
         row["train_vs_torch"] = row["train_img_s"] / row["torch_train_img_s"]
         row["eval_vs_torch"] = row["eval_img_s"] / row["torch_eval_img_s"]
+        if devices[0].platform == "cpu":  # timm runs on the CPU: the same ceiling applies
+          row.update(torch_mfu(row, ceiling))
       except ImportError as e:
         print(f"PyTorch/timm not available ({e}); pip install '.[test]' to compare")
     rows.append(row)
@@ -214,6 +227,7 @@ def main():
   columns = ["model", "devices", "train_img_s", "sam_train_img_s", "eval_img_s", "eval_unfolded_img_s",
              "torch_train_img_s",
              "torch_eval_img_s", "train_vs_torch", "eval_vs_torch", "train_mfu", "eval_mfu",
+             "torch_train_mfu", "torch_eval_mfu",
              "train_compile_s", "train_compiled_mb", "peak_mb"]
   print(f"\nresults in {path}")
   print_table(rows, [c for c in columns if any(c in r for r in rows)])

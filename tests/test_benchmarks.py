@@ -28,6 +28,12 @@ def test_throughput_on_two_devices_with_flops_and_torch(tmp_path):
   # resnet10t: ~1.9 GFLOPs forward at 224 px, so ~0.04 at 32 px; a train step is ~3x that.
   assert 0.06e9 < row["train_flops_per_img"] < 0.3e9
   assert 0 < row["train_mfu"] < 1.5 and result["matmul_ceiling_flop_s"] > 0
+  # timm's MFU: its rate times cxflax's FLOPs per image of the same architecture, over the ceiling
+  ceiling = result["matmul_ceiling_flop_s"]
+  assert row["torch_eval_mfu"] == pytest.approx(row["torch_eval_img_s"] * row["eval_flops_per_img"] / ceiling)
+  assert row["torch_train_mfu"] == pytest.approx(
+      row["torch_train_img_s"] * row["train_flops_per_img"] / ceiling)
+  assert 0.02e9 < row["eval_flops_per_img"] < row["train_flops_per_img"]
   assert "train_vs_torch" in proc.stdout
 
 
