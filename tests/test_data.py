@@ -8,7 +8,7 @@ from PIL import Image
 from cxflax.data import export, folds, pipeline, transforms
 from cxflax.data.images import read_image, write_image
 from cxflax.config import base_config
-from cxflax.data.sources import PhantomSource, make_source
+from cxflax.data.sources import PhantomSource, image_folder, make_source
 from cxflax.errors import ConfigError, DataError
 
 
@@ -173,6 +173,19 @@ def test_eval_batches_count_every_example_once(processes):
       seen.extend(batch["index"][batch["valid"] > 0].tolist())
   assert sorted(seen) == sorted(indices.tolist())
   assert shapes == {(8 // processes, 32, 32, 3)}
+
+
+def test_eval_batches_carry_each_image_size_as_stored(tmp_path):
+  """Predicted masks are written back at the stored size, read from the batch, not by decoding
+  the image again."""
+  sizes = [(40, 56), (64, 64), (50, 30)]
+  for i, (h, w) in enumerate(sizes):
+    Image.fromarray(np.full((h, w), 40 * i, np.uint8)).save(tmp_path / f"x{i}.png")
+  src = image_folder(str(tmp_path))
+  (batch,) = pipeline.eval_dataset(src, np.arange(3), pp="to_rgb|resize(24)", global_batch=4)
+  assert batch["image"].shape == (4, 24, 24, 3)
+  expected = [sizes[int(src.example_name(i)[1])] for i in batch["index"]]
+  np.testing.assert_array_equal(batch["source_size"], expected)
 
 
 def _batches(it, n):

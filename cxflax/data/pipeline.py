@@ -26,7 +26,9 @@ from cxflax.data.sources import ConcatSource, Source, make_source
 from cxflax.data.transforms import Preprocess
 from cxflax.errors import ConfigError, DataError
 
-BATCH_KEYS = ("image", "label", "index", "valid")
+# source_size: (H, W) of each image as stored, in evaluation batches only (masks are predicted at
+# the model's size and written back at this one).
+BATCH_KEYS = ("image", "label", "index", "valid", "source_size")
 
 
 class _Examples:
@@ -70,6 +72,7 @@ class _EvalPositions:
     ex = dict(self.source.load(i))
     ex["index"] = np.int64(i)
     ex["valid"] = np.float32(g < len(self.indices))
+    ex["source_size"] = np.asarray(np.shape(ex["image"])[:2], np.int32)
     return ex
 
 

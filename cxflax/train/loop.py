@@ -57,11 +57,7 @@ def checkpoint_meta(config, task: str, class_names, stage: int = 0, stage_start:
 def run_evaluation(eval_step, variables, batches, mesh) -> dict[str, np.ndarray]:
   """Predictions, labels and example indices for every example of `batches`, padding removed."""
   parts: dict[str, list] = {"pred": [], "label": [], "index": []}
-  prepared = None
-  for batch in batches:
-    if prepared is None:  # once per evaluation (BatchNorm folding)
-      prepared = eval_step.prepare(variables, batch["image"].shape[1:])
-    out = eval_step(prepared, parallel.shard_batch(batch, mesh))
+  for out in eval_step.outputs(variables, batches, mesh):
     keep = parallel.gather(out["valid"]) > 0
     for k in parts:
       parts[k].append(parallel.gather(out[k])[keep])
@@ -412,15 +408,12 @@ def predict_masks(run: build.Run, source, batch_size: int, mesh, out_dir: str) -
   step = make_eval_step(run.model, "segmentation", mesh, with_masks=True)
   os.makedirs(out_dir, exist_ok=True)
   from PIL import Image
-  written, prepared = 0, None
-  for batch in batches:
-    if prepared is None:
-      prepared = step.prepare(run.variables, batch["image"].shape[1:])
-    out = step(prepared, parallel.shard_batch(batch, mesh))
+  written = 0
+  for out in step.outputs(run.variables, batches, mesh):
     keep = parallel.gather(out["valid"]) > 0
-    for i, mask in zip(parallel.gather(out["index"])[keep], parallel.gather(out["mask"])[keep]):
+    for i, mask, (h, w) in zip(parallel.gather(out["index"])[keep], parallel.gather(out["mask"])[keep],
+                               parallel.gather(out["source_size"])[keep]):
       if jax.process_index() == 0:
-        h, w = source.load(int(i))["image"].shape[:2]
         img = Image.fromarray((mask > 0).astype(np.uint8) * 255).resize((w, h), Image.NEAREST)
         img.save(paths[int(i)])
       written += 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -101,11 +101,13 @@ def segmentation_counts(logits, labels):
 
 class EvalStep:
   """The compiled eval step: `step.prepare(variables, image_shape)` once per evaluation, then
-  `step(prepared, batch)` for each batch → {'pred', 'label', 'index', 'valid'} split over 'data'.
+  `step(prepared, batch)` for each batch → {'pred', 'label', 'index', 'valid'} split over 'data';
+  `step.outputs(variables, batches, mesh)` does both over a whole evaluation.
 
   'pred' is the regressed value, the class probabilities, the embedding, or for segmentation
   the per-class pixel counts of segmentation_counts (with 'label' the true counts, and, given
-  with_masks, 'mask': the predicted class of every pixel). The other fields pass through so that
+  with_masks, 'mask': the predicted class of every pixel and 'source_size': the (H, W) of each
+  image as stored, which the mask is written back at). The other fields pass through so that
   gathering them keeps every prediction beside its own label, on any number of processes.
 
   With fold_bn, prepare folds every BatchNorm that follows a convolution into it
@@ -129,6 +131,7 @@ class EvalStep:
         result = {"pred": counts, "label": counts[..., 2], "index": batch["index"], "valid": batch["valid"]}
         if with_masks:
           result["mask"] = jnp.argmax(out, -1).astype(jnp.uint8)
+          result["source_size"] = batch["source_size"]
         return result
       if task == "regression":
         pred = out[..., 0]
@@ -153,6 +156,15 @@ class EvalStep:
 
   def __call__(self, prepared: dict, batch: dict) -> dict:
     return self._step(prepared, batch)
+
+  def outputs(self, variables: dict, batches, mesh) -> Iterator[dict]:
+    """The step's output for each host batch of `batches` (numpy, this process's part), the
+    variables prepared once, for the first batch's image shape (evaluation batches share one)."""
+    prepared = None
+    for batch in batches:
+      if prepared is None:
+        prepared = self.prepare(variables, batch["image"].shape[1:])
+      yield self._step(prepared, parallel.shard_batch(batch, mesh))
 
   def lower(self, prepared: dict, batch: dict):
     return self._step.lower(prepared, batch)
