@@ -202,3 +202,47 @@ def test_batch_norm_training_matches_torch():
   np.testing.assert_allclose(g_params["bias"], theirs.bias.grad.numpy(), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(new["mean"], theirs.running_mean.numpy(), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(new["var"], theirs.running_var.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [2, 4, 16])  # 16 of 32 channels: XLA's grouped convolution
+def test_grouped_convolution_split_output_is_its_groups(groups):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 32)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 32 // groups, 48)), jnp.float32)
+  whole = layers.conv2d(x, k, 2, 1, groups=groups)
+  parts = layers.conv2d(x, k, 2, 1, groups=groups, split_output=True)
+  assert isinstance(parts, tuple) and len(parts) == groups
+  np.testing.assert_allclose(jnp.concatenate(parts, -1), whole, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="grouped"):
+    layers.conv2d(x, k[:, :, :1].repeat(32, 2), split_output=True)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_of_channel_parts_is_batch_norm_of_their_concatenation(train):
+  """Outputs, updated running statistics and gradients (through the statistics too) agree."""
+  rng = np.random.default_rng(3)
+  parts = tuple(jnp.asarray(rng.normal(1.0 + i, 2.0, size=(3, 4, 5, c)), jnp.float32)
+                for i, c in enumerate((4, 4, 6)))
+  bn = layers.BatchNorm(use_running_average=not train)
+  variables = {"params": {"scale": jnp.asarray(rng.normal(size=14), jnp.float32),
+                          "bias": jnp.asarray(rng.normal(size=14), jnp.float32)},
+               "batch_stats": {"mean": jnp.asarray(rng.normal(size=14), jnp.float32),
+                               "var": jnp.asarray(rng.uniform(0.5, 2, size=14), jnp.float32)}}
+  w = jnp.asarray(rng.normal(size=(3, 4, 5, 14)), jnp.float32)
+
+  def loss(params, parts, as_parts):
+    y, new = bn.apply({**variables, "params": params}, parts if as_parts else jnp.concatenate(parts, -1),
+                      mutable=["batch_stats"])
+    if as_parts:
+      assert isinstance(y, tuple) and [p.shape for p in y] == [p.shape for p in parts]
+      y = jnp.concatenate(y, -1)
+    stats = new["batch_stats"]
+    return jnp.sum(y * w) + jnp.sum(jnp.sin(stats["mean"]) + stats["var"]), (y, stats)
+
+  (_, (y, stats)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables["params"], parts, True)
+  (_, (y_c, stats_c)), grads_c = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables["params"], parts, False)
+  np.testing.assert_allclose(y, y_c, rtol=1e-5, atol=1e-5)
+  for key in ("mean", "var"):
+    np.testing.assert_allclose(stats[key], stats_c[key], rtol=1e-6)
+  for g, g_c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
+    np.testing.assert_allclose(g, g_c, rtol=1e-4, atol=1e-5)

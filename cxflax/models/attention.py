@@ -78,13 +78,18 @@ class SplitAttention(nn.Module):
   def __call__(self, x, train: bool = False):
     r, c, g = self.radix, self.features, self.groups
     attn_chs = make_divisible(x.shape[-1] * r * self.rd_ratio, self.rd_divisor, min_value=32)
-    x = Conv2d(c * r, self.kernel_size, self.stride, groups=g * r, dtype=self.dtype, name="conv")(x)
-    x = relu(batch_norm(train, self.dtype, name="bn0")(x))
-    b = x.shape[0]
-    # The splits as slices, summed one by one: written as a reduction over a radix axis, XLA's
-    # CPU backend fused it into the next 1x1 convolution's matrix product and ran that product
-    # several times slower (resnest50d eval 15 -> 19 img/s; benchmarks/NOTES.md, attempt 9).
-    splits = [x[..., i * c:(i + 1) * c] for i in range(r)]
+    # With one group per split (cardinality 1) the convolution's groups are the radix splits:
+    # they stay apart through bn0 and the ReLU instead of being concatenated and sliced again
+    # (benchmarks/NOTES.md, attempt 13).
+    apart = g == 1 and r > 1
+    x = Conv2d(c * r, self.kernel_size, self.stride, groups=g * r, split_output=apart,
+               dtype=self.dtype, name="conv")(x)
+    x = batch_norm(train, self.dtype, name="bn0")(x)
+    # The splits summed one by one: written as a reduction over a radix axis, XLA's CPU backend
+    # fused it into the next 1x1 convolution's matrix product and ran that product several times
+    # slower (resnest50d eval 15 -> 19 img/s; benchmarks/NOTES.md, attempt 9).
+    splits = [relu(s) for s in x] if apart else [relu(x[..., i * c:(i + 1) * c]) for i in range(r)]
+    b = splits[0].shape[0]
     gap = functools.reduce(operator.add, (jnp.mean(s, axis=(1, 2), keepdims=True) for s in splits))
     gap = Conv2d(attn_chs, 1, groups=g, use_bias=True, dtype=self.dtype, name="fc1")(gap)
     gap = relu(batch_norm(train, self.dtype, name="bn1")(gap))
@@ -94,7 +99,7 @@ class SplitAttention(nn.Module):
       attn = jax.nn.softmax(attn.reshape(b, g, r, c // g), axis=2)
       attn = attn.transpose(0, 2, 1, 3).reshape(b, 1, 1, r, c)
       return functools.reduce(operator.add, (s * attn[:, :, :, i] for i, s in enumerate(splits)))
-    return x * nn.sigmoid(attn)[:, None, None, :]
+    return splits[0] * nn.sigmoid(attn)[:, None, None, :]
 
 
 class SelectiveKernel(nn.Module):

@@ -36,7 +36,9 @@ def torch_padding(kernel: int, stride: int = 1, dilation: int = 1) -> int:
 class Conv2d(nn.Module):
   """A 2-D convolution padded like torch.nn.Conv2d (symmetric, explicit), NHWC.
 
-  kernel_size and padding are an int or an (h, w) pair; padding None is timm's default.
+  kernel_size and padding are an int or an (h, w) pair; padding None is timm's default. With
+  split_output, a grouped convolution returns its groups' outputs as a tuple of arrays (channel
+  parts, see conv2d) instead of concatenating them.
   """
   features: int
   kernel_size: int | tuple[int, int] = 1
@@ -45,6 +47,7 @@ class Conv2d(nn.Module):
   dilation: int = 1
   groups: int = 1
   use_bias: bool = False
+  split_output: bool = False
   dtype: Dtype = jnp.float32
   kernel_init: Callable = conv_init
 
@@ -61,10 +64,25 @@ class Conv2d(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1] // self.groups, self.features),
                         jnp.float32)
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad, self.dilation,
-               self.groups)
+               self.groups, split_output=self.split_output)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+      y = map_parts(lambda part, b: part + b, y, bias)
     return y
+
+
+def map_parts(f, x, *per_channel):
+  """f(x, *per_channel) for an array x, or part by part for channel parts (a tuple of arrays
+  whose concatenation over the last axis is the tensor), each part with its slice of the
+  per-channel vectors."""
+  if not isinstance(x, tuple):
+    return f(x, *per_channel)
+  out, start = [], 0
+  for part in x:
+    stop = start + part.shape[-1]
+    out.append(f(part, *(v[start:stop] for v in per_channel)))
+    start = stop
+  return tuple(out)
 
 
 # Grouped convolutions with at most this many groups run as one convolution per group.
@@ -72,8 +90,13 @@ _SPLIT_GROUPS_UP_TO = 8
 
 
 def conv2d(x, kernel, stride: int = 1, padding: int | tuple[int, int] = 0, dilation: int = 1,
-           groups: int = 1):
+           groups: int = 1, split_output: bool = False):
   """Cross-correlation of NHWC `x` with an HWIO kernel, symmetric zero padding (torch's Conv2d).
+
+  With split_output (groups > 1) the result is a tuple of the groups' outputs ("channel
+  parts"): a caller that splits them again anyway (ResNeSt's radix splits) saves the
+  concatenation, the slices and their gradients (resnest50d: eval +7-13%, train step -2%;
+  benchmarks/NOTES.md, attempt 13).
 
   Some cases avoid XLA's CPU convolution where it is far slower than the same arithmetic
   written otherwise (summed in another order; see benchmarks/NOTES.md): 1x1 convolutions are a
@@ -83,10 +106,16 @@ def conv2d(x, kernel, stride: int = 1, padding: int | tuple[int, int] = 0, dilat
   """
   kh, kw = kernel.shape[:2]
   ph, pw = pair(padding)
+  if split_output:
+    if groups < 2:
+      raise ValueError("conv2d: split_output needs a grouped convolution")
+    if not 1 < groups <= _SPLIT_GROUPS_UP_TO or groups >= x.shape[-1]:  # XLA's grouped convolution
+      return tuple(jnp.split(conv2d(x, kernel, stride, padding, dilation, groups), groups, axis=-1))
   if 1 < groups <= _SPLIT_GROUPS_UP_TO and groups < x.shape[-1]:
     xs = jnp.split(x, groups, axis=-1)
     ks = jnp.split(kernel, groups, axis=-1)
-    return jnp.concatenate([conv2d(a, k, stride, (ph, pw), dilation) for a, k in zip(xs, ks)], axis=-1)
+    parts = tuple(conv2d(a, k, stride, (ph, pw), dilation) for a, k in zip(xs, ks))
+    return parts if split_output else jnp.concatenate(parts, axis=-1)
   if groups == 1 and kh == kw == 1 and ph == pw == 0:
     if stride > 1:
       x = x[:, ::stride, ::stride, :]
@@ -213,7 +242,8 @@ class BatchNorm(nn.Module):
   modules). Variables are flax's: params scale/bias, batch_stats mean/var.
 
   Under jit over a batch sharded on the mesh, the means are over the global batch, so every
-  device normalises with the same statistics and keeps the same running averages.
+  device normalises with the same statistics and keeps the same running averages. x may be
+  channel parts (a tuple, see map_parts): normalised part by part, returned as parts.
   """
   use_running_average: bool
   momentum: float = 0.1  # torch's convention: weight of the new batch
@@ -223,16 +253,24 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c = x.shape[-1]
+    parts = x if isinstance(x, tuple) else (x,)
+    c = sum(p.shape[-1] for p in parts)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     scale = self.param("scale", self.scale_init, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     if self.use_running_average:
-      return _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.dtype)
-    y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+      return map_parts(lambda p, m, v, s, b: _normalize(p, m, v, s, b, self.epsilon, self.dtype),
+                       x, ra_mean.value, ra_var.value, scale, bias)
+    train = lambda p, s, b: _batch_norm_train(p, s, b, self.epsilon, jnp.dtype(self.dtype))
+    if isinstance(x, tuple):
+      per_part = map_parts(train, x, scale, bias)
+      y = tuple(r[0] for r in per_part)
+      mean, var = (jnp.concatenate([r[k] for r in per_part]) for k in (1, 2))
+    else:
+      y, mean, var = train(x, scale, bias)
     if not self.is_initializing():
-      n = math.prod(x.shape[:-1])
+      n = math.prod(parts[0].shape[:-1])
       m = self.momentum
       ra_mean.value = (1 - m) * ra_mean.value + m * mean.astype(ra_mean.value.dtype)
       ra_var.value = (1 - m) * ra_var.value + m * (var * n / max(n - 1, 1)).astype(ra_var.value.dtype)
