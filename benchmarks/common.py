@@ -28,6 +28,22 @@ def time_call(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def time_alternately(fns: dict[str, Callable], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+  """Median wall time (seconds) of each zero-argument call in `fns`, timed in turns (the order
+  reversed every round) so that a drift of the machine's speed during the run, or the state
+  an earlier measurement leaves behind, weighs on all of them alike."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for r in range(repeats):
+    for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+      t = time.perf_counter()
+      jax.block_until_ready(fns[name]())
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
   widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
   print("  ".join(c.ljust(widths[c]) for c in columns))

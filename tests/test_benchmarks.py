@@ -37,6 +37,14 @@ def test_throughput_on_two_devices_with_flops_and_torch(tmp_path):
   assert "train_vs_torch" in proc.stdout
 
 
+def test_time_alternately_takes_turns_in_alternating_order():
+  from benchmarks.common import time_alternately
+  calls = []
+  medians = time_alternately({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+  assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]  # warm-up, then rounds in turn
+  assert set(medians) == {"a", "b"} and all(t >= 0 for t in medians.values())
+
+
 def test_patch_inference_agrees_with_the_loop(tmp_path):
   _, result = _run("patch_inference", tmp_path / "p.json", "--model", "resnet10t", "--image_size", "96",
                    "--patch", "32", "--ks", "3", "--images", "2", "--repeats", "1")
