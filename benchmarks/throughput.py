@@ -122,8 +122,8 @@ def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats:
     out[f"{key}_compile_s"] = time.perf_counter() - t
     calls[key] = functools.partial(lambda f, v: f(v, batch_data)["pred"], evaluate, prepared)
     flops[key] = _compiled_stats(evaluate)["flops"] * len(devices)
-  # In turns: timed one after the other, the folded step (first, right after the train step)
-  # measured up to 30% below the unfolded one, which one-process alternate timing did not show.
+  # In turns, so that neither is favoured by its place in the run: timed one after the other,
+  # the first (folded, right after the train step) once read 30% below the other.
   for key, eval_s in time_alternately(calls, repeats=repeats).items():
     out[f"{key}_img_s"] = batch / eval_s
     out[f"{key}_flops_per_img"] = flops[key] / batch
