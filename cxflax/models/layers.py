@@ -106,12 +106,13 @@ def conv2d(x, kernel, stride: int = 1, padding: int | tuple[int, int] = 0, dilat
   """
   kh, kw = kernel.shape[:2]
   ph, pw = pair(padding)
+  group_by_group = 1 < groups <= _SPLIT_GROUPS_UP_TO and groups < x.shape[-1]
   if split_output:
     if groups < 2:
       raise ValueError("conv2d: split_output needs a grouped convolution")
-    if not 1 < groups <= _SPLIT_GROUPS_UP_TO or groups >= x.shape[-1]:  # XLA's grouped convolution
+    if not group_by_group:  # XLA's grouped convolution, its output split
       return tuple(jnp.split(conv2d(x, kernel, stride, padding, dilation, groups), groups, axis=-1))
-  if 1 < groups <= _SPLIT_GROUPS_UP_TO and groups < x.shape[-1]:
+  if group_by_group:
     xs = jnp.split(x, groups, axis=-1)
     ks = jnp.split(kernel, groups, axis=-1)
     parts = tuple(conv2d(a, k, stride, (ph, pw), dilation) for a, k in zip(xs, ks))
@@ -253,7 +254,7 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    parts = x if isinstance(x, tuple) else (x,)
+    parts = x if isinstance(x, tuple) else (x,)  # an array is one part
     c = sum(p.shape[-1] for p in parts)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
@@ -262,13 +263,10 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       return map_parts(lambda p, m, v, s, b: _normalize(p, m, v, s, b, self.epsilon, self.dtype),
                        x, ra_mean.value, ra_var.value, scale, bias)
-    train = lambda p, s, b: _batch_norm_train(p, s, b, self.epsilon, jnp.dtype(self.dtype))
-    if isinstance(x, tuple):
-      per_part = map_parts(train, x, scale, bias)
-      y = tuple(r[0] for r in per_part)
-      mean, var = (jnp.concatenate([r[k] for r in per_part]) for k in (1, 2))
-    else:
-      y, mean, var = train(x, scale, bias)
+    per_part = map_parts(lambda p, s, b: _batch_norm_train(p, s, b, self.epsilon, jnp.dtype(self.dtype)),
+                         parts, scale, bias)
+    y = tuple(r[0] for r in per_part) if isinstance(x, tuple) else per_part[0][0]
+    mean, var = (jnp.concatenate([r[k] for r in per_part]) for k in (1, 2))
     if not self.is_initializing():
       n = math.prod(parts[0].shape[:-1])
       m = self.momentum
