@@ -447,8 +447,10 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _avg_pool(x, kernel: int, stride: int, pads, count_include_pad: bool):
+  # flax divides by a float32 count without count_include_pad, which would promote bfloat16
+  # activations (and their cotangents) to float32.
   return nn.avg_pool(x, (kernel, kernel), (stride, stride), padding=pads,
-                     count_include_pad=count_include_pad)
+                     count_include_pad=count_include_pad).astype(x.dtype)
 
 
 def _avg_pool_fwd(x, kernel, stride, pads, count_include_pad):
