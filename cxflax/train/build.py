@@ -17,6 +17,7 @@ import ml_collections
 from absl import logging
 from flax import traverse_util
 
+from cxflax import parallel
 from cxflax.errors import CheckpointError, ConfigError
 from cxflax.models.ensembles import FeatureEnsemble, NeuralWeightEnsemble
 from cxflax.models import create_model
@@ -92,7 +93,10 @@ def load_run(path: str, step: int | None = None) -> Run:
   meta = ckpts.meta(step)
   config = ml_collections.ConfigDict(meta["config"])
   model = build_model(config, meta["task"], meta.get("class_names") or None)
-  variables = jax.tree.map(jnp.asarray, ckpts.restore_model(step, None))
+  # Restored replicated over this job's devices, whatever the topology of the run that saved it
+  # (a checkpoint of a multi-process run is read by one process).
+  target = ckpt_lib.abstract(ckpts.stored_model(step), parallel.replicated(parallel.make_mesh()))
+  variables = ckpts.restore_model(step, target)
   ckpts.close()
   return Run(os.path.join(directory, str(step)), step, config, meta, model, variables)
 

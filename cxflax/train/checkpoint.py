@@ -60,8 +60,7 @@ class Checkpoints:
     where = os.path.join(self.directory, str(step))
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {meta.get(k)!r}"
              for k in _MODEL_FIELDS if saved.get(k) != meta.get(k)]
-    stored = self.manager.item_metadata(step)["model"]
-    stored = traverse_util.flatten_dict(_tree_of(stored), sep="/")
+    stored = traverse_util.flatten_dict(self.stored_model(step), sep="/")
     wanted = traverse_util.flatten_dict(model_target, sep="/")
     missing = sorted(set(wanted) - set(stored))
     extra = sorted(set(stored) - set(wanted))
@@ -77,6 +76,11 @@ class Checkpoints:
     if diffs:
       raise CheckpointError(f"checkpoint {where} was made by a different model or config:\n  "
                             + "\n  ".join(diffs))
+
+  def stored_model(self, step: int) -> dict:
+    """The model item's tree as stored: {'params', 'batch_stats'} of array metadata (shape,
+    dtype), read without loading the arrays."""
+    return _tree_of(self.manager.item_metadata(step)["model"])
 
   def restore_model(self, step: int, model_target) -> dict:
     """{'params', 'batch_stats'} restored onto the shardings of `model_target` (abstract arrays)."""
