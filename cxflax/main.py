@@ -14,6 +14,7 @@ field overrides (--config.batch_size=16). Modes:
 from __future__ import annotations
 
 import logging as std_logging
+import re
 import sys
 
 from absl import app, flags, logging
@@ -41,6 +42,28 @@ def _quiet_libraries(record) -> bool:
   return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
 
 
+def run(mode: str, config, workdir: str, checkpoint: str | None = None):
+  """Runs one mode of the job on a parsed config; bad input raises CxflaxError. (main() is this
+  after flag parsing and distributed start-up, with CxflaxError turned into `error:` and exit 2;
+  tests call it directly.)"""
+  from cxflax.errors import ConfigError
+  from cxflax.train import loop
+
+  if mode in ("train", "ensemble"):
+    if mode == "ensemble" and not config.ensemble.kind:
+      raise ConfigError("--mode=ensemble needs config.ensemble.kind and config.ensemble.members")
+    return loop.train_and_evaluate(config, workdir)
+  if mode == "eval":
+    return loop.evaluate(config, workdir, checkpoint)
+  if mode == "cv":
+    return loop.cross_validate(config, workdir)
+  if mode == "predict":
+    return loop.predict(config, workdir)
+  if mode == "lr_find":
+    return loop.lr_find(config, workdir)
+  raise ConfigError(f"unknown mode {mode!r}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -48,31 +71,49 @@ def main(argv):
   # Imported here so that --help is fast and jax starts after absl has parsed the flags.
   import jax
   from cxflax import parallel
-  from cxflax.errors import ConfigError, CxflaxError
-  from cxflax.train import loop
+  from cxflax.errors import CxflaxError
 
   parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("cxflax %s on %d process(es), %d device(s): %s", _MODE.value, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
-  config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   try:
-    if mode in ("train", "ensemble"):
-      if mode == "ensemble" and not config.ensemble.kind:
-        raise ConfigError("--mode=ensemble needs config.ensemble.kind and config.ensemble.members")
-      loop.train_and_evaluate(config, workdir)
-    elif mode == "eval":
-      loop.evaluate(config, workdir, _CHECKPOINT.value)
-    elif mode == "cv":
-      loop.cross_validate(config, workdir)
-    elif mode == "predict":
-      loop.predict(config, workdir)
-    else:
-      loop.lr_find(config, workdir)
+    run(_MODE.value, _CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
   except CxflaxError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def describe_flag_error(error: Exception, argv) -> str:
+  """One line for a flag that could not be parsed: absl's message, or for a bad --config (a
+  missing file, a recipe argument it refuses, an override of a field the config lacks) the cause
+  that ml_collections wraps in other exceptions."""
+  root = error
+  while (root.__cause__ or root.__context__) is not None:
+    root = root.__cause__ or root.__context__
+  if isinstance(root, KeyError):  # ml_collections: an override of a field the config lacks
+    name = str(root).strip("'\"")
+    given = [a.split("=")[0] for a in argv[1:] if a.split("=")[0].endswith(f".{name}")]
+    return (f"{given[0] if given else '--config.' + name}: the config has no field {name!r} "
+            "(cxflax/config.py lists them)")
+  lines = str(root).strip().splitlines()
+  message = lines[-1].strip() if lines else type(root).__name__
+  if isinstance(root, OSError):  # the recipe file could not be read
+    return f"--config: {message}"
+  flag = re.match(r"flag (--\S+): ", str(error))  # absl names the flag it refused
+  return f"{flag.group(1)}: {message}" if flag and flag.group(1) not in message else message
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with any refusal reported as one `error:` line and exit code 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.to_dict()  # a recipe that failed to load raises here (ml_collections defers it)
+    return rest
+  except Exception as e:  # absl's flag errors, and whatever loading the recipe file raises
+    print(f"error: {describe_flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
