@@ -12,6 +12,7 @@ import os
 import jax
 import ml_collections
 
+from cxflax.data.images import parse_window
 from cxflax.errors import ConfigError
 
 from cxflax.train.losses import CLASSIFICATION_LOSSES, REGRESSION_LOSSES, SEGMENTATION_LOSSES
@@ -140,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.val_file = ""
   c.data.test_file = ""
   c.data.class_names = ()        # folder/csv: class order (default: sorted names)
-  c.data.window = ""             # DICOM only: CT window, 'lung' | 'mediastinum' | (centre, width)
+  c.data.window = ""             # DICOM only: CT window, 'lung' | 'mediastinum' | ... | '(centre, width)' in HU
   c.data.on_bad_data = "error"   # error | skip (bad entries left out and counted in the log)
   c.data.verify_images = False   # decode every image before training (always when skipping)
   c.data.stratify = "auto"       # auto (severity for regression, class otherwise) | none
@@ -221,6 +222,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.halt_after_steps >= 0, f"config.halt_after_steps must be >= 0, got {config.halt_after_steps}")
   need(config.log_every_steps >= 1, f"config.log_every_steps must be >= 1, got {config.log_every_steps}")
   need(config.data.target in TARGETS, f"config.data.target must be one of {TARGETS}, got {config.data.target!r}")
+  try:
+    parse_window(config.data.window)
+  except ValueError as e:
+    raise ConfigError(f"config.data.window: {e}") from None
   p = config.patches
   need(p.num >= 0, f"config.patches.num must be >= 0, got {p.num}")
   need(p.aggregate in ("mean", "vote"), f"config.patches.aggregate must be 'mean' or 'vote', got {p.aggregate!r}")

@@ -22,13 +22,20 @@ WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "soft_tissue"
 
 
 def parse_window(window) -> tuple[float, float] | None:
-  """None, a preset name ('lung', 'mediastinum', ...) or (centre, width) → (centre, width)."""
+  """None, a preset name ('lung', 'mediastinum', ...) or (centre, width), as a pair or as the
+  text config.data.window holds ('(-600, 1500)' or '-600,1500') → (centre, width)."""
   if window in (None, "", ()):
     return None
   if isinstance(window, str):
-    if window not in WINDOWS:
+    if window in WINDOWS:
+      return WINDOWS[window]
+    try:
+      pair = tuple(float(p) for p in window.strip().strip("()").split(","))
+    except ValueError:
+      pair = ()
+    if len(pair) != 2:
       raise ValueError(f"unknown CT window {window!r}; use one of {sorted(WINDOWS)} or (centre, width)")
-    return WINDOWS[window]
+    window = pair
   centre, width = (float(v) for v in window)
   if width <= 0:
     raise ValueError(f"CT window width must be positive, got {width}")
