@@ -8,6 +8,7 @@ params/layer1_0/conv1/kernel. Tensors are transposed to flax's layouts (OIHW →
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Mapping
 
@@ -89,9 +90,18 @@ def _to_flax(path: tuple[str, ...], value: np.ndarray) -> tuple[tuple[str, ...],
   raise CheckpointError(f"weight {'.'.join(path)} has unsupported rank {value.ndim}")
 
 
-def _expected(name: str, num_classes: int, **kwargs) -> dict[tuple, dict]:
-  """Shapes of every variable of create_model(name, num_classes), by collection and path."""
-  model = create_model(name, num_classes=num_classes, **kwargs)
+def _expected(name: str, num_classes: int, **kwargs) -> dict[str, dict[tuple, Any]]:
+  """Shapes of every variable of create_model(name, num_classes), by collection and path (not
+  to be modified: shared between calls)."""
+  return _traced_shapes(name, num_classes, tuple(sorted(kwargs.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _traced_shapes(name: str, num_classes: int, kwargs: tuple) -> dict[str, dict[tuple, Any]]:
+  """_expected, traced once per process and model: tracing a deep network's init takes seconds,
+  and loading checkpoints of one model again (or its headless and classifier variants) needs
+  the same shapes."""
+  model = create_model(name, num_classes=num_classes, **dict(kwargs))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)),
                                              train=False))
   return {col: traverse_util.flatten_dict(dict(tree)) for col, tree in shapes.items()}
