@@ -62,9 +62,11 @@ def _compiled_stats(compiled) -> dict:
 
 
 def _step_flops(model, config, mesh, state, batch_data) -> float:
-  """The train step's FLOPs, counted on a lowering with XLA's own convolution gradients: XLA's
-  cost analysis counts a loop body once, so the image-by-image kernel gradients (a scan over
-  the batch, cxflax.models.layers) would hide most of their FLOPs."""
+  """The train step's FLOPs over the whole global batch, counted on a lowering with XLA's own
+  convolution gradients: XLA's cost analysis counts a loop body once, so the image-by-image
+  kernel gradients (a scan over the batch, cxflax.models.layers) would hide most of their FLOPs.
+  (A lowering is not yet split over the devices: its count is the global one, where a compiled
+  step's is one device's.)"""
   with layers.xla_kernel_gradients():
     cost = make_train_step(model, config, mesh).lower(state, batch_data).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -109,8 +111,8 @@ def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats:
     return m["loss"]
   step_s = time_call(run, repeats=repeats)
   out["train_img_s"] = batch / step_s
-  out["train_flops_per_img"] = stats["flops"] * len(devices) / batch
-  out["train_flop_s"] = stats["flops"] * len(devices) / step_s
+  out["train_flops_per_img"] = stats["flops"] / batch
+  out["train_flop_s"] = stats["flops"] / step_s
   out["train_compiled_mb"] = stats.get("compiled_mb")
   variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
   calls, flops = {}, {}
