@@ -254,15 +254,23 @@ def test_stratified_group_kfold_balances_severity_and_keeps_subjects():
   assert set(np.unique(fold_of)) == set(range(5))
 
 
-def test_dataset_statistics_replace_normalize_dataset(tiny_config):
-  tiny_config.data.train_pp = "to_rgb|resize(32)|normalize('dataset')"
-  tiny_config.data.eval_pp = "to_rgb|resize(32)|normalize('dataset')"
+def test_dataset_statistics_replace_normalize_dataset():
   from cxflax.config import finalize
-  inp = pipeline.create_input(finalize(tiny_config))
+  from tests.conftest import TINY, load_config
+  config = load_config("resnest.py:runlocal", *TINY)
+  config.data.train_pp = "to_rgb|resize(32)|normalize('dataset')"
+  config.data.eval_pp = "to_rgb|resize(32)|normalize('dataset')"
+  inp = pipeline.create_input(finalize(config))
   assert "dataset" not in inp.config.data.train_pp and inp.config.data.train_pp == inp.config.data.eval_pp
+  # The training split's own per-channel statistics (all of it: fewer images than stats_images).
+  pixels = np.stack([inp.source.load(int(i))["image"] for i in inp.train_indices]).astype(np.float64) / 255
+  mean, std = pixels.mean(), pixels.std()
+  written = inp.config.data.train_pp.split("normalize(")[1][:-1]  # the literal the pipeline wrote
+  np.testing.assert_allclose(np.array(eval(written), np.float64), [[mean] * 3, [std] * 3], rtol=1e-5)
   batch = next(iter(inp.eval()))
   images = batch["image"][batch["valid"] > 0]
-  assert abs(images.mean()) < 0.5 and 0.5 < images.std() < 1.5  # roughly standardised
+  raw = np.stack([inp.source.load(int(i))["image"] for i in batch["index"][batch["valid"] > 0]]) / 255
+  np.testing.assert_allclose(images, np.repeat((raw - mean) / std, 3, -1), rtol=1e-4, atol=1e-4)
 
 
 def test_worker_processes_give_the_same_batches_and_resume():

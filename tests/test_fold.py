@@ -11,31 +11,17 @@ from cxflax.models import create_model
 from cxflax.models.fold import apply_folded, fold_batchnorm, foldable_pairs
 from cxflax.models.heads import create_network
 from cxflax.models.layers import BatchNorm, Conv2d
-
-
-def _trained_looking(variables, seed=0):
-  """Random BatchNorm scales, biases and running statistics (fresh ones fold to a no-op)."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for col, tree in variables.items():
-    flat = traverse_util.flatten_dict(tree)
-    for k, v in flat.items():
-      if k[-1] in ("scale", "var"):
-        flat[k] = jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
-      elif k[-1] in ("mean",) or (k[-1] == "bias" and col == "params"):
-        flat[k] = jnp.asarray(rng.normal(0, 0.3, v.shape), v.dtype)
-    out[col] = traverse_util.unflatten_dict(flat)
-  return out
+from tests.conftest import random_variables
 
 
 def _check(model, size, min_pairs):
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, size, size, 3)), jnp.float32)
-  variables = _trained_looking(model.init(jax.random.key(0), x, train=False))
+  variables = random_variables(model, x, train=False)
   pairs = foldable_pairs(model, variables, x)
   assert len(pairs) >= min_pairs
-  want = model.apply(variables, x, train=False)
-  folded = fold_batchnorm(model, variables, x)
-  got = apply_folded(model, folded, x)
+  want = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
+  folded = jax.jit(lambda v: fold_batchnorm(model, v, x))(variables)
+  got = jax.jit(lambda v: apply_folded(model, v, x))(folded)
   scale = float(jnp.max(jnp.abs(want)))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * scale, rtol=0)
   return pairs, folded
@@ -59,8 +45,10 @@ def test_every_batchnorm_after_a_convolution_folds_exactly(name, size):
 
 
 def test_pre_activation_networks_fold_only_the_pairs_that_are_exact():
-  # DenseNet: conv1 → norm2 inside each layer folds; the concatenated conv2 outputs do not.
-  pairs, _ = _check(create_model("densenet121", num_classes=3), 32, min_pairs=1)
+  # DenseNet (densenet121's modules, two blocks of two layers): conv1 → norm2 inside each layer
+  # folds; the concatenated conv2 outputs do not.
+  from cxflax.models.densenet import DenseNet
+  pairs, _ = _check(DenseNet(growth_rate=8, block_config=(2, 2), num_classes=3), 32, min_pairs=1)
   folded = {bn[-1] for _, bn, _ in pairs}
   assert folded == {"norm0", "norm2"}
   # FC-DenseNet's first convolution feeds a BatchNorm and a concatenation: not folded.
@@ -77,7 +65,7 @@ def test_a_convolution_read_twice_is_not_folded():
       return z + y  # y read again: folding conv would change this term
   model = Twice()
   x = jnp.ones((1, 8, 8, 3))
-  variables = _trained_looking(model.init(jax.random.key(0), x))
+  variables = random_variables(model, x)
   assert foldable_pairs(model, variables, x) == []
   np.testing.assert_allclose(apply_folded(model, fold_batchnorm(model, variables, x), x),
                              model.apply(variables, x), rtol=1e-6)
@@ -99,7 +87,7 @@ def test_eval_step_folds_once_with_the_same_predictions(task, head, outputs):
   batch = {"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
            "label": np.zeros(4, np.int32 if task == "classification" else np.float32),
            "index": np.arange(4), "valid": np.ones(4, np.float32)}
-  variables = _trained_looking(model.init(jax.random.key(0), jnp.asarray(batch["image"]), train=False))
+  variables = random_variables(model, batch["image"], train=False)
   mesh = parallel.make_mesh(jax.devices()[:1])
   sharded = parallel.shard_batch(batch, mesh)
   step = make_eval_step(model, task, mesh)

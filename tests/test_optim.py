@@ -33,7 +33,7 @@ def _config(**kw):
      lambda o: __import__("torch").optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
 ])
 def test_schedules_match_torch_schedulers_stepped_per_epoch(kw, torch_sched):
-  torch = pytest.importorskip("torch")
+  import torch
   c = _config(learning_rate=0.1, num_epochs=14, **kw)
   steps_per_epoch = 5
   ours = optim.make_schedule(c, steps_per_epoch)
@@ -101,7 +101,7 @@ def test_group_rates_and_frozen_parameters_in_updates():
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_optimizers_match_torch(name):
   """Five steps on a linear least-squares problem: same parameters as torch.optim."""
-  torch = pytest.importorskip("torch")
+  import torch
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(16, 5)).astype(np.float32), rng.normal(size=(16,)).astype(np.float32)
   w0 = rng.normal(size=(5,)).astype(np.float32)
@@ -143,7 +143,7 @@ def test_gradient_accumulation_equals_the_full_batch():
 
 
 _SAM_CHECK = textwrap.dedent("""
-    import json, sys, jax, jax.numpy as jnp, numpy as np, optax
+    import json, jax, jax.numpy as jnp, numpy as np, optax
     import flax.linen as nn
     from cxflax import parallel
     from cxflax.config import base_config, finalize
@@ -158,23 +158,25 @@ _SAM_CHECK = textwrap.dedent("""
         x = nn.relu(batch_norm(train, jnp.float32, name="bn")(x))
         return nn.Dense(1)(jnp.mean(x, axis=(1, 2)))
 
-    c = base_config()
-    c.optimizer, c.momentum, c.learning_rate, c.schedule, c.sam_rho = "sgd", 0.0, 0.1, "constant", 0.05
-    c.batch_size = 8
-    c.sam_per_device = sys.argv[1] == "per_device"
-    c = finalize(c)
     model = Net()
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(8, 6, 6, 1)).astype(np.float32), "label": rng.uniform(0, 5, 8).astype(np.float32)}
     variables = model.init(jax.random.key(0), batch["image"][:1])
     out = {}
-    for n in (1, 2, 8):
-      mesh = parallel.make_mesh(jax.devices()[:n])
-      tx, _ = optim.make_optimizer(c, 10, variables["params"])
-      state = create_train_state(model, tx, variables, mesh)
-      state, m = make_train_step(model, c, mesh)(state, parallel.shard_batch(batch, mesh))
-      out[n] = {"params": [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(state.params)],
-                "stats": [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(state.batch_stats)]}
+    for mode in ("global", "per_device"):
+      c = base_config()
+      c.optimizer, c.momentum, c.learning_rate, c.schedule, c.sam_rho = "sgd", 0.0, 0.1, "constant", 0.05
+      c.batch_size = 8
+      c.sam_per_device = mode == "per_device"
+      c = finalize(c)
+      out[mode] = {}
+      for n in (1, 2, 8):
+        mesh = parallel.make_mesh(jax.devices()[:n])
+        tx, _ = optim.make_optimizer(c, 10, variables["params"])
+        state = create_train_state(model, tx, variables, mesh)
+        state, m = make_train_step(model, c, mesh)(state, parallel.shard_batch(batch, mesh))
+        out[mode][n] = {"params": [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(state.params)],
+                        "stats": [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(state.batch_stats)]}
 
     # By hand: gradient at params + rho * g / |g|, over the batch (or over each device's half).
     def loss(p, imgs, ys):
@@ -195,16 +197,22 @@ _SAM_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode", ["global", "per_device"])
-def test_sam_step_by_hand_with_batchnorm_and_devices(mode):
-  proc = run_python("", devices=8, args=["-c", _SAM_CHECK, mode])
+@pytest.fixture(scope="module")
+def sam_steps():
+  """One SAM step of each mode on 1, 2 and 8 devices, and the same steps by hand (one process
+  with 8 simulated devices serves both modes)."""
+  proc = run_python(_SAM_CHECK, devices=8)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.split("RESULT", 1)[1])
-  runs, manual = out["runs"], out["manual"]
+  return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+@pytest.mark.parametrize("mode", ["global", "per_device"])
+def test_sam_step_by_hand_with_batchnorm_and_devices(sam_steps, mode):
+  runs, manual = sam_steps["runs"][mode], sam_steps["manual"]
   close = lambda a, b, tol=2e-5: all(np.allclose(x, y, rtol=tol, atol=1e-6) for x, y in zip(a, b))
   assert close(runs["1"]["params"], manual["global"])  # one device: plain SAM
   for n in ("1", "2", "8"):  # BatchNorm running statistics from the clean pass
-    assert close(runs[n]["stats"], out["clean_stats"])
+    assert close(runs[n]["stats"], sam_steps["clean_stats"])
   if mode == "global":
     assert close(runs["8"]["params"], manual["global"]) and close(runs["2"]["params"], manual["global"])
   else:  # each device ascends along its own gradient (m-sharpness)

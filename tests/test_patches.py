@@ -12,6 +12,7 @@ from cxflax.models.heads import create_network
 from cxflax.models.patches import PatchClassifier, aggregate, crop_patches, mask_key, sample_centers
 from cxflax.train import metrics as metrics_lib
 from cxflax.train.steps import segmentation_counts
+from tests.conftest import random_variables
 
 
 def _blob_mask(h, w, rows, cols):
@@ -67,12 +68,7 @@ def _inputs(n, size=64, seed=0):
 @pytest.fixture(scope="module")
 def patch_model():
   model = _patch_model()
-  variables = model.init(jax.random.key(0), jnp.asarray(_inputs(1)), train=False)
-  # make BatchNorm's running statistics non-trivial so that eval mode is a real test
-  variables = jax.tree.map(lambda x: x, variables)
-  _, upd = model.apply(variables, jnp.asarray(_inputs(4, seed=1)), train=True, mutable=["batch_stats"],
-                       rngs={"patches": jax.random.key(5), "dropout": jax.random.key(6)})
-  return model, {"params": variables["params"], "batch_stats": upd["batch_stats"]}
+  return model, random_variables(model, _inputs(1), train=False)  # eval-mode BatchNorm is no identity
 
 
 def test_results_do_not_depend_on_the_batch(patch_model):
@@ -105,24 +101,25 @@ def test_training_draws_fresh_patches_inside_the_mask(patch_model):
   model, variables = patch_model
   x = jnp.asarray(_inputs(2))
   keys = [jax.random.key(s) for s in (1, 2)]
-  _, c1 = model.apply(variables, x, 1, keys[0], method=PatchClassifier.patches)
-  _, c2 = model.apply(variables, x, 1, keys[1], method=PatchClassifier.patches)
+  patches = jax.jit(lambda v, x, k: model.apply(v, x, 1, k, method=PatchClassifier.patches))
+  _, c1 = patches(variables, x, keys[0])
+  _, c2 = patches(variables, x, keys[1])
   assert not np.array_equal(np.asarray(c1), np.asarray(c2))
   for c in (np.asarray(c1), np.asarray(c2)):
     for i in range(2):
       assert np.asarray(x)[i, c[i, 0, 0], c[i, 0, 1], -1] == 1
-  out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
-                       rngs={"patches": keys[0], "dropout": keys[1]})
+  out, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                             rngs={"patches": keys[0], "dropout": keys[1]}))(variables, x)
   assert out.shape == (2, 3)
 
 
 def test_fc_densenet_shapes_and_paper_sizes():
   model = FCDenseNet(num_classes=3, down_blocks=(2, 2), bottleneck_layers=2, growth_rate=4, first_features=8)
   for h, w in ((16, 16), (21, 35)):  # any size, not only multiples of 4
-    v = model.init(jax.random.key(0), jnp.zeros((1, h, w, 1)))
-    assert model.apply(v, jnp.ones((2, h, w, 1))).shape == (2, h, w, 3)
+    v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jnp.zeros((1, h, w, 1)))
+    assert jax.eval_shape(model.apply, v, jnp.ones((2, h, w, 1))).shape == (2, h, w, 3)
   with pytest.raises(ValueError, match="at least 4 px"):
-    model.init(jax.random.key(0), jnp.zeros((1, 3, 8, 1)))
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 3, 8, 1))))
   # The Tiramisu paper's sizes (Table 2: 1.5M, 3.5M, 9.4M for 11 CamVid classes), to ±10%.
   for name, millions in (("fc_densenet56", 1.5), ("fc_densenet67", 3.5), ("fc_densenet103", 9.4)):
     m = create_model(name, num_classes=11)

@@ -150,6 +150,7 @@ class _TinyCNN(nn.Module):
     return nn.Dense(1)(jnp.mean(x, axis=(1, 2)))[:, 0]
 
 
+@pytest.mark.optimized
 def test_phantom_is_learnable():
   """A tiny CNN trained 300 steps on 48-px slices beats predicting the training mean by far."""
   train, test = Phantom("ct", 120, 48, seed=0), Phantom("ct", 30, 48, seed=99)

@@ -11,8 +11,8 @@ from PIL import Image
 from cxflax.config import base_config
 from cxflax.data import phantom as phantom_lib
 from cxflax.data.sources import make_source
-from cxflax.errors import DataError
-from tests.test_recipes import _final, _main
+from cxflax.errors import ConfigError, DataError
+from tests.conftest import assert_same_variables, read_json, run_main, run_variables
 
 
 def _write_xrays(folder, sizes, nested=True):
@@ -28,19 +28,43 @@ def _write_xrays(folder, sizes, nested=True):
 
 
 def test_lung_segmentation_trains_and_writes_masks_for_a_folder(tmp_path):
+  """Jaccard and Dice of the held-out fold, and masks written at each image's own size for a
+  folder of images: both recomputed here from the checkpoint's own per-pixel predictions."""
+  import jax
+  from cxflax.data.transforms import Preprocess
+  from cxflax.train.build import load_run
   wd = str(tmp_path / "seg")
-  _main("lung_seg.py:runlocal", wd, "--config.num_epochs=2")
-  final = _final(wd)
-  assert {"jaccard", "dice", "pixel_accuracy"} <= set(final["metrics"])
-  assert 0 <= final["metrics"]["jaccard"] <= 1 and "jaccard" in final["baseline"]
+  run_main(wd, config="lung_seg.py:runlocal")
+  final = read_json(wd, "final_metrics.json")
+  run = load_run(wd)
+  pp = Preprocess(run.config.data.eval_pp)
+  apply = jax.jit(lambda v, x: run.model.apply(v, x, train=False))
+  segment = lambda ex: np.asarray(apply(run.variables, pp.random_map(dict(ex), np.random.default_rng(0))["image"][None]))[0].argmax(-1)
+  from tests.test_recipes import _held_out
+  source, held_out = _held_out(wd)
+  jaccard, dice = [], []
+  for i in held_out:
+    ex = source.load(int(i))
+    pred = segment(ex) == 1
+    true = np.asarray(ex["lung_mask"]).reshape(pred.shape) > 0  # stored at the model's size
+    inter, union = (pred & true).sum(), (pred | true).sum()
+    jaccard.append(inter / union if union else 1.0)
+    dice.append(2 * inter / (pred.sum() + true.sum()) if union else 1.0)
+  assert final["metrics"]["jaccard"] == pytest.approx(np.mean(jaccard), abs=1e-6)
+  assert final["metrics"]["dice"] == pytest.approx(np.mean(dice), abs=1e-6)
+  assert "jaccard" in final["baseline"] and "pixel_accuracy" in final["metrics"]
   images = str(tmp_path / "xrays")
   sizes = [(40, 56), (64, 64), (50, 30)]
-  _write_xrays(images, sizes)
-  proc = _main("lung_seg.py:runlocal", wd, f"--config.predict.images={images}", mode="predict")
-  assert "Lung masks of 3 images written" in proc.stdout
-  for i, (h, w) in enumerate(sizes):
+  paths = _write_xrays(images, sizes)
+  predicted = run_main(wd, f"--config.predict.images={images}", mode="predict", config="lung_seg.py:runlocal")
+  assert "Lung masks of 3 images written" in predicted.stdout
+  from cxflax.data.images import read_image
+  for i, ((h, w), path) in enumerate(zip(sizes, paths)):
     mask = np.asarray(Image.open(os.path.join(wd, "masks", f"xray_{i}.png")))
     assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+    expected = segment({"image": read_image(path)}).astype(np.uint8) * 255
+    expected = np.asarray(Image.fromarray(expected).resize((w, h), Image.NEAREST))
+    np.testing.assert_array_equal(mask, expected)
 
 
 def test_masks_from_files_join_their_images(tmp_path):
@@ -63,28 +87,33 @@ def test_masks_from_files_join_their_images(tmp_path):
   assert make_source(c).task == "segmentation"
 
 
-PATCH_TINY = ["--config.data.image_size=48", "--config.patches.size=32", "--config.patches.num=4",
-              "--config.num_epochs=1"]
+PATCH_TINY = ["--config.data.image_size=48", "--config.patches.size=32", "--config.patches.num=4"]
 
 
 def test_patched_flannel_learners_and_their_ensemble(tmp_path):
-  members = []
-  for seed in (0, 1):
-    wd = str(tmp_path / f"learner{seed}")
-    _main("patched_flannel.py:resnet10t,runlocal", wd, *PATCH_TINY, f"--config.seed={seed}")
-    assert "accuracy" in _final(wd)["metrics"]
-    members.append(wd)
+  """Two patch classifiers (4 patches of 32 px inside the lung mask) and FLANNEL's ensemble of
+  them; the ensemble's accuracy is that of its checkpoint, recomputed here."""
+  from tests.conftest import checkpoint_predictions
+  from tests.test_recipes import _held_out
+  from tests.test_recipes import two_members
+  members = two_members(tmp_path, *PATCH_TINY, config="patched_flannel.py:resnet10t,runlocal")
+  source, held_out = _held_out(members[0])
+  probs = checkpoint_predictions(members[0], source, held_out)
+  assert read_json(members[0], "final_metrics.json")["metrics"]["accuracy"] == pytest.approx(
+      np.mean(probs.argmax(1) == source.labels()[held_out]), abs=1e-9)
   ens = str(tmp_path / "ensemble")
-  _main("patched_flannel.py:ensemble,runlocal", ens, "--config.data.image_size=48", "--config.num_epochs=1",
-        f"--config.ensemble.members={tuple(members)}", mode="ensemble")
-  with open(os.path.join(ens, "final_metrics.json")) as f:
-    assert "macro_f1" in json.load(f)["metrics"]
+  run_main(ens, "--config.data.image_size=48", "--config.num_epochs=1", f"--config.ensemble.members={tuple(members)}",
+           mode="ensemble", config="patched_flannel.py:ensemble,runlocal")
+  final = read_json(ens, "final_metrics.json")["metrics"]
+  probs = checkpoint_predictions(ens, source, held_out)
+  assert final["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == source.labels()[held_out]), abs=1e-9)
+  params = run_variables(ens)["params"]
+  for i, member in enumerate(members):  # the learners inside are the trained ones, frozen
+    assert_same_variables(params[f"members_{i}"]["network"], run_variables(member)["params"]["network"],
+                          rtol=0, what=f"learner {i}")
 
 
 def test_patch_classifier_needs_the_mask_channel(tmp_path):
-  proc_dir = str(tmp_path / "w")
-  from tests.conftest import run_python
-  from tests.test_recipes import TINY
-  proc = run_python("", args=["-m", "cxflax.main", "--config=configs/flannel.py:resnet10t,runlocal",
-                              f"--workdir={proc_dir}", *TINY, "--config.patches.num=4", "--config.patches.size=32"])
-  assert proc.returncode == 2 and "append_mask" in proc.stderr
+  with pytest.raises(ConfigError, match="append_mask"):
+    run_main(str(tmp_path / "w"), "--config.patches.num=4", "--config.patches.size=32",
+             config="flannel.py:resnet10t,runlocal")

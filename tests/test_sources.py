@@ -227,3 +227,22 @@ def test_dicom_hounsfield_window_and_monochrome1(tmp_path):
     read_image(tmp_path / "bad.dcm")
   with pytest.raises(ValueError, match="unknown CT window"):
     read_image(tmp_path / "ct.dcm", window="brain")
+
+
+def test_dicom_window_from_the_config(tmp_path):
+  """config.data.window as the command line gives it ('lung', or '(centre, width)' in HU) windows
+  the DICOM images of a layout; a window it cannot read is a config error before any work."""
+  from tests.conftest import load_config, run_main
+  stored = np.array([[0, 424], [1024, 2024]], np.uint16)  # HU = stored - 1024: -1024, -600, 0, 1000
+  for cls in ("COVID", "NonCOVID"):
+    (tmp_path / "ct" / cls).mkdir(parents=True)
+    _write_dicom(tmp_path / "ct" / cls / "a.dcm", stored)
+  layout = ("--config.data.source=folder", f"--config.data.root={tmp_path / 'ct'}")
+  for window, expected in [("(0,2000)", [[0.0, 0.2], [0.5, 1.0]]), ("-600, 1500", [[326 / 1500, 0.5], [0.9, 1.0]]),
+                           ("lung", [[326 / 1500, 0.5], [0.9, 1.0]])]:
+    c = load_config("resnest.py:runlocal", *layout, f"--config.data.window={window}")
+    np.testing.assert_allclose(make_source(c.data).load(0)["image"][..., 0], expected, atol=1e-6)
+  with pytest.raises(ConfigError, match="config.data.window: unknown CT window 'brain'"):
+    run_main(str(tmp_path / "w"), *layout, "--config.data.window=brain")
+  with pytest.raises(ConfigError, match="config.data.window: CT window width must be positive"):
+    run_main(str(tmp_path / "w"), *layout, "--config.data.window=(40,0)")

@@ -115,3 +115,28 @@ def test_preprocess_is_deterministic_per_element():
 def test_bad_arguments_are_config_errors(spec, match):
   with pytest.raises(ConfigError, match=match):
     transforms.parse(spec)
+
+
+def test_to_gray_equalize_gamma_and_mask_image_pixel_values():
+  """The lung-segmentation preprocessing (seed 003: histogram equalisation then gamma) and the
+  patch classifier's masking, on pixels whose results are worked out by hand."""
+  rgb = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 255]]], np.uint8)
+  gray = transforms.Preprocess("to_gray").random_map({"image": rgb}, _rng())["image"]
+  np.testing.assert_allclose(gray[..., 0], [[0.299, 0.587], [0.114, 1.0]], atol=1e-6)  # ITU-R 601, as PIL's 'L'
+  ref = np.asarray(Image.fromarray(rgb).convert("L"), np.float32) / 255
+  assert np.abs(gray[..., 0] - ref).max() <= 0.5 / 255  # PIL rounds to 8 bits
+  # Equalisation: grey levels 0, 64 (twice), 128, 255 → their cumulative counts 1, 3, 4, 5 of 5,
+  # shifted so that the darkest level maps to 0: (c - 1) / 4.
+  img = np.array([[0, 64, 64, 128, 255]], np.uint8)[..., None]
+  eq = transforms.Preprocess("equalize").random_map({"image": img}, _rng())["image"]
+  np.testing.assert_allclose(eq[0, :, 0], [0.0, 0.5, 0.5, 0.75, 1.0], atol=1e-6)
+  out = transforms.Preprocess("equalize|gamma(0.5)").random_map({"image": img}, _rng())["image"]
+  np.testing.assert_allclose(out[0, :, 0], np.sqrt([0.0, 0.5, 0.5, 0.75, 1.0]), atol=1e-6)
+  np.testing.assert_allclose(_apply("gamma(2.0)", {"image": np.array([[[0.5], [-0.1], [1.2]]], np.float32)})
+                             ["image"][0, :, 0], [0.25, 0.0, 1.0], atol=1e-6)  # clipped to [0, 1] first
+  ex = {"image": np.full((2, 3, 3), 0.8, np.float32), "lung_mask": np.array([[0, 1, 2], [0, 0, 255]], np.uint8)}
+  masked = _apply("mask_image", ex)["image"]
+  np.testing.assert_allclose(masked[..., 1], [[0, 0.8, 0.8], [0, 0, 0.8]], atol=1e-6)
+  assert masked.shape == (2, 3, 3)
+  with pytest.raises(ValueError, match="no 'lesion_mask'"):
+    _apply("mask_image('lesion_mask')", ex)
