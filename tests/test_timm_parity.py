@@ -9,7 +9,7 @@ amplifies rounding through the BatchNorms of the attention modules, whose statis
 handful of 1x1 values; a float32 training-mode check with a looser bound is included too.)
 The float64 check runs one model of each family and block type by default; the deeper and wider
 variants of those families (whose code is the same, and which take a minute each) run with
-`-m slow`.
+`-m slow`, and the float32 training-mode check the other way round.
 
 PyTorch and timm are the test extra (pip install -e '.[test]'): without them this file fails to
 import, and so the run fails, rather than skipping the comparison.
@@ -123,9 +123,13 @@ def test_train_mode_float64(name):
         assert _rel(stats[path], value.numpy()) <= 1e-6, key
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "seresnet50", "ecaresnet50t", "resnest50d",
-                                  "skresnext50_32x4d", "densenet121", "inception_v3", "efficientnet_b4"])
+@pytest.mark.parametrize("name", [n if n in DEEP_VARIANTS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ["resnet18", "resnet50", "seresnet50", "ecaresnet50t", "resnest50d",
+                                            "skresnext50_32x4d", "densenet121", "inception_v3",
+                                            "efficientnet_b4"]])
 def test_train_mode_float32(name):
+  """Training mode in float32, by default for the models whose float64 check is slow; the others'
+  training mode is checked exactly in float64 by default, and their float32 arithmetic in eval."""
   tm = _timm_model(name, torch.float32).train()
   x_t, x_j = _input(8, MODELS[name], torch.float32)
   variables = load_timm_weights(name, tm.state_dict())
