@@ -4,7 +4,6 @@ figures are measured by running them at full size; no timing is asserted here)."
 import json
 
 import jax
-import pytest
 
 from tests.conftest import run_python
 

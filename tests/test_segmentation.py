@@ -1,7 +1,6 @@
 """Lung segmentation end to end (train, Jaccard/Dice, masks predicted for a folder), masks read
 back from files for real data, and patch-based FLANNEL learners and their ensemble."""
 
-import json
 import os
 
 import numpy as np
