@@ -173,6 +173,17 @@ def read_json(*path) -> dict:
     return json.load(f)
 
 
+def held_out(config):
+  """The source and the indices of the held-out fold a run with `config` evaluates on, from the
+  fold assignment itself (not from cxflax's input pipeline)."""
+  from cxflax.data import folds as folds_lib
+  from cxflax.data.pipeline import make_folds
+  from cxflax.data.sources import make_source
+  source = make_source(config.data, "train")
+  fold_of = make_folds(source, config.num_folds, config.seed, config.data.stratify)
+  return source, folds_lib.split_indices(fold_of, config.fold)[1]
+
+
 def checkpoint_predictions(path, source, indices, step: int | None = None, batch: int = 16):
   """A checkpoint's predictions for source[indices], computed without cxflax's evaluation code
   (no grain batches, padding, gathering or BatchNorm folding): each image preprocessed on its

@@ -8,11 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from cxflax.data import folds as folds_lib
-from cxflax.data.pipeline import make_folds
 from cxflax.data.sources import make_source
 from cxflax.errors import CheckpointError, ConfigError, DataError
-from tests.conftest import (assert_same_variables, checkpoint_predictions, load_config, main_args,
+from tests.conftest import (assert_same_variables, checkpoint_predictions, held_out, load_config, main_args,
                             python_env, read_json, reserved_port, run_main, run_processes,
                             run_python, run_variables, TINY_RUN)
 
@@ -20,10 +18,7 @@ from tests.conftest import (assert_same_variables, checkpoint_predictions, load_
 def _held_out(config_spec="resnest.py:runlocal", *overrides):
   """The source and the held-out fold's indices of a TINY run, from the fold assignment."""
   from tests.conftest import TINY
-  c = load_config(config_spec, *TINY, *overrides)
-  source = make_source(c.data, "train")
-  fold_of = make_folds(source, c.num_folds, c.seed, c.data.stratify)
-  return source, folds_lib.split_indices(fold_of, c.fold)[1]
+  return held_out(load_config(config_spec, *TINY, *overrides))
 
 
 def test_train_writes_checkpoints_events_and_metrics(tiny_run):

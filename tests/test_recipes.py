@@ -11,21 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxflax.data import folds as folds_lib
-from cxflax.data.pipeline import create_input, make_folds
+from cxflax.data.pipeline import create_input
 from cxflax.data.sources import make_source
 from cxflax.models.ensembles import FeatureEnsemble, ModelSE, NeuralWeightEnsemble
 from cxflax.train.metrics import classification_metrics
-from tests.conftest import (TINY, assert_same_variables, checkpoint_predictions, load_config,
+from tests.conftest import (TINY, assert_same_variables, checkpoint_predictions, held_out, load_config,
                             read_json, run_main, run_python, run_variables)
 
 
 def _held_out(workdir):
   """The source and held-out indices a run evaluated on, from the config in its checkpoint."""
   from cxflax.train.build import load_run
-  c = load_run(workdir).config
-  source = make_source(c.data, "train")
-  return source, folds_lib.split_indices(make_folds(source, c.num_folds, c.seed, c.data.stratify), c.fold)[1]
+  return held_out(load_run(workdir).config)
 
 
 def _accuracy_and_confusion(workdir, n):
