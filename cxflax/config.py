@@ -15,8 +15,6 @@ import ml_collections
 from cxflax.data.images import parse_window
 from cxflax.errors import ConfigError
 
-from cxflax.train.losses import CLASSIFICATION_LOSSES, REGRESSION_LOSSES, SEGMENTATION_LOSSES
-
 DTYPES = ("float32", "bfloat16")
 TARGETS = ("label", "lung_mask")
 
@@ -206,8 +204,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(msg)
 
   need(config.dtype in DTYPES, f"config.dtype must be one of {DTYPES}, got {config.dtype!r}")
-  need(config.loss in REGRESSION_LOSSES + CLASSIFICATION_LOSSES,
-       f"config.loss must be one of {REGRESSION_LOSSES + CLASSIFICATION_LOSSES}, got {config.loss!r}")
   need(config.num_epochs > 0, f"config.num_epochs must be positive, got {config.num_epochs}")
   need(config.learning_rate > 0, f"config.learning_rate must be positive, got {config.learning_rate}")
   need(config.weight_decay >= 0, f"config.weight_decay must be >= 0, got {config.weight_decay}")
@@ -244,15 +240,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from:
     need(os.path.isdir(config.init_from), f"config.init_from={config.init_from!r} is not a directory")
 
-
-def check_task(config: ml_collections.ConfigDict, task: str) -> None:
-  """The loss must suit the task of the data (regression or classification)."""
-  if task == "regression" and config.loss not in REGRESSION_LOSSES:
-    raise ConfigError(f"the data is a regression task but config.loss={config.loss!r}; use one of "
-                      f"{REGRESSION_LOSSES}")
-  if task == "classification" and config.loss not in CLASSIFICATION_LOSSES:
-    raise ConfigError(f"the data is a classification task but config.loss={config.loss!r}; use "
-                      f"one of {CLASSIFICATION_LOSSES}")
-  if task == "segmentation" and config.loss not in SEGMENTATION_LOSSES:
-    raise ConfigError(f"the data is a segmentation task (config.data.target={config.data.target!r}) "
-                      f"but config.loss={config.loss!r}; use one of {SEGMENTATION_LOSSES}")

@@ -6,6 +6,8 @@ average, or the hybrid pooling of seed 001) and what to predict.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from flax import traverse_util
 from cxflax.errors import CheckpointError
 from cxflax.models import registry
 from cxflax.models.layers import Dtype, batch_norm, global_pool, relu
+from cxflax.registry import Registry
 
 POOLS = ("avg", "max", "avgmax", "catavgmax", "hybrid")
 
@@ -153,7 +156,38 @@ class Network(nn.Module):
     return jax.tree.map(lambda o: o.astype(jnp.float32), out)
 
 
-HEADS = ("linear", "mlp", "multitask", "fastai", "embedding", "embedding_classifier")
+# config.head → fn(num_outputs, pool, dropout, dtype, **head_kwargs) → the head module.
+HEADS: Registry[Callable[..., nn.Module]] = Registry("head")
+
+
+@HEADS.register("linear")
+def _linear(num_outputs, pool, dropout, dtype, **kwargs):
+  return LinearHead(num_outputs, pool, dropout, dtype, **kwargs)
+
+
+@HEADS.register("mlp")
+def _mlp(num_outputs, pool, dropout, dtype, **kwargs):
+  return MLPHead(num_outputs, pool=pool, dropout=dropout, dtype=dtype, **kwargs)
+
+
+@HEADS.register("multitask")
+def _multitask(num_outputs, pool, dropout, dtype, **kwargs):  # one output, by construction
+  return MultiTaskHead(pool=pool, dropout=dropout, dtype=dtype, **kwargs)
+
+
+@HEADS.register("fastai")
+def _fastai(num_outputs, pool, dropout, dtype, **kwargs):  # pools and drops out its own way
+  return FastaiHead(num_outputs, dtype=dtype, **kwargs)
+
+
+@HEADS.register("embedding")
+def _embedding(num_outputs, pool, dropout, dtype, **kwargs):  # its width is kwargs' dim
+  return EmbeddingHead(pool=pool, dtype=dtype, **kwargs)
+
+
+@HEADS.register("embedding_classifier")
+def _embedding_classifier(num_outputs, pool, dropout, dtype, **kwargs):
+  return EmbeddingClassifierHead(num_outputs, pool=pool, dtype=dtype, **kwargs)
 
 
 def make_head(name: str, num_outputs: int, pool: str = "avg", dropout: float = 0.0,
@@ -161,19 +195,7 @@ def make_head(name: str, num_outputs: int, pool: str = "avg", dropout: float = 0
   """A head by name (see HEADS); kwargs are the head's own fields (e.g. hidden=(500, 250))."""
   if pool not in POOLS:
     raise ValueError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}")
-  if name == "linear":
-    return LinearHead(num_outputs, pool, dropout, dtype, **kwargs)
-  if name == "mlp":
-    return MLPHead(num_outputs, pool=pool, dropout=dropout, dtype=dtype, **kwargs)
-  if name == "multitask":
-    return MultiTaskHead(pool=pool, dropout=dropout, dtype=dtype, **kwargs)
-  if name == "fastai":
-    return FastaiHead(num_outputs, dtype=dtype, **kwargs)
-  if name == "embedding":
-    return EmbeddingHead(pool=pool, dtype=dtype, **kwargs)
-  if name == "embedding_classifier":
-    return EmbeddingClassifierHead(num_outputs, pool=pool, dtype=dtype, **kwargs)
-  raise ValueError(f"unknown head {name!r}; known heads: {', '.join(HEADS)}")
+  return HEADS.get(name)(num_outputs, pool, dropout, dtype, **kwargs)
 
 
 def with_backbone(variables: dict, backbone: dict) -> dict:

@@ -6,18 +6,18 @@ from typing import Callable
 
 import flax.linen as nn
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+from cxflax.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def register(name: str, constructor: Callable[..., nn.Module]) -> None:
-  if name in _MODELS:
-    raise ValueError(f"model {name!r} registered twice")
-  _MODELS[name] = constructor
+  MODELS.add(name, constructor)
 
 
 def list_models() -> list[str]:
   """Names of every model create_model knows, as timm names them."""
-  return sorted(_MODELS)
+  return MODELS.names()
 
 
 def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
@@ -27,6 +27,4 @@ def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
   dtype (computation dtype; parameters stay float32). num_classes=0 gives the pooled embedding,
   global_pool='' the unpooled feature map.
   """
-  if name not in _MODELS:
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-  return _MODELS[name](num_classes=num_classes, **kwargs)
+  return MODELS.get(name)(num_classes=num_classes, **kwargs)

@@ -30,11 +30,6 @@ from cxflax.train.steps import init_variables
 ENSEMBLES = ("", "average", "se", "flannel")
 
 
-def task_of(config, data_task: str) -> str:
-  """'embedding' for the triplet phase of seed 004, else the data's task."""
-  return "embedding" if config.loss == "triplet" else data_task
-
-
 def num_outputs(task: str, class_names) -> int:
   """1 for regression; one per class for classification (logits) and segmentation (per pixel)."""
   return 1 if task == "regression" else len(class_names or ())

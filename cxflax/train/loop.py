@@ -31,7 +31,7 @@ from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import losses as losses_lib
 from cxflax.train import metrics as metrics_lib
-from cxflax.train import optim
+from cxflax.train import optim, tasks
 from cxflax.train.steps import TrainState, make_eval_step, make_train_step
 
 
@@ -142,8 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   extra = _pseudo_labelled(config, mesh)
 
   first = create_input(stages[0], jax.process_index(), jax.process_count(), extra)
-  task = build.task_of(config, first.task)
-  config_lib.check_task(config, first.task)
+  task = tasks.resolve(config, first.task).name
   class_names = first.class_names
   model = build.build_model(config, task, class_names)
   variables = build.initial_variables(config, model, first.image_shape(), config.seed)
@@ -284,7 +283,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
     raise CheckpointError(f"no checkpoint to evaluate in {directory}"
                           + (f" (steps there: {ckpts.all_steps()})" if ckpts.all_steps() else ""))
   inp = create_input(config, jax.process_index(), jax.process_count())
-  task = build.task_of(config, inp.task)
+  task = tasks.resolve(config, inp.task).name
   model = build.build_model(config, task, inp.class_names)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1,) + inp.image_shape(), np.float32)))
   target = ckpt_lib.abstract({"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
@@ -432,7 +431,7 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
   workdir = prepare_workdir(workdir)
   mesh = parallel.make_mesh()
   inp = create_input(config, jax.process_index(), jax.process_count())
-  task = build.task_of(config, inp.task)
+  task = tasks.resolve(config, inp.task).name
   model = build.build_model(config, task, inp.class_names)
   variables = build.initial_variables(config, model, inp.image_shape(), config.seed)
   f = config.lr_find

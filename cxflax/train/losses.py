@@ -7,7 +7,7 @@ embedding: (B, D)) or, for multi-output heads, a dict with 'prediction' and the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +15,11 @@ import numpy as np
 import optax
 
 from cxflax.errors import ConfigError
+from cxflax.registry import Registry
 
-LOSSES = ("smooth_l1", "mse", "multitask", "multitask_kl", "cross_entropy", "focal", "triplet")
-REGRESSION_LOSSES = ("smooth_l1", "mse", "multitask", "multitask_kl")
-CLASSIFICATION_LOSSES = ("cross_entropy", "focal", "triplet")
-SEGMENTATION_LOSSES = ("cross_entropy",)  # per pixel, on (B, H, W, classes) logits
+# config.loss → fn(config, outputs, labels, weights, class_alpha) → scalar. Which task may use
+# which loss is the task's business (cxflax/train/tasks.py).
+LOSSES: Registry[Callable[..., Any]] = Registry("loss", ConfigError, "config.loss")
 
 
 def _weighted_mean(per_example, weights):
@@ -114,31 +114,54 @@ def prediction(outputs) -> Any:
 
 
 def compute_loss(config, outputs, labels, weights=None, class_alpha=None):
-  """The loss config.loss names on the network's outputs.
+  """The loss config.loss names, on the network's outputs."""
+  return LOSSES.get(config.loss)(config, outputs, labels, weights, class_alpha)
 
-  multitask (seed 001, approach 2): SmoothL1 of the expectation of the 101-way distribution
-  plus SmoothL1 of the regressed value; multitask_kl (approach 3) adds the KL term.
-  """
-  name, beta = config.loss, config.loss_beta
-  if name in ("smooth_l1", "mse"):
-    pred = prediction(outputs)[..., 0]
-    if name == "mse":
-      return _weighted_mean((pred - labels) ** 2, weights)
-    return smooth_l1(pred, labels, beta, weights)
-  if name in ("multitask", "multitask_kl"):
-    if not isinstance(outputs, dict) or "bins" not in outputs:
-      raise ConfigError(f"loss {name!r} needs the multi-task head (config.head='multitask')")
-    loss = (smooth_l1(expectation(outputs["bins"]), labels, beta, weights)
-            + smooth_l1(outputs["prediction"][..., 0], labels, beta, weights))
-    if name == "multitask_kl":
-      loss = loss + config.kl_weight * kl_to_label_distribution(outputs["bins"], labels, weights)
-    return loss
-  if name == "cross_entropy":
-    return cross_entropy(prediction(outputs), labels, weights, config.label_smoothing)
-  if name == "focal":
-    if class_alpha is None:
-      raise ConfigError("focal loss needs class weights (alpha)")
-    return focal(prediction(outputs), labels, class_alpha, config.focal_gamma, weights)
-  if name == "triplet":
-    return triplet(prediction(outputs), labels, config.triplet_margin, weights, config.triplet_mining)
-  raise ConfigError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
+
+@LOSSES.register("smooth_l1")
+def _smooth_l1_loss(config, outputs, labels, weights, class_alpha):
+  return smooth_l1(prediction(outputs)[..., 0], labels, config.loss_beta, weights)
+
+
+@LOSSES.register("mse")
+def _mse_loss(config, outputs, labels, weights, class_alpha):
+  return _weighted_mean((prediction(outputs)[..., 0] - labels) ** 2, weights)
+
+
+def _multitask(config, outputs, labels, weights):
+  """Seed 001, approach 2: SmoothL1 of the expectation of the 101-way distribution plus
+  SmoothL1 of the regressed value."""
+  if not isinstance(outputs, dict) or "bins" not in outputs:
+    raise ConfigError(f"loss {config.loss!r} needs the multi-task head (config.head='multitask')")
+  beta = config.loss_beta
+  return (smooth_l1(expectation(outputs["bins"]), labels, beta, weights)
+          + smooth_l1(outputs["prediction"][..., 0], labels, beta, weights))
+
+
+@LOSSES.register("multitask")
+def _multitask_loss(config, outputs, labels, weights, class_alpha):
+  return _multitask(config, outputs, labels, weights)
+
+
+@LOSSES.register("multitask_kl")
+def _multitask_kl_loss(config, outputs, labels, weights, class_alpha):
+  """Seed 001, approach 3: approach 2 plus the KL term."""
+  return (_multitask(config, outputs, labels, weights)
+          + config.kl_weight * kl_to_label_distribution(outputs["bins"], labels, weights))
+
+
+@LOSSES.register("cross_entropy")
+def _cross_entropy_loss(config, outputs, labels, weights, class_alpha):
+  return cross_entropy(prediction(outputs), labels, weights, config.label_smoothing)
+
+
+@LOSSES.register("focal")
+def _focal_loss(config, outputs, labels, weights, class_alpha):
+  if class_alpha is None:
+    raise ConfigError("focal loss needs class weights (alpha)")
+  return focal(prediction(outputs), labels, class_alpha, config.focal_gamma, weights)
+
+
+@LOSSES.register("triplet")
+def _triplet_loss(config, outputs, labels, weights, class_alpha):
+  return triplet(prediction(outputs), labels, config.triplet_margin, weights, config.triplet_mining)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,14 @@ import optax
 from flax import traverse_util
 
 from cxflax.errors import ConfigError
+from cxflax.registry import Registry
 
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "cosine_restarts", "step")
-OPTIMIZERS = ("sgd", "adam", "adamw")
 FROZEN = "frozen"
+
+
+# config.schedule → fn(config, lr, total_steps, epoch_steps) → schedule of the step count
+# (float32), torch's schedulers' arithmetic.
+SCHEDULES: Registry[Callable[..., optax.Schedule]] = Registry("schedule", ConfigError, "config.schedule")
 
 
 def make_schedule(config, steps_per_epoch: int, base_lr: float | None = None) -> optax.Schedule:
@@ -36,34 +41,54 @@ def make_schedule(config, steps_per_epoch: int, base_lr: float | None = None) ->
   lr = config.learning_rate if base_lr is None else base_lr
   total = max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
   epoch_steps = max(1, steps_per_epoch)
-  min_lr = config.min_learning_rate
-  kind = config.schedule
-  if kind == "constant":
-    fn = lambda t: jnp.full((), lr, jnp.float32)
-  elif kind == "warmup_cosine":
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    if warmup >= total:
-      raise ConfigError(f"warmup_epochs ({config.warmup_epochs}) must be shorter than num_epochs "
-                        f"({config.num_epochs})")
-    fn = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=min_lr)
-  elif kind == "cosine":  # torch CosineAnnealingLR: periodic beyond T_max
-    period = (config.cosine_period_epochs * epoch_steps) if config.cosine_period_epochs else total
-    fn = lambda t: min_lr + (lr - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * t / period))
-  elif kind == "cosine_restarts":  # torch CosineAnnealingWarmRestarts(T_0, T_mult)
-    t0 = (config.cosine_period_epochs * epoch_steps) if config.cosine_period_epochs else total
-    fn = lambda t: _restarts(t, t0, config.restart_mult, lr, min_lr)
-  elif kind == "step":  # torch StepLR
-    if config.step_decay_epochs <= 0:
-      raise ConfigError("schedule 'step' needs config.step_decay_epochs > 0")
-    every = config.step_decay_epochs * epoch_steps
-    fn = lambda t: lr * config.step_decay_factor ** jnp.floor(t / every)
-  else:
-    raise ConfigError(f"unknown schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
+  fn = SCHEDULES.get(config.schedule)(config, lr, total, epoch_steps)
   if config.schedule_unit == "epoch":
     return lambda t: fn(jnp.floor(jnp.asarray(t, jnp.float32) / epoch_steps) * epoch_steps)
   if config.schedule_unit != "step":
     raise ConfigError(f"config.schedule_unit must be 'step' or 'epoch', got {config.schedule_unit!r}")
   return lambda t: fn(jnp.asarray(t, jnp.float32))
+
+
+@SCHEDULES.register("constant")
+def _constant(config, lr, total, epoch_steps):
+  return lambda t: jnp.full((), lr, jnp.float32)
+
+
+@SCHEDULES.register("warmup_cosine")
+def _warmup_cosine(config, lr, total, epoch_steps):
+  warmup = int(config.warmup_epochs * epoch_steps)
+  if warmup >= total:
+    raise ConfigError(f"warmup_epochs ({config.warmup_epochs}) must be shorter than num_epochs "
+                      f"({config.num_epochs})")
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=config.min_learning_rate)
+
+
+def _period(config, total, epoch_steps):
+  """cosine's T_max and cosine_restarts' T_0 in steps: config.cosine_period_epochs, or the run."""
+  return (config.cosine_period_epochs * epoch_steps) if config.cosine_period_epochs else total
+
+
+@SCHEDULES.register("cosine")
+def _cosine(config, lr, total, epoch_steps):
+  """torch's CosineAnnealingLR: periodic beyond T_max."""
+  period, min_lr = _period(config, total, epoch_steps), config.min_learning_rate
+  return lambda t: min_lr + (lr - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * t / period))
+
+
+@SCHEDULES.register("cosine_restarts")
+def _cosine_restarts(config, lr, total, epoch_steps):
+  """torch's CosineAnnealingWarmRestarts(T_0, T_mult)."""
+  t0 = _period(config, total, epoch_steps)
+  return lambda t: _restarts(t, t0, config.restart_mult, lr, config.min_learning_rate)
+
+
+@SCHEDULES.register("step")
+def _step(config, lr, total, epoch_steps):
+  """torch's StepLR."""
+  if config.step_decay_epochs <= 0:
+    raise ConfigError("schedule 'step' needs config.step_decay_epochs > 0")
+  every = config.step_decay_epochs * epoch_steps
+  return lambda t: lr * config.step_decay_factor ** jnp.floor(t / every)
 
 
 def _restarts(t, t0: float, mult: int, lr: float, min_lr: float):
@@ -112,20 +137,32 @@ def param_labels(config, params) -> dict:
   return traverse_util.unflatten_dict(labels, sep="/")
 
 
-def _base_optimizer(config, schedule) -> optax.GradientTransformation:
-  """config.optimizer with PyTorch's semantics: SGD's and Adam's weight decay are L2 terms added
-  to the gradient (torch.optim.SGD / Adam), AdamW's is decoupled."""
-  name, wd = config.optimizer, config.weight_decay
-  if name == "sgd":
-    opt = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
-  elif name == "adam":
-    opt = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
-  elif name == "adamw":
-    return optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                       weight_decay=wd)
-  else:
-    raise ConfigError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+# config.optimizer → fn(config, schedule) → the optax optimizer, with PyTorch's semantics: SGD's
+# and Adam's weight decay are L2 terms added to the gradient (torch.optim.SGD / Adam), AdamW's is
+# decoupled.
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry(
+    "optimizer", ConfigError, "config.optimizer")
+
+
+def _with_l2(config, opt: optax.GradientTransformation) -> optax.GradientTransformation:
+  wd = config.weight_decay
   return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(config, schedule):
+  return _with_l2(config, optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+
+
+@OPTIMIZERS.register("adam")
+def _adam(config, schedule):
+  return _with_l2(config, optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps))
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(config, schedule):
+  return optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                     weight_decay=config.weight_decay)
 
 
 def make_optimizer(config, steps_per_epoch: int, params, schedule_fn=None
@@ -142,7 +179,7 @@ def make_optimizer(config, steps_per_epoch: int, params, schedule_fn=None
     schedules = [(lambda t, r=lr / rates[-1]: r * schedule_fn(t)) for lr in rates]
   labels = param_labels(config, params)
   used = set(jax.tree.leaves(labels))
-  transforms = {f"group{i}": _base_optimizer(config, s) for i, s in enumerate(schedules)
+  transforms = {f"group{i}": OPTIMIZERS.get(config.optimizer)(config, s) for i, s in enumerate(schedules)
                 if f"group{i}" in used}
   if FROZEN in used:
     transforms[FROZEN] = optax.set_to_zero()
