@@ -33,6 +33,7 @@ from cxflax.data.sources import covid_ct, covidx, csv, flannel, folder, per_covi
 from cxflax.data.sources.covid_ct import COVID_CT_CLASSES
 from cxflax.data.sources.covidx import COVIDX3_CLASSES, COVIDX4_CLASSES
 from cxflax.data.sources.flannel import FLANNEL_CLASSES
+from cxflax.data.sources.per_covid19 import SEVERITY_NAMES, severity_class
 from cxflax.data.sources.phantom import PhantomSource
 from cxflax.data.sources.tfds import TfdsSource
 
@@ -44,5 +45,5 @@ __all__ = [
     "pick_columns", "read_table", "verify_images",
     "covid_ct", "covidx", "csv", "flannel", "folder", "per_covid19", "phantom", "tfds",
     "COVID_CT_CLASSES", "COVIDX3_CLASSES", "COVIDX4_CLASSES", "FLANNEL_CLASSES", "PhantomSource",
-    "TfdsSource",
+    "SEVERITY_NAMES", "TfdsSource", "severity_class",
 ]

@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cxflax.data import phantom as phantom_lib
 from cxflax.data.images import IMAGE_EXTENSIONS, read_image
 from cxflax.errors import DataError
 
@@ -43,7 +42,9 @@ class Source:
     labels = self.labels()
     if self.task == "classification":
       return labels.astype(np.int64)
-    return np.array([phantom_lib.severity_class(float(v)) for v in labels], np.int64)
+    # Imported here: the Per-COVID-19 reader, home of the categories, builds on this module.
+    from cxflax.data.sources.per_covid19 import severity_class
+    return np.array([severity_class(float(v)) for v in labels], np.int64)
 
   def load(self, i: int) -> dict[str, Any]:
     raise NotImplementedError

@@ -1,4 +1,5 @@
-"""Per-COVID-19 (Bougourzi et al. 2021): CT slices with their infection percentage.
+"""Per-COVID-19 (Bougourzi et al. 2021): CT slices with their infection percentage, and the
+severity categories its benchmark (and seed 001's folds) derive from that percentage.
 
 Challenge layout: Train/, Val/ [, Test/], Train.csv (Slice_Name, Covid-19_percentage, Subject;
 header optional), Val.csv where labelled. Original release: Images/ and Database_new.xlsx / .csv
@@ -10,12 +11,24 @@ from __future__ import annotations
 import glob
 import os
 
+import numpy as np
+
 from cxflax.data.images import IMAGE_EXTENSIONS
 from cxflax.data.sources.base import Entry, FileSource
 from cxflax.data.sources.registry import register
 from cxflax.data.sources.tables import (Problems, check_files, need_dir, parse_percentage,
                                         pick_columns, read_files, read_table)
 from cxflax.errors import DataError
+
+# Normal 0 %, Minimal (0, 10], Moderate (10, 25], Extent (25, 50], Severe (50, 75],
+# Critical (75, 100].
+SEVERITY_NAMES = ("normal", "minimal", "moderate", "extent", "severe", "critical")
+_SEVERITY_UPPER = (0.0, 10.0, 25.0, 50.0, 75.0)
+
+
+def severity_class(percentage: float) -> int:
+  """Severity category index (see SEVERITY_NAMES) of an infection percentage."""
+  return int(np.searchsorted(_SEVERITY_UPPER, percentage, side="left"))
 
 
 @register("per_covid19")
