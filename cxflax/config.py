@@ -131,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr_find.steps = 100
 
   c.data = ml_collections.ConfigDict()
-  # phantom | per_covid19 | covidx | covid_ct | flannel | folder | csv | tfds (see data/sources.py)
+  # phantom | per_covid19 | covidx | covid_ct | flannel | folder | csv | tfds (see data/sources/)
   c.data.source = "phantom"
   c.data.root = ""               # the dataset's folder (tfds: the TFDS data_dir)
   c.data.tfds_name = ""          # tfds: cxflax's builder name, e.g. 'per_covid19'

@@ -10,9 +10,10 @@ import optax
 import pytest
 
 from cxflax.data import export
-from cxflax.data.phantom import CXR_CLASS_NAMES, Phantom, severity_class
+from cxflax.data.phantom import CXR_CLASS_NAMES, Phantom
 from cxflax.config import base_config
 from cxflax.data.sources import make_source
+from cxflax.data.sources.per_covid19 import severity_class
 
 
 def test_deterministic_from_seed():

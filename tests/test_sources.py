@@ -2,6 +2,7 @@
 and the errors (or counted skips) for bad data."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ from cxflax.config import base_config
 from cxflax.data import export
 from cxflax.data.images import read_dicom, read_image
 from cxflax.data.phantom import CXR_CLASS_NAMES, Phantom
-from cxflax.data.sources import FLANNEL_CLASSES, make_source
+from cxflax.data.sources import FLANNEL_CLASSES, PhantomSource, known_sources, make_source, register
 from cxflax.errors import ConfigError, DataError
 
 
@@ -246,3 +247,59 @@ def test_dicom_window_from_the_config(tmp_path):
     run_main(str(tmp_path / "w"), *layout, "--config.data.window=brain")
   with pytest.raises(ConfigError, match="config.data.window: CT window width must be positive"):
     run_main(str(tmp_path / "w"), *layout, "--config.data.window=(40,0)")
+
+
+# --- the registry of layouts ---------------------------------------------------------------------
+
+LAYOUT_NAMES = ["covid_ct", "covidx", "csv", "flannel", "folder", "per_covid19", "phantom", "tfds"]
+
+
+def test_registry_holds_exactly_the_documented_layouts():
+  from cxflax.data import sources
+  assert known_sources() == LAYOUT_NAMES
+  documented = re.findall(r"^  (\w+) {2,}", sources.__doc__, re.MULTILINE)
+  assert sorted(documented) == LAYOUT_NAMES
+
+
+def test_unknown_layout_lists_the_registered_ones_and_a_name_registers_once(monkeypatch):
+  from cxflax.data.sources import registry
+  with pytest.raises(ConfigError, match=r"^unknown data source 'imagenet'; known sources: "
+                     + ", ".join(LAYOUT_NAMES) + "$"):
+    make_source(_data("imagenet", ""))
+  csv_factory = registry._SOURCES["csv"]
+  with pytest.raises(ValueError, match=r"data source 'csv' is registered twice \(cxflax.data.sources.csv "
+                     r"and tests.test_sources\)"):
+    @register("csv")
+    def _again(data_config, split, unlabeled_ok):
+      raise AssertionError("never opened")
+  assert registry._SOURCES["csv"] is csv_factory
+
+  monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))  # undone after the test
+  opened = []
+
+  @register("toy")
+  def _toy(data_config, split, unlabeled_ok):
+    opened.append((split, unlabeled_ok))
+    return PhantomSource("ct", 2, 16, (1, 1), seed=0)
+
+  src = make_source(_data("toy", ""), "val", unlabeled_ok=True)
+  assert opened == [("val", True)] and isinstance(src, PhantomSource) and len(src) == 2
+  with pytest.raises(ConfigError, match=r"known sources: .*per_covid19, phantom, tfds, toy$"):
+    make_source(_data("imagenet", ""))
+
+
+@pytest.mark.parametrize("first", ["cxflax.data.phantom", "cxflax.data.sources.per_covid19",
+                                   "cxflax.data.sources.phantom", "cxflax.data.sources.tfds"])
+def test_modules_load_in_any_order(first):
+  """The generator imports the severity categories from the Per-COVID-19 reader, whose package
+  holds the phantom source: whichever is imported first, all load and work."""
+  code = (f"import {first}\n"
+          "from cxflax.data.phantom import Phantom, severity_class\n"
+          "from cxflax.data.sources import PhantomSource, known_sources\n"
+          "src = PhantomSource('ct', 2, 16, (1, 1), seed=0)\n"
+          "assert list(src.strata()) == [severity_class(float(v)) for v in src.labels()]\n"
+          "print(len(known_sources()), int(Phantom('ct', 1, 16, (1, 1))[0]['severity']) >= 0)\n")
+  from tests.conftest import run_python
+  result = run_python(code)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [str(len(LAYOUT_NAMES)), "True"]

@@ -27,7 +27,7 @@ _READ = textwrap.dedent("""
         raise ImportError("TensorFlow is blocked on the read path")
       return real(name, *a, **k)
     builtins.__import__ = guard
-    from cxflax.data.tfds_source import TfdsSource
+    from cxflax.data.sources.tfds import TfdsSource
     out = {}
     for name, split in json.loads(sys.argv[2]):
       s = TfdsSource(name, split, sys.argv[1])
@@ -99,7 +99,7 @@ def test_builds_read_back_without_tensorflow(built):
 
 def test_tfds_source_feeds_the_pipeline(built):
   from cxflax.data import pipeline
-  from cxflax.data.tfds_source import TfdsSource
+  from cxflax.data.sources.tfds import TfdsSource
   data_dir, _ = built
   src = TfdsSource("per_covid19", "train", data_dir)
   batch = next(iter(pipeline.train_dataset(src, np.arange(len(src)), pp="to_rgb|flip_lr(0.5)",
@@ -110,7 +110,7 @@ def test_tfds_source_feeds_the_pipeline(built):
 def test_training_reads_a_tfds_build(built, tmp_path):
   """data.source=tfds trains on the ArrayRecord build and evaluates on its val split: the
   reported metric is the checkpoint's on the build's val examples, recomputed here."""
-  from cxflax.data.tfds_source import TfdsSource
+  from cxflax.data.sources.tfds import TfdsSource
   from tests.conftest import TINY_RUN, checkpoint_predictions, read_json, run_main
   data_dir, sources = built
   wd = str(tmp_path / "w")

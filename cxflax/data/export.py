@@ -3,7 +3,7 @@
     python -m cxflax.data.export per_covid19 --out /tmp/Per-COVID-19 --subjects 100 --size 512
     python -m cxflax.data.export covidx --out /tmp/COVIDx --subjects 80 --size 256
 
-Layouts (see cxflax/data/sources.py for what each reader expects):
+Layouts (see the modules of cxflax/data/sources/ for what each reader expects):
   per_covid19           challenge release: Train/ + header-less Train.csv, Val/ (unlabeled unless
                         --val-labels writes Val.csv)
   per_covid19_original  original release: Images/ + Database_new.xlsx (name, percentage, fold, subject)

@@ -30,18 +30,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cxflax.data.sources.per_covid19 import severity_class
+
 KINDS = ("ct", "cxr")
 CXR_CLASS_NAMES = ("normal", "bacterial", "viral", "covid19")
-# Severity categories of the Per-COVID-19 benchmark (Bougourzi et al. 2021), used by seed 001 to
-# stratify its folds: Normal 0 %, Minimal (0, 10], Moderate (10, 25], Extent (25, 50],
-# Severe (50, 75], Critical (75, 100].
-SEVERITY_NAMES = ("normal", "minimal", "moderate", "extent", "severe", "critical")
-_SEVERITY_UPPER = (0.0, 10.0, 25.0, 50.0, 75.0)
-
-
-def severity_class(percentage: float) -> int:
-  """Severity category index (see SEVERITY_NAMES) of an infection percentage."""
-  return int(np.searchsorted(_SEVERITY_UPPER, percentage, side="left"))
 
 
 @dataclasses.dataclass(frozen=True)

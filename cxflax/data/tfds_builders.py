@@ -28,7 +28,7 @@ from cxflax.data import sources as sources_lib
 from cxflax.errors import DataError
 
 _INSTRUCTIONS = """Unpack the dataset into the manual directory as it comes (see the layouts in
-cxflax/data/sources.py); nothing is downloaded."""
+cxflax/data/sources/); nothing is downloaded."""
 
 
 def to_gray8(image: np.ndarray) -> np.ndarray:

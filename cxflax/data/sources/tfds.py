@@ -1,4 +1,5 @@
-"""Training data read from cxflax's TFDS builds (ArrayRecord) through tfds.data_source.
+"""config.data.source='tfds': training data read from cxflax's TFDS builds (ArrayRecord)
+through tfds.data_source.
 
 No TensorFlow is imported on this path: tfds.data_source reads ArrayRecord files and decodes
 examples with numpy and PIL.
@@ -10,13 +11,19 @@ import os
 
 import numpy as np
 
-from cxflax.data.sources import Source
+from cxflax.data.sources.base import Source
+from cxflax.data.sources.registry import register
 from cxflax.errors import ConfigError, DataError
 
 # config.data.tfds_name → the registered builder name (and builder config).
 NAMES = {"per_covid19": "cxflax_per_covid19", "covidx": "cxflax_covidx/three_class",
          "covidx3": "cxflax_covidx/three_class", "covidx4": "cxflax_covidx/four_class",
          "covid_ct": "cxflax_covid_ct", "flannel": "cxflax_flannel"}
+
+
+@register("tfds")
+def _from_config(data_config, split, unlabeled_ok):
+  return TfdsSource(data_config.tfds_name, split, data_config.root)
 
 
 class TfdsSource(Source):

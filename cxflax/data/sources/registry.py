@@ -1,0 +1,45 @@
+"""Layouts by name: each layout module registers how to open it from the config with
+``@register(name)``, so that a new layout is one new module, not an edit here."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from cxflax.data.sources.base import SPLITS, SegmentationTarget, Source, WithMasks
+from cxflax.errors import ConfigError
+
+# name → factory(data_config, split, unlabeled_ok) → Source
+Factory = Callable[..., Source]
+_SOURCES: dict[str, Factory] = {}
+
+
+def register(name: str):
+  """Registers a layout's factory under `name` (config.data.source). Two layouts under one name
+  would silently shadow each other, so a second registration raises."""
+  def wrap(factory: Factory) -> Factory:
+    if name in _SOURCES:
+      raise ValueError(f"data source {name!r} is registered twice ({_SOURCES[name].__module__} "
+                       f"and {factory.__module__})")
+    _SOURCES[name] = factory
+    return factory
+  return wrap
+
+
+def known_sources() -> list[str]:
+  return sorted(_SOURCES)
+
+
+def make_source(data_config, split: str = "train", unlabeled_ok: bool = False) -> Source:
+  """The source named by ``config.data.source`` for `split` ('train', 'val' or 'test');
+  unlabeled_ok lets a split without labels through (per_covid19's Val/, for prediction)."""
+  name = data_config.source
+  if split not in SPLITS:
+    raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+  if name not in _SOURCES:
+    raise ConfigError(f"unknown data source {name!r}; known sources: {', '.join(known_sources())}")
+  source = _SOURCES[name](data_config, split, unlabeled_ok)
+  if data_config.get("mask_dir"):
+    source = WithMasks(source, data_config.mask_dir)
+  if data_config.get("target", "label") != "label":
+    source = SegmentationTarget(source, data_config.target)
+  return source
