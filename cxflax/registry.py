@@ -25,8 +25,10 @@ class Registry(Generic[T]):
     return add
 
   def add(self, name: str, obj: T) -> None:
-    if name in self._items:
-      raise ValueError(f"{self.kind} {name!r} registered twice")
+    if name in self._items:  # two under one name would silently shadow each other
+      modules = [getattr(o, "__module__", None) for o in (self._items[name], obj)]
+      where = f" ({modules[0]} and {modules[1]})" if all(modules) else ""
+      raise ValueError(f"{self.kind} {name!r} is registered twice{where}")
     self._items[name] = obj
 
   def get(self, name: str) -> T:

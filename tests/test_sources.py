@@ -263,18 +263,18 @@ def test_registry_holds_exactly_the_documented_layouts():
 
 def test_unknown_layout_lists_the_registered_ones_and_a_name_registers_once(monkeypatch):
   from cxflax.data.sources import registry
-  with pytest.raises(ConfigError, match=r"^unknown data source 'imagenet'; known sources: "
+  with pytest.raises(ConfigError, match=r"^config.data.source: unknown data source 'imagenet'; use one of "
                      + ", ".join(LAYOUT_NAMES) + "$"):
     make_source(_data("imagenet", ""))
-  csv_factory = registry._SOURCES["csv"]
+  csv_factory = registry.SOURCES.get("csv")
   with pytest.raises(ValueError, match=r"data source 'csv' is registered twice \(cxflax.data.sources.csv "
                      r"and tests.test_sources\)"):
     @register("csv")
     def _again(data_config, split, unlabeled_ok):
       raise AssertionError("never opened")
-  assert registry._SOURCES["csv"] is csv_factory
+  assert registry.SOURCES.get("csv") is csv_factory
 
-  monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))  # undone after the test
+  monkeypatch.setattr(registry.SOURCES, "_items", dict(registry.SOURCES._items))  # undone after the test
   opened = []
 
   @register("toy")
@@ -284,7 +284,7 @@ def test_unknown_layout_lists_the_registered_ones_and_a_name_registers_once(monk
 
   src = make_source(_data("toy", ""), "val", unlabeled_ok=True)
   assert opened == [("val", True)] and isinstance(src, PhantomSource) and len(src) == 2
-  with pytest.raises(ConfigError, match=r"known sources: .*per_covid19, phantom, tfds, toy$"):
+  with pytest.raises(ConfigError, match=r"use one of .*per_covid19, phantom, tfds, toy$"):
     make_source(_data("imagenet", ""))
 
 

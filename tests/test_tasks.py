@@ -22,7 +22,7 @@ def test_registry_refuses_a_second_registration_and_lists_names_when_asked_for_a
   r.register("b")(1)
   r.add("a", 2)
   assert r.get("a") == 2 and "b" in r and "c" not in r
-  with pytest.raises(ValueError, match="widget 'a' registered twice"):
+  with pytest.raises(ValueError, match="widget 'a' is registered twice$"):
     r.add("a", 3)
   with pytest.raises(ConfigError, match=r"config.widget: unknown widget 'c'; use one of a, b$"):
     r.get("c")

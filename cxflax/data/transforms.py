@@ -24,25 +24,17 @@ import numpy as np
 from PIL import Image
 
 from cxflax.errors import ConfigError
+from cxflax.registry import Registry
 
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
 
-_OPS: dict[str, Callable[..., Op]] = {}
+# op name → factory(*args, **kwargs) → Op
+OPS: Registry[Callable[..., Op]] = Registry("preprocessing op", ConfigError)
+register = OPS.register
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def register(name: str):
-  def wrap(factory):
-    _OPS[name] = factory
-    return factory
-  return wrap
-
-
-def known_ops() -> list[str]:
-  return sorted(_OPS)
 
 
 def parse(spec: str) -> list[Op]:
@@ -60,11 +52,11 @@ def parse(spec: str) -> list[Op]:
     except (SyntaxError, ValueError) as e:
       raise ConfigError(f"cannot parse preprocessing op {part!r} in {spec!r}: {e}") from None
     name = call.func.id
-    if name not in _OPS:
+    if name not in OPS:
       raise ConfigError(f"unknown preprocessing op {name!r} in {spec!r}; known ops: "
-                        f"{', '.join(known_ops())}")
+                        f"{', '.join(OPS.names())}")
     try:
-      ops.append(_OPS[name](*args, **kwargs))
+      ops.append(OPS.get(name)(*args, **kwargs))
     except (TypeError, ValueError) as e:
       raise ConfigError(f"bad arguments for preprocessing op {part!r}: {e}") from None
   return ops

@@ -7,26 +7,16 @@ from typing import Callable
 
 from cxflax.data.sources.base import SPLITS, SegmentationTarget, Source, WithMasks
 from cxflax.errors import ConfigError
+from cxflax.registry import Registry
 
-# name → factory(data_config, split, unlabeled_ok) → Source
+# config.data.source → factory(data_config, split, unlabeled_ok) → Source
 Factory = Callable[..., Source]
-_SOURCES: dict[str, Factory] = {}
-
-
-def register(name: str):
-  """Registers a layout's factory under `name` (config.data.source). Two layouts under one name
-  would silently shadow each other, so a second registration raises."""
-  def wrap(factory: Factory) -> Factory:
-    if name in _SOURCES:
-      raise ValueError(f"data source {name!r} is registered twice ({_SOURCES[name].__module__} "
-                       f"and {factory.__module__})")
-    _SOURCES[name] = factory
-    return factory
-  return wrap
+SOURCES: Registry[Factory] = Registry("data source", ConfigError, "config.data.source")
+register = SOURCES.register
 
 
 def known_sources() -> list[str]:
-  return sorted(_SOURCES)
+  return SOURCES.names()
 
 
 def make_source(data_config, split: str = "train", unlabeled_ok: bool = False) -> Source:
@@ -35,9 +25,7 @@ def make_source(data_config, split: str = "train", unlabeled_ok: bool = False) -
   name = data_config.source
   if split not in SPLITS:
     raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
-  if name not in _SOURCES:
-    raise ConfigError(f"unknown data source {name!r}; known sources: {', '.join(known_sources())}")
-  source = _SOURCES[name](data_config, split, unlabeled_ok)
+  source = SOURCES.get(name)(data_config, split, unlabeled_ok)
   if data_config.get("mask_dir"):
     source = WithMasks(source, data_config.mask_dir)
   if data_config.get("target", "label") != "label":
