@@ -32,6 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone_classes = 0         # >0 keeps timm's classifier under the head (seed 000: 1000)
   c.drop_path_rate = 0.0
   c.dtype = "float32"            # computation dtype; parameters stay float32
+  # Kernels written for XLA's CPU backend (cxflax/models/xla_cpu.py: convolutions as matrix
+  # products, closed-form BatchNorm backward, ...): auto (on where JAX's default backend is the
+  # CPU) | on | off (plain flax/XLA). Same function and parameters either way; it holds for the
+  # whole run (set when the run starts, not per stage).
+  c.cpu_kernels = "auto"
   c.init_from = ""               # orbax checkpoint of backbone variables (python -m cxflax.convert)
 
   # Loss: smooth_l1 | mse | multitask | multitask_kl (regression); cross_entropy | focal |
@@ -189,6 +194,8 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
     c = ml_collections.ConfigDict(config.to_dict())
     c.stages = ()
     for key, value in dict(stage).items():
+      if key == "cpu_kernels":
+        raise ConfigError(f"config.stages[{i}]: cpu_kernels holds for the whole run; set config.cpu_kernels")
       if key in c.data and key not in c:
         c.data[key] = value
       elif key in c:
@@ -206,6 +213,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(msg)
 
   need(config.dtype in DTYPES, f"config.dtype must be one of {DTYPES}, got {config.dtype!r}")
+  check_cpu_kernels(config)
   need(config.loss in REGRESSION_LOSSES + CLASSIFICATION_LOSSES,
        f"config.loss must be one of {REGRESSION_LOSSES + CLASSIFICATION_LOSSES}, got {config.loss!r}")
   need(config.num_epochs > 0, f"config.num_epochs must be positive, got {config.num_epochs}")
@@ -243,6 +251,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"{jax.process_count()} processes")
   if config.init_from:
     need(os.path.isdir(config.init_from), f"config.init_from={config.init_from!r} is not a directory")
+
+
+def check_cpu_kernels(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless config.cpu_kernels is a mode of cxflax.models.xla_cpu."""
+  from cxflax.models import xla_cpu  # here: the models (flax) are not needed to read a config
+  if config.cpu_kernels not in xla_cpu.MODES:
+    raise ConfigError(f"config.cpu_kernels must be one of {xla_cpu.MODES}, got {config.cpu_kernels!r}")
 
 
 def check_task(config: ml_collections.ConfigDict, task: str) -> None:

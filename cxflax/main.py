@@ -45,7 +45,17 @@ def _quiet_libraries(record) -> bool:
 def run(mode: str, config, workdir: str, checkpoint: str | None = None):
   """Runs one mode of the job on a parsed config; bad input raises CxflaxError. (main() is this
   after flag parsing and distributed start-up, with CxflaxError turned into `error:` and exit 2;
-  tests call it directly.)"""
+  tests call it directly.) config.cpu_kernels holds for the whole run, before anything is traced;
+  the previous setting is back afterwards."""
+  from cxflax.config import check_cpu_kernels
+  from cxflax.models import xla_cpu
+
+  check_cpu_kernels(config)
+  with xla_cpu.mode(config.cpu_kernels):
+    return _run(mode, config, workdir, checkpoint)
+
+
+def _run(mode: str, config, workdir: str, checkpoint: str | None):
   from cxflax.errors import ConfigError
   from cxflax.train import loop
 

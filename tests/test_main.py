@@ -159,6 +159,22 @@ def test_bad_config_values_are_config_errors(tmp_path):
     run_main(str(tmp_path / "w"), "--config.dtype=float16")
   with pytest.raises(ConfigError, match="unknown data source 'imagenet'"):
     run_main(str(tmp_path / "w"), "--config.data.source=imagenet")
+  with pytest.raises(ConfigError, match=r"config.cpu_kernels must be one of \('auto', 'on', 'off'\), got 'fast'"):
+    run_main(str(tmp_path / "w"), "--config.cpu_kernels=fast")
+  with pytest.raises(ConfigError, match=r"config.stages\[0\]: cpu_kernels holds for the whole run"):
+    run_main(str(tmp_path / "w"), edit=lambda c: setattr(c, "stages", ({"cpu_kernels": "off"},)))
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_cpu_kernels_hold_for_the_run(tmp_path, monkeypatch, kernels):
+  """config.cpu_kernels is the CPU-kernel mode while the run traces and runs, and the previous
+  one afterwards."""
+  from cxflax.models import xla_cpu
+  from cxflax.train import loop
+  seen = []
+  monkeypatch.setattr(loop, "train_and_evaluate", lambda config, workdir: seen.append(xla_cpu.enabled()))
+  run_main(str(tmp_path / "w"), f"--config.cpu_kernels={kernels}")
+  assert seen == [kernels == "on"] and xla_cpu.get_mode() == "auto"
 
 
 @pytest.mark.parametrize("flag,message", [
