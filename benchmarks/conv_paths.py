@@ -1,13 +1,13 @@
-"""XLA's CPU convolution against cxflax's conv2d (matrix-product paths) on ResNet shapes.
+"""XLA's CPU convolution against cxflax's CPU kernels (matrix-product paths) on ResNet shapes.
 
     python -m benchmarks.conv_paths [--out FILE]
 
 For each shape: forward and forward+backward time of jax.lax.conv_general_dilated (the
-reference) and of cxflax.models.layers.conv2d, which computes 1x1 convolutions and convolutions
-with outputs of at most 2 px as matrix products, and convolutions with a few groups group by
-group; the ratio is reference time / cxflax time, and `fwd_rel_diff` how far the two outputs
-are apart (relative to the largest output), so that a fast path that computes something else
-shows. `--only I J ... --batch B` measures some of the shapes at another batch size.
+reference) and of cxflax.models.xla_cpu.conv2d (what layers.conv2d runs where config.cpu_kernels
+is on), which computes 1x1 convolutions and convolutions with outputs of at most 2 px as matrix
+products, and convolutions with a few groups group by group; the ratio is reference time /
+cxflax time, and `fwd_rel_diff` how far the two outputs are apart (relative to the largest
+output), so that a fast path that computes something else shows. `--only I J ... --batch B` measures some of the shapes at another batch size.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import default_out, print_table, time_call, write_json
-from cxflax.models.layers import conv2d
+from cxflax.models import xla_cpu
 
 # (batch, size, in, out, kernel, stride, groups): ResNet-50 at 224 px (batch 16), the 64-px
 # networks of the runlocal configs (batch 32), where the last stage is 2x2, and the radix-2
@@ -53,7 +53,7 @@ def main():
     w = jax.random.normal(jax.random.key(1), (k, k, cin // g, cout)) * 0.05
     row = {"shape": f"b{b} {s}x{s} {cin}->{cout} k{k} s{stride} g{g}"}
     outputs = {}
-    for label, fn in (("xla", _xla_conv), ("cxflax", lambda x, w, s_, p_, g_: conv2d(x, w, s_, p_, 1, g_))):
+    for label, fn in (("xla", _xla_conv), ("cxflax", lambda x, w, s_, p_, g_: xla_cpu.conv2d(x, w, s_, (p_, p_), 1, g_))):
       fwd = jax.jit(lambda x, w, fn=fn: fn(x, w, stride, pad, g))
       outputs[label] = fwd(x, w)
       grad = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w, stride, pad, g) ** 2), argnums=(0, 1)))

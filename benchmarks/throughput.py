@@ -1,7 +1,7 @@
 """Train and eval throughput of cxflax's models beside timm's in PyTorch, measured in one run.
 
     python -m benchmarks.throughput [--models resnet50 resnest50d] [--batch 16] [--image_size 224]
-        [--dtype float32] [--devices N] [--repeats 3] [--no_torch] [--out FILE]
+        [--dtype float32] [--devices N] [--repeats 3] [--no_torch] [--cpu_kernels auto] [--out FILE]
 
 For each model, cxflax's jitted steps over a mesh of `--devices` devices (default: all; the
 global batch is split over them, exactly as training runs): the train step (SGD, cross-entropy,
@@ -13,7 +13,8 @@ same devices (MFU). Memory is XLA's compiled footprint (arguments + outputs + te
 device), and on GPUs the device's peak bytes in use. timm's model in PyTorch on the same batch
 (train step with SGD; eval under no_grad) is timed in the same run, in a fresh process per
 model (CPU threads = all cores), with the ratio cxflax / PyTorch and, on the CPU, timm's MFU
-from the same FLOP count. Prints a table last and writes JSON.
+from the same FLOP count. `--cpu_kernels` selects cxflax's kernels for XLA's CPU backend as
+config.cpu_kernels does (cxflax.models.xla_cpu). Prints a table last and writes JSON.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from benchmarks.common import default_out, print_table, time_alternately, time_call, write_json
 from cxflax import parallel
 from cxflax.config import base_config, finalize
-from cxflax.models import layers
+from cxflax.models import xla_cpu
 from cxflax.models.heads import create_network
 from cxflax.train import optim
 from cxflax.train.steps import create_train_state, init_variables, make_eval_step, make_train_step
@@ -64,10 +65,10 @@ def _compiled_stats(compiled) -> dict:
 def _step_flops(model, config, mesh, state, batch_data) -> float:
   """The train step's FLOPs over the whole global batch, counted on a lowering with XLA's own
   convolution gradients: XLA's cost analysis counts a loop body once, so the image-by-image
-  kernel gradients (a scan over the batch, cxflax.models.layers) would hide most of their FLOPs.
+  kernel gradients (a scan over the batch, cxflax.models.xla_cpu) would hide most of their FLOPs.
   (A lowering is not yet split over the devices: its count is the global one, where a compiled
   step's is one device's.)"""
-  with layers.xla_kernel_gradients():
+  with xla_cpu.xla_kernel_gradients():
     cost = make_train_step(model, config, mesh).lower(state, batch_data).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0)) if cost else 0.0
@@ -201,8 +202,11 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--no_sam", action="store_true", help="skip the SAM train step")
   ap.add_argument("--no_torch", action="store_true", help="skip PyTorch/timm")
+  ap.add_argument("--cpu_kernels", default="auto", choices=xla_cpu.MODES,
+                  help="cxflax's kernels for XLA's CPU backend, as config.cpu_kernels")
   ap.add_argument("--out", default=default_out("throughput"))
   args = ap.parse_args()
+  xla_cpu.set_mode(args.cpu_kernels)
 
   devices = jax.devices()[:args.devices] if args.devices else jax.devices()
   if args.batch % len(devices):
@@ -230,7 +234,8 @@ def main():
         print(f"PyTorch/timm not available ({e}); pip install '.[test]' to compare")
     rows.append(row)
     print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-  path = write_json(args.out, "throughput", rows, dtype=args.dtype, matmul_ceiling_flop_s=ceiling)
+  path = write_json(args.out, "throughput", rows, dtype=args.dtype, matmul_ceiling_flop_s=ceiling,
+                    cpu_kernels=args.cpu_kernels, cpu_kernels_enabled=xla_cpu.enabled())
   columns = ["model", "devices", "train_img_s", "sam_train_img_s", "eval_img_s", "eval_unfolded_img_s",
              "torch_train_img_s",
              "torch_eval_img_s", "train_vs_torch", "eval_vs_torch", "train_mfu", "eval_mfu",

@@ -1,5 +1,8 @@
 """The defaults every recipe config starts from, and the checks run before any work starts.
 
+Plain Python (no jax): what depends on the machine, such as batch sizes against the device
+count, is checked when the run starts (cxflax.parallel.check_batch_sizes).
+
 Recipe files in ``configs/`` call ``base_config()`` and change what their paper changes. Every
 field can be overridden on the command line (``--config.learning_rate=3e-4``); unknown fields are
 refused by ml_collections.
@@ -9,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import ml_collections
 
 from cxflax.data.images import parse_window
@@ -30,6 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone_classes = 0         # >0 keeps timm's classifier under the head (seed 000: 1000)
   c.drop_path_rate = 0.0
   c.dtype = "float32"            # computation dtype; parameters stay float32
+  # Kernels written for XLA's CPU backend (cxflax/models/xla_cpu.py: convolutions as matrix
+  # products, closed-form BatchNorm backward, ...): auto (on where JAX's default backend is the
+  # CPU) | on | off (plain flax/XLA). Same function and parameters either way; it holds for the
+  # whole run (set when the run starts, not per stage).
+  c.cpu_kernels = "auto"
   c.init_from = ""               # orbax checkpoint of backbone variables (python -m cxflax.convert)
 
   # Loss: smooth_l1 | mse | multitask | multitask_kl (regression); cross_entropy | focal |
@@ -187,6 +194,8 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
     c = ml_collections.ConfigDict(config.to_dict())
     c.stages = ()
     for key, value in dict(stage).items():
+      if key == "cpu_kernels":
+        raise ConfigError(f"config.stages[{i}]: cpu_kernels holds for the whole run; set config.cpu_kernels")
       if key in c.data and key not in c:
         c.data[key] = value
       elif key in c:
@@ -232,11 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "config.patches.num > 0: the patch classifier samples patches inside the lung mask, which "
          "both preprocessing specs must end with ('...|append_mask(\'lung_mask\')')")
   for key in ("batch_size", "eval_batch_size"):
-    n, d = config[key], jax.device_count()
-    need(n > 0 and n % d == 0, f"config.{key}={n} must be a positive multiple of the device "
-         f"count ({d}) so that every device gets the same share")
-    need(n % jax.process_count() == 0, f"config.{key}={n} must divide among "
-         f"{jax.process_count()} processes")
+    need(config[key] > 0, f"config.{key} must be positive, got {config[key]}")
   if config.init_from:
     need(os.path.isdir(config.init_from), f"config.init_from={config.init_from!r} is not a directory")
 

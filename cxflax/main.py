@@ -45,7 +45,21 @@ def _quiet_libraries(record) -> bool:
 def run(mode: str, config, workdir: str, checkpoint: str | None = None):
   """Runs one mode of the job on a parsed config; bad input raises CxflaxError. (main() is this
   after flag parsing and distributed start-up, with CxflaxError turned into `error:` and exit 2;
-  tests call it directly.)"""
+  tests call it directly.) config.cpu_kernels holds for the whole run, before anything is traced;
+  the previous setting is back afterwards."""
+  from cxflax import config as config_lib, parallel
+  from cxflax.errors import ConfigError
+  from cxflax.models import xla_cpu
+
+  for stage in config_lib.stage_configs(config_lib.finalize(config)):
+    parallel.check_batch_sizes(stage)
+  if config.cpu_kernels not in xla_cpu.MODES:
+    raise ConfigError(f"config.cpu_kernels must be one of {xla_cpu.MODES}, got {config.cpu_kernels!r}")
+  with xla_cpu.mode(config.cpu_kernels):
+    return _run(mode, config, workdir, checkpoint)
+
+
+def _run(mode: str, config, workdir: str, checkpoint: str | None):
   from cxflax.errors import ConfigError
   from cxflax.train import loop
 

@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cxflax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 # Environment variables that announce a multi-process job, by launcher.
@@ -49,6 +51,18 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def check_batch_sizes(config) -> None:
+  """Raises ConfigError unless config's batch sizes split evenly over this run's devices and
+  processes (every device gets the same share)."""
+  for key in ("batch_size", "eval_batch_size"):
+    n, d, p = config[key], jax.device_count(), jax.process_count()
+    if n % d:
+      raise ConfigError(f"config.{key}={n} must be a positive multiple of the device count ({d}) "
+                        "so that every device gets the same share")
+    if n % p:
+      raise ConfigError(f"config.{key}={n} must divide among {p} processes")
 
 
 def make_mesh(devices=None) -> Mesh:

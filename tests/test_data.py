@@ -240,7 +240,7 @@ def test_too_small_training_split_is_an_error():
 
 def test_stratified_group_kfold_balances_severity_and_keeps_subjects():
   src = PhantomSource("ct", 80, 32, seed=4)
-  subjects, strata = src.subjects(), src.strata()
+  subjects, strata = src.subjects(), pipeline.fold_strata(src)
   fold_of = folds.stratified_group_kfold(subjects, strata, 5, seed=0)
   plain = folds.group_kfold(subjects, 5, seed=0)
   for s in set(subjects):

@@ -159,6 +159,50 @@ def test_bad_config_values_are_config_errors(tmp_path):
     run_main(str(tmp_path / "w"), "--config.dtype=float16")
   with pytest.raises(ConfigError, match="unknown data source 'imagenet'"):
     run_main(str(tmp_path / "w"), "--config.data.source=imagenet")
+  with pytest.raises(ConfigError, match=r"config.cpu_kernels must be one of \('auto', 'on', 'off'\), got 'fast'"):
+    run_main(str(tmp_path / "w"), "--config.cpu_kernels=fast")
+  with pytest.raises(ConfigError, match=r"config.stages\[0\]: cpu_kernels holds for the whole run"):
+    run_main(str(tmp_path / "w"), edit=lambda c: setattr(c, "stages", ({"cpu_kernels": "off"},)))
+
+
+def test_batch_sizes_must_split_over_the_devices_and_processes_of_the_run(monkeypatch):
+  import jax
+  from cxflax import parallel
+  from cxflax.config import base_config, finalize
+  config = finalize(base_config())
+  config.batch_size, config.eval_batch_size = 12, 24
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  with pytest.raises(ConfigError, match=r"config.batch_size=12 must be a positive multiple of the device count \(8\)"):
+    parallel.check_batch_sizes(config)
+  config.batch_size = 16
+  parallel.check_batch_sizes(config)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  with pytest.raises(ConfigError, match=r"config.batch_size=16 must divide among 3 processes"):
+    parallel.check_batch_sizes(config)
+  config.batch_size = 48
+  parallel.check_batch_sizes(config)  # eval_batch_size 24 splits too
+
+
+def test_reading_a_config_imports_no_jax():
+  """Configs are plain Python: reading one (as --help and describe do) starts no accelerator
+  library."""
+  out = run_python("import sys, cxflax.config, configs.resnest\n"
+                   "configs.resnest.get_config('runlocal')\n"
+                   "print(sorted(m for m in ('jax', 'optax', 'flax', 'tensorflow') if m in sys.modules))")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_cpu_kernels_hold_for_the_run(tmp_path, monkeypatch, kernels):
+  """config.cpu_kernels is the CPU-kernel mode while the run traces and runs, and the previous
+  one afterwards."""
+  from cxflax.models import xla_cpu
+  from cxflax.train import loop
+  seen = []
+  monkeypatch.setattr(loop, "train_and_evaluate", lambda config, workdir: seen.append(xla_cpu.enabled()))
+  run_main(str(tmp_path / "w"), f"--config.cpu_kernels={kernels}")
+  assert seen == [kernels == "on"] and xla_cpu.get_mode() == "auto"
 
 
 @pytest.mark.parametrize("flag,message", [

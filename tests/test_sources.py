@@ -297,7 +297,8 @@ def test_modules_load_in_any_order(first):
           "from cxflax.data.phantom import Phantom, severity_class\n"
           "from cxflax.data.sources import PhantomSource, known_sources\n"
           "src = PhantomSource('ct', 2, 16, (1, 1), seed=0)\n"
-          "assert list(src.strata()) == [severity_class(float(v)) for v in src.labels()]\n"
+          "from cxflax.data.pipeline import fold_strata\n"
+          "assert list(fold_strata(src)) == [severity_class(float(v)) for v in src.labels()]\n"
           "print(len(known_sources()), int(Phantom('ct', 1, 16, (1, 1))[0]['severity']) >= 0)\n")
   from tests.conftest import run_python
   result = run_python(code)

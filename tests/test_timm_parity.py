@@ -11,6 +11,10 @@ The float64 check runs one model of each family and block type by default; the d
 variants of those families (whose code is the same, and which take a minute each) run with
 `-m slow`, and the float32 training-mode check the other way round.
 
+Models run with cxflax's kernels for XLA's CPU backend on (cxflax.models.xla_cpu, the default
+here), and a few representative ones also with them off (plain flax/XLA), in a fresh jitted
+function per mode (the mode is read when a function is traced).
+
 PyTorch and timm are the test extra (pip install -e '.[test]'): without them this file fails to
 import, and so the run fails, rather than skipping the comparison.
 """
@@ -21,7 +25,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cxflax.models import create_model
+from cxflax.models import create_model, xla_cpu
 from cxflax.models.timm_weights import flax_path, load_timm_weights
 
 import timm
@@ -41,6 +45,12 @@ NUM_CLASSES = 10
 # Deeper or wider members of a family whose smaller member's float64 check runs by default.
 DEEP_VARIANTS = {"resnet34", "resnet101", "resnet152", "resnext101_32x8d", "resnest26d", "resnest50d",
                  "resnest101e", "resnest200e", "densenet161", "densenet169", "efficientnet_b4"}
+# Checked with the CPU kernels off too: 1x1 convolutions, strided 1x1 shortcuts and max pooling
+# (resnet50); split attention as one grouped convolution, and average pooling with and without
+# counted padding (resnest14d: its avd pools and avg_down shortcuts), also in training mode.
+# (DenseNet's transition pools are resnest14d's kind of pool; its check would add 20 s.)
+PLAIN_EVAL = ["resnet50", "resnest14d"]
+PLAIN_TRAIN = ["resnest14d"]
 
 
 def _timm_model(name, dtype):
@@ -82,8 +92,8 @@ def _rel(a, b):
 ODD_SIZES = {"resnest14d": 45, "efficientnet_b0": 47, "densenet121": 33, "ecaresnet50t": 37, "inception_v3": 79}
 
 
-@pytest.mark.parametrize("name", PARAMS)
-def test_eval_float32(name):
+@pytest.mark.parametrize("name,kernels", [(n, "on") for n in PARAMS] + [(n, "off") for n in PLAIN_EVAL])
+def test_eval_float32(name, kernels):
   """Eval mode at the model's test size, and for some models also at an odd size."""
   tm = _timm_model(name, torch.float32).eval()
   variables = load_timm_weights(name, tm.state_dict())
@@ -95,22 +105,23 @@ def test_eval_float32(name):
     x_t, x_j = _input(2, size, torch.float32)
     with torch.no_grad():
       ref = tm(x_t).numpy()
-    out = apply(variables, x_j)
+    with xla_cpu.mode(kernels):  # traced (per input size) here
+      out = apply(variables, x_j)
     assert out.shape == ref.shape
     assert _rel(out, ref) <= 1e-4, size
 
 
 @pytest.mark.optimized
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP_VARIANTS else n
-                                  for n in PARAMS])
-def test_train_mode_float64(name):
+@pytest.mark.parametrize("name,kernels", [pytest.param(n, "on", marks=pytest.mark.slow) if n in DEEP_VARIANTS
+                                          else (n, "on") for n in PARAMS] + [(n, "off") for n in PLAIN_TRAIN])
+def test_train_mode_float64(name, kernels):
   """Batch-statistics forward and the running averages it updates, in float64."""
   tm = _timm_model(name, torch.float64).train()
   x_t, x_j = _input(4, MODELS[name], torch.float64)
   state = {k: v.clone() for k, v in tm.state_dict().items()}
   with torch.no_grad():
     ref = tm(x_t).numpy()
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), xla_cpu.mode(kernels):
     variables = load_timm_weights(name, state, dtype=jnp.float64)
     model = create_model(name, num_classes=NUM_CLASSES, dtype=jnp.float64)
     out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(

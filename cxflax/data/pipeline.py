@@ -23,6 +23,7 @@ from absl import flags, logging
 
 from cxflax.data import folds as folds_lib
 from cxflax.data.sources import ConcatSource, Source, make_source
+from cxflax.data.sources.per_covid19 import severity_class
 from cxflax.data.transforms import Preprocess
 from cxflax.errors import ConfigError, DataError
 
@@ -236,7 +237,16 @@ def make_folds(source: Source, num_folds: int, seed: int, stratify: str) -> np.n
     return folds_lib.group_kfold(source.subjects(), num_folds, seed=seed)
   if stratify != "auto":
     raise ConfigError(f"config.data.stratify must be 'auto' or 'none', got {stratify!r}")
-  return folds_lib.stratified_group_kfold(source.subjects(), source.strata(), num_folds, seed=seed)
+  return folds_lib.stratified_group_kfold(source.subjects(), fold_strata(source), num_folds, seed=seed)
+
+
+def fold_strata(source: Source) -> np.ndarray:
+  """What folds are stratified by: the class, or the Per-COVID-19 severity category of an
+  infection percentage (seed 001)."""
+  labels = source.labels()
+  if source.task == "classification":
+    return labels.astype(np.int64)
+  return np.array([severity_class(float(v)) for v in labels], np.int64)
 
 
 def dataset_statistics(source: Source, indices, eval_pp: str, max_images: int, seed: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 
@@ -10,7 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxflax.models.layers import Conv2d, ConvNormAct, Dtype, batch_norm, make_divisible, relu
+from cxflax.models import xla_cpu
+from cxflax.models.layers import (BatchNorm, Conv2d, ConvNormAct, Dtype, batch_norm, batch_norm_train,
+                                  make_divisible, normalize, relu)
 
 
 class SqueezeExcite(nn.Module):
@@ -78,17 +81,20 @@ class SplitAttention(nn.Module):
   def __call__(self, x, train: bool = False):
     r, c, g = self.radix, self.features, self.groups
     attn_chs = make_divisible(x.shape[-1] * r * self.rd_ratio, self.rd_divisor, min_value=32)
-    # With one group per split (cardinality 1) the convolution's groups are the radix splits:
-    # they stay apart through bn0 and the ReLU instead of being concatenated and sliced again
-    # (benchmarks/NOTES.md, attempt 13).
-    apart = g == 1 and r > 1
-    x = Conv2d(c * r, self.kernel_size, self.stride, groups=g * r, split_output=apart,
-               dtype=self.dtype, name="conv")(x)
-    x = batch_norm(train, self.dtype, name="bn0")(x)
-    # The splits summed one by one: written as a reduction over a radix axis, XLA's CPU backend
-    # fused it into the next 1x1 convolution's matrix product and ran that product several times
-    # slower (resnest50d eval 15 -> 19 img/s; benchmarks/NOTES.md, attempt 9).
-    splits = [relu(s) for s in x] if apart else [relu(x[..., i * c:(i + 1) * c]) for i in range(r)]
+    if g == 1 and xla_cpu.enabled() and xla_cpu.group_by_group(r, x.shape[-1]):
+      # With one group per split (cardinality 1) the convolution's groups are the radix splits,
+      # which the CPU kernels compute one by one: they stay apart through bn0 and the ReLU
+      # instead of being concatenated and sliced again (benchmarks/NOTES.md, attempt 13).
+      splits = _SplitsConv(c * r, self.kernel_size, self.stride, groups=r, dtype=self.dtype, name="conv")(x)
+      splits = _SplitsBatchNorm(use_running_average=not train, dtype=self.dtype, name="bn0")(splits)
+      splits = [relu(s) for s in splits]
+    else:
+      x = Conv2d(c * r, self.kernel_size, self.stride, groups=g * r, dtype=self.dtype, name="conv")(x)
+      x = batch_norm(train, self.dtype, name="bn0")(x)
+      splits = [relu(x[..., i * c:(i + 1) * c]) for i in range(r)]
+    # The splits are summed one by one: written as a reduction over a radix axis, XLA's CPU
+    # backend fused it into the next 1x1 convolution's matrix product and ran that product
+    # several times slower (benchmarks/NOTES.md, attempt 9).
     b = splits[0].shape[0]
     gap = functools.reduce(operator.add, (jnp.mean(s, axis=(1, 2), keepdims=True) for s in splits))
     gap = Conv2d(attn_chs, 1, groups=g, use_bias=True, dtype=self.dtype, name="fc1")(gap)
@@ -100,6 +106,49 @@ class SplitAttention(nn.Module):
       attn = attn.transpose(0, 2, 1, 3).reshape(b, 1, 1, r, c)
       return functools.reduce(operator.add, (s * attn[:, :, :, i] for i, s in enumerate(splits)))
     return splits[0] * nn.sigmoid(attn)[:, None, None, :]
+
+
+class _SplitsConv(Conv2d):
+  """Conv2d (same parameter) returning its groups' outputs as a tuple of arrays, one group at a
+  time: SplitAttention's radix splits, where the CPU kernels are on."""
+
+  @nn.compact
+  def __call__(self, x):
+    if self.use_bias:
+      raise ValueError("_SplitsConv: no bias (SplitAttention's convolution has none)")
+    kernel, padding = self.kernel_and_padding(x)
+    xs = jnp.split(x.astype(self.dtype), self.groups, axis=-1)
+    ks = jnp.split(kernel, self.groups, axis=-1)
+    return tuple(xla_cpu.conv2d(a, k, self.stride, padding, self.dilation) for a, k in zip(xs, ks))
+
+
+class _SplitsBatchNorm(BatchNorm):
+  """BatchNorm (same variables) of the concatenation of a tuple of arrays, computed array by
+  array and returned as a tuple: statistics are per channel, so each split is normalised with its
+  channels' slice of the parameters; the running averages are updated for all channels at once."""
+
+  @nn.compact
+  def __call__(self, splits):
+    bounds = _bounds(splits)
+    ra_mean, ra_var, scale, bias = self.variables_for(bounds[-1][1])
+    if self.use_running_average:
+      return tuple(normalize(s, ra_mean.value[a:b], ra_var.value[a:b], scale[a:b], bias[a:b],
+                             self.epsilon, self.dtype) for s, (a, b) in zip(splits, bounds))
+    results = [batch_norm_train(s, scale[a:b], bias[a:b], self.epsilon, self.dtype)
+               for s, (a, b) in zip(splits, bounds)]
+    mean, var = (jnp.concatenate([r[k] for r in results]) for k in (1, 2))
+    self.update_averages(ra_mean, ra_var, mean, var, math.prod(splits[0].shape[:-1]))
+    return tuple(r[0] for r in results)
+
+  def folded(self, splits):
+    bias = self.get_variable("params", "bias").astype(self.dtype)
+    return tuple((s + bias[a:b]).astype(self.dtype) for s, (a, b) in zip(splits, _bounds(splits)))
+
+
+def _bounds(splits) -> list[tuple[int, int]]:
+  """The channel range [start, stop) of each array in their concatenation."""
+  stops = list(itertools.accumulate(s.shape[-1] for s in splits))
+  return list(zip([0] + stops[:-1], stops))
 
 
 class SelectiveKernel(nn.Module):

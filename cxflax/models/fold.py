@@ -21,7 +21,7 @@ import jax
 import jax.extend
 from flax.core import unfreeze
 
-from cxflax.models.layers import BatchNorm, Conv2d, map_parts
+from cxflax.models.layers import BatchNorm, Conv2d
 
 
 def _path(module: nn.Module) -> tuple[str, ...]:
@@ -60,7 +60,7 @@ def foldable_pairs(model: nn.Module, variables: dict, image) -> list[tuple[tuple
   for v in [v for e in jaxpr.eqns for v in e.invars] + list(jaxpr.outvars):
     if not isinstance(v, jax.extend.core.Literal):
       uses[v] = uses.get(v, 0) + 1
-  # A convolution returning channel parts (layers.map_parts) has one barrier output per part.
+  # A module may return several arrays (a barrier output each): every one must be read once.
   return [(convs[i], bn, eps) for i, bn, eps in pairs
           if all(uses.get(v) == 1 for v in barriers[i].outvars)]
 
@@ -92,8 +92,7 @@ def _folded_batchnorm(next_fun, args, kwargs, context):
   module = context.module
   if (context.method_name == "__call__" and isinstance(module, BatchNorm)
       and not module.has_variable("params", "scale")):
-    bias = module.get_variable("params", "bias").astype(module.dtype)
-    return map_parts(lambda x, b: (x + b).astype(module.dtype), args[0], bias)
+    return module.folded(*args)
   return next_fun(*args, **kwargs)
 
 

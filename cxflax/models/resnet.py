@@ -37,9 +37,10 @@ def _shortcut(x, features: int, stride: int, avg_down: bool, train: bool, dtype:
   return batch_norm(train, dtype, name="downsample_1")(x)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions (ResNet-18/34)."""
-  expansion: ClassVar[int] = 1
+class _Block(nn.Module):
+  """The fields of every block: ResNet sets them all and a block class adds its own (set through
+  ResNet's block_args). `expansion` is the ratio of a block's output channels to `planes`."""
+  expansion: ClassVar[int]
   planes: int
   stride: int = 1
   downsample: bool = False
@@ -52,6 +53,11 @@ class BasicBlock(nn.Module):
   drop_path_rate: float = 0.0
   zero_init_last: bool = True
   dtype: Dtype = jnp.float32
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convolutions (ResNet-18/34)."""
+  expansion: ClassVar[int] = 1
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -65,21 +71,9 @@ class BasicBlock(nn.Module):
     return _residual(self, x, y, out, train)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1 reduce → 3x3 (grouped for ResNeXt) → 1x1 expand (ResNet-50 and deeper)."""
   expansion: ClassVar[int] = 4
-  planes: int
-  stride: int = 1
-  downsample: bool = False
-  avg_down: bool = False
-  cardinality: int = 1
-  base_width: int = 64
-  reduce_first: int = 1
-  attn_layer: str | None = None
-  attn_kwargs: tuple = ()
-  drop_path_rate: float = 0.0
-  zero_init_last: bool = True
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -94,22 +88,10 @@ class Bottleneck(nn.Module):
     return _residual(self, x, y, out, train)
 
 
-class SelectiveKernelBottleneck(nn.Module):
+class SelectiveKernelBottleneck(_Block):
   """SK-ResNeXt's bottleneck (timm sknet.py): 1x1 ConvNormAct, SelectiveKernel, 1x1 ConvNorm."""
   expansion: ClassVar[int] = 4
-  planes: int
-  stride: int = 1
-  downsample: bool = False
-  avg_down: bool = False
-  cardinality: int = 1
-  base_width: int = 64
-  reduce_first: int = 1
-  attn_layer: str | None = None
-  attn_kwargs: tuple = ()
   sk_kwargs: tuple = ()
-  drop_path_rate: float = 0.0
-  zero_init_last: bool = True
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -122,7 +104,7 @@ class SelectiveKernelBottleneck(nn.Module):
     return _residual(self, x, y, out, train)
 
 
-class ResNestBottleneck(nn.Module):
+class ResNestBottleneck(_Block):
   """ResNeSt's bottleneck (timm resnest.py): 1x1 conv, split-attention 3x3, then — with 'avd' —
   a 3x3 average pool carrying the stride, and the 1x1 expansion.
 
@@ -131,21 +113,9 @@ class ResNestBottleneck(nn.Module):
   default, and every configuration of the papers).
   """
   expansion: ClassVar[int] = 4
-  planes: int
-  stride: int = 1
-  downsample: bool = False
-  avg_down: bool = False
-  cardinality: int = 1
-  base_width: int = 64
-  reduce_first: int = 1
   radix: int = 2
   avd: bool = False
   avd_first: bool = False
-  attn_layer: str | None = None
-  attn_kwargs: tuple = ()
-  drop_path_rate: float = 0.0
-  zero_init_last: bool = True
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -169,7 +139,7 @@ class ResNestBottleneck(nn.Module):
     return _residual(self, x, y, out, train)
 
 
-def _residual(block: nn.Module, x, y, out_features: int, train: bool):
+def _residual(block: _Block, x, y, out_features: int, train: bool):
   """The common tail of the blocks: attention, drop-path, shortcut, sum, ReLU.
 
   Called from inside a block's compact method, so its modules are named in that block.

@@ -15,6 +15,7 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from cxflax.data.images import IMAGE_EXTENSIONS, read_image
 from cxflax.errors import DataError
@@ -36,15 +37,6 @@ class Source:
 
   def labels(self) -> np.ndarray:
     raise NotImplementedError
-
-  def strata(self) -> np.ndarray:
-    """What folds are stratified by: the class, or the severity category of a percentage."""
-    labels = self.labels()
-    if self.task == "classification":
-      return labels.astype(np.int64)
-    # Imported here: the Per-COVID-19 reader, home of the categories, builds on this module.
-    from cxflax.data.sources.per_covid19 import severity_class
-    return np.array([severity_class(float(v)) for v in labels], np.int64)
 
   def load(self, i: int) -> dict[str, Any]:
     raise NotImplementedError
@@ -179,7 +171,6 @@ def read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
   m = read_image(path)[..., 0].astype(np.float32)
   m = (m > 0.5 * max(float(m.max()), 1.0)).astype(np.uint8)
   if m.shape != tuple(shape):
-    from PIL import Image
     m = np.asarray(Image.fromarray(m).resize((shape[1], shape[0]), Image.NEAREST))
   return m
 
@@ -198,9 +189,6 @@ class WrappedSource(Source):
 
   def labels(self):
     return self.base.labels()
-
-  def strata(self):
-    return self.base.strata()
 
   def load(self, i):
     return self.base.load(i)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# The generator imports the Per-COVID-19 reader of this package; used only when a source is
+# made, so either may be imported first (tests/test_sources.py: test_modules_load_in_any_order).
+from cxflax.data import phantom as phantom_lib
+
 from cxflax.data.sources.base import SPLITS, Source
 from cxflax.data.sources.covid_ct import COVID_CT_CLASSES
 from cxflax.data.sources.registry import register
@@ -25,9 +29,6 @@ class PhantomSource(Source):
   def __init__(self, kind: str = "ct", num_subjects: int = 64, image_size: int = 512,
                slices_per_subject=(3, 6), seed: int = 0, covid_labels: bool = False,
                covid_min_percentage: float = 0.0):
-    # Imported here, not with this module: the generator takes its severity categories from
-    # the Per-COVID-19 reader, which loads this package, and so this module, first.
-    from cxflax.data import phantom as phantom_lib
     self.phantom = phantom_lib.Phantom(kind, num_subjects, image_size, tuple(slices_per_subject), seed)
     self._labels = None
     self.covid_labels = covid_labels and kind == "ct"
