@@ -110,3 +110,16 @@ def test_eight_devices_match_one_device():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   for a, b in zip(eight["stats"], one["stats"]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tree_match_names_what_does_not_fit_and_fills_the_rest():
+  from cxflax.trees import Match
+  want = {"a": {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros(3, np.float32)},
+          "b": {"scale": np.ones(4, np.float32)}}
+  got = {"a": {"kernel": np.ones((2, 3), np.float64), "bias": np.ones(5)}, "c": {"x": np.ones(1)}}
+  m = Match(want, got)
+  assert (m.missing, m.unexpected, m.wrong_shape) == (["b/scale"], ["c/x"], ["a/bias"])
+  assert m.fresh == ["a/bias", "b/scale"] and m.shapes("a/bias") == ((5,), (3,))
+  filled = m.filled()
+  assert filled["a"]["kernel"].dtype == np.float32 and float(filled["a"]["kernel"].sum()) == 6
+  assert float(filled["a"]["bias"].sum()) == 0 and filled["b"]["scale"].shape == (4,)

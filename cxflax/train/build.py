@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from flax import traverse_util
 
-from cxflax import parallel
+from cxflax import parallel, trees
 from cxflax.errors import CheckpointError, ConfigError
 from cxflax.models.ensembles import FeatureEnsemble, NeuralWeightEnsemble
 from cxflax.models import create_model
@@ -153,12 +152,11 @@ def initial_variables(config, model: nn.Module, image_shape, seed: int) -> dict:
 
 def _fitted(want, got, what: str):
   """`got` cast to the shapes and dtypes of `want`, or an error naming what does not fit."""
-  w = traverse_util.flatten_dict(dict(want), sep="/")
-  g = traverse_util.flatten_dict(dict(got), sep="/")
-  bad = sorted(k for k in w if k not in g or tuple(g[k].shape) != tuple(w[k].shape))
+  match = trees.Match(want, got)
+  bad = sorted(match.missing + match.wrong_shape)
   if bad:
     raise CheckpointError(f"{what} does not fit its place in the model: {bad[:5]}")
-  return traverse_util.unflatten_dict({k: jnp.asarray(g[k], w[k].dtype) for k in w}, sep="/")
+  return match.filled()
 
 
 def warm_start(variables: dict, path: str, model_name: str) -> dict:
@@ -179,17 +177,10 @@ def warm_start(variables: dict, path: str, model_name: str) -> dict:
   copied, fresh = 0, []
   out = {}
   for col, tree in variables.items():
-    want = traverse_util.flatten_dict(dict(tree), sep="/")
-    got = traverse_util.flatten_dict(dict(source.get(col, {})), sep="/")
-    merged = {}
-    for k, v in want.items():
-      if k in got and tuple(got[k].shape) == tuple(v.shape):
-        merged[k] = jnp.asarray(got[k], v.dtype)
-        copied += 1
-      else:
-        merged[k] = v
-        fresh.append(k)
-    out[col] = traverse_util.unflatten_dict(merged, sep="/")
+    match = trees.Match(tree, source.get(col, {}))
+    out[col] = match.filled()
+    copied += len(match.want) - len(match.fresh)
+    fresh += match.fresh
   if copied == 0:
     raise CheckpointError(f"config.init_from={path!r}: no variable of that run fits this model")
   logging.info("initialised %d variables from %s; %d fresh (e.g. %s)", copied, path, len(fresh), fresh[:3])

@@ -14,8 +14,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
-from flax import traverse_util
-
+from cxflax import trees
 from cxflax.errors import CheckpointError
 
 # Metadata fields that must agree between a checkpoint and the config restoring it.
@@ -60,13 +59,9 @@ class Checkpoints:
     where = os.path.join(self.directory, str(step))
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {meta.get(k)!r}"
              for k in _MODEL_FIELDS if saved.get(k) != meta.get(k)]
-    stored = traverse_util.flatten_dict(self.stored_model(step), sep="/")
-    wanted = traverse_util.flatten_dict(model_target, sep="/")
-    missing = sorted(set(wanted) - set(stored))
-    extra = sorted(set(stored) - set(wanted))
-    shapes = [f"{k}: checkpoint {tuple(stored[k].shape)}, model {tuple(wanted[k].shape)}"
-              for k in sorted(set(wanted) & set(stored))
-              if tuple(stored[k].shape) != tuple(wanted[k].shape)]
+    match = trees.Match(model_target, self.stored_model(step))
+    missing, extra = match.missing, match.unexpected
+    shapes = ["{}: checkpoint {}, model {}".format(k, *match.shapes(k)) for k in match.wrong_shape]
     if missing:
       diffs.append(f"{len(missing)} variable(s) missing from the checkpoint, e.g. {missing[:3]}")
     if extra:
