@@ -82,13 +82,8 @@ class Run:
 def load_run(path: str, step: int | None = None) -> Run:
   """The model, variables and config of the checkpoint at `path` (a workdir, its checkpoints/
   folder or one step's folder; the latest step unless given)."""
-  directory, found = ckpt_lib.resolve(path)
+  directory, [step] = ckpt_lib.find_steps(path, step)
   ckpts = ckpt_lib.Checkpoints(directory, create=False)
-  steps = ckpts.all_steps()
-  step = step if step is not None else (found if found is not None else (max(steps) if steps else None))
-  if step is None or step not in steps:
-    raise CheckpointError(f"no checkpoint{'' if step is None else f' at step {step}'} in {directory}"
-                          + (f" (steps there: {steps})" if steps else ""))
   meta = ckpts.meta(step)
   config = ml_collections.ConfigDict(meta["config"])
   model = build_model(config, meta["task"], meta.get("class_names") or None)
@@ -98,17 +93,6 @@ def load_run(path: str, step: int | None = None) -> Run:
   variables = ckpts.restore_model(step, target)
   ckpts.close()
   return Run(os.path.join(directory, str(step)), step, config, meta, model, variables)
-
-
-def last_steps(path: str, n: int) -> list[int]:
-  """The last n checkpoint steps of a run (seed 001 averages the last five epochs')."""
-  directory, _ = ckpt_lib.resolve(path)
-  ckpts = ckpt_lib.Checkpoints(directory, create=False)
-  steps = sorted(ckpts.all_steps())
-  ckpts.close()
-  if not steps:
-    raise CheckpointError(f"no checkpoints in {directory}")
-  return steps[-n:]
 
 
 def _build_ensemble(config, task: str, class_names) -> nn.Module:

@@ -125,3 +125,22 @@ def resolve(path: str) -> tuple[str, int | None]:
   if base.isdigit() and os.path.isdir(os.path.join(path, "model")):
     return os.path.dirname(path), int(base)
   return path, None
+
+
+def find_steps(path: str, step: int | None = None, last_n: int = 1,
+               what: str = "checkpoint") -> tuple[str, list[int]]:
+  """(checkpoint directory, steps) for `path` (see resolve): `step` if given, else the step
+  `path` names, else its last `last_n` steps. Every mode that reads checkpoints chooses them
+  here, so they all refuse a missing one alike: with an error naming `what` and the steps there."""
+  directory, named = resolve(path)
+  step = step if step is not None else named
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no {what}: {directory} is not a directory")
+  ckpts = Checkpoints(directory, create=False)
+  steps = sorted(ckpts.all_steps())
+  ckpts.close()
+  chosen = steps[-last_n:] if step is None else [step]
+  if not chosen or chosen[0] not in steps:
+    raise CheckpointError(f"no {what}{'' if step is None else f' at step {step}'} in {directory}"
+                          + (f" (steps there: {steps})" if steps else ""))
+  return directory, chosen

@@ -121,7 +121,7 @@ def _pseudo_labelled(config, mesh) -> RelabeledSource | None:
   if not p.runs:
     return None
   source = make_source(config.data, p.split, unlabeled_ok=True)
-  preds = predict_source([(r, s) for r in p.runs for s in build.last_steps(r, p.last_n)], source,
+  preds = predict_source([(r, s) for r in p.runs for s in ckpt_lib.find_steps(r, last_n=p.last_n)[1]], source,
                          config.eval_batch_size, mesh)
   if source.task == "classification":
     labels = preds.argmax(-1)
@@ -273,16 +273,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
   config = config_lib.finalize(config)
   workdir = prepare_workdir(workdir)
   mesh = parallel.make_mesh()
-  directory, step = (ckpt_lib.resolve(checkpoint) if checkpoint
-                     else (ckpt_lib.checkpoint_dir(workdir), None))
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"no checkpoint to evaluate: {directory} does not exist (train first, "
+  path = checkpoint or ckpt_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(path) and not checkpoint:
+    raise CheckpointError(f"no checkpoint to evaluate: {path} does not exist (train first, "
                           "or pass --checkpoint=PATH)")
+  directory, [step] = ckpt_lib.find_steps(path, what="checkpoint to evaluate")
   ckpts = ckpt_lib.Checkpoints(directory, create=False)
-  step = ckpts.latest_step() if step is None else step
-  if step is None or step not in ckpts.all_steps():
-    raise CheckpointError(f"no checkpoint to evaluate in {directory}"
-                          + (f" (steps there: {ckpts.all_steps()})" if ckpts.all_steps() else ""))
   inp = create_input(config, jax.process_index(), jax.process_count())
   task = build.task_of(config, inp.task)
   model = build.build_model(config, task, inp.class_names)
@@ -360,7 +356,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   workdir = prepare_workdir(workdir)
   mesh = parallel.make_mesh()
   p = config.predict
-  runs = [(r, s) for r in (p.runs or (workdir,)) for s in build.last_steps(r, p.last_n)]
+  runs = [(r, s) for r in (p.runs or (workdir,)) for s in ckpt_lib.find_steps(r, last_n=p.last_n)[1]]
   source = image_folder(p.images) if p.images else make_source(config.data, p.split, unlabeled_ok=True)
   first = build.load_run(*runs[0])
   if first.meta["task"] == "segmentation":
