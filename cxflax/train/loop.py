@@ -32,7 +32,7 @@ from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import losses as losses_lib
 from cxflax.train import metrics as metrics_lib
 from cxflax.train import optim
-from cxflax.train.steps import TrainState, make_eval_step, make_train_step
+from cxflax.train.steps import create_train_state, make_eval_step, make_train_step
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -178,8 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if s < resume_stage:
       continue
     tx, schedule = optim.make_optimizer(sc, steps_per_epoch, params)
-    state = parallel.replicate(TrainState(step=np.int32(stage_start), apply_fn=model.apply, params=params,
-                                          tx=tx, opt_state=tx.init(params), batch_stats=batch_stats), mesh)
+    state = create_train_state(model, tx, {"params": params, "batch_stats": batch_stats}, mesh, stage_start)
     train_iter = iter(inp.train())
     if resume_meta is not None and s == resume_stage:
       restored, opt = ckpts.restore_training(
@@ -437,8 +436,7 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
   table = jax.numpy.asarray(rates, jax.numpy.float32)
   tx, _ = optim.make_optimizer(config, n, variables["params"],
                                schedule_fn=lambda t: table[jax.numpy.minimum(t, n - 1)])
-  state = parallel.replicate(TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                               batch_stats=variables.get("batch_stats", {})), mesh)
+  state = create_train_state(model, tx, variables, mesh)
   alpha = _class_alpha(config, inp.source.labels()[inp.train_indices], inp.class_names)
   step = make_train_step(model, config, mesh, alpha)
   it = iter(inp.train())

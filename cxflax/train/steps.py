@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
@@ -31,10 +32,12 @@ def init_variables(model: nn.Module, image_shape, seed: int) -> dict:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, variables: dict,
-                       mesh) -> TrainState:
-  """A TrainState replicated over the mesh."""
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                            batch_stats=variables.get("batch_stats", {}))
+                       mesh, step: int = 0) -> TrainState:
+  """A fresh optimizer state for `variables`, at global step `step` (a later training stage
+  starts where the previous one ended), replicated over the mesh. Every TrainState is made here."""
+  params = variables["params"]
+  state = TrainState(step=np.int32(step), apply_fn=model.apply, params=params, tx=tx,
+                     opt_state=tx.init(params), batch_stats=variables.get("batch_stats", {}))
   return parallel.replicate(state, mesh)
 
 
