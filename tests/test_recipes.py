@@ -269,7 +269,7 @@ def test_lr_find_writes_csv_png_and_a_rate(tmp_path):
 
 
 def test_suggested_rate_is_the_steepest_descent():
-  from cxflax.train.loop import suggest_learning_rate
+  from cxflax.train.lr_find import suggest_learning_rate
   rates = np.logspace(-6, 0, 61)
   loss = 2.0 - np.tanh((np.log10(rates) + 3.0) * 2) + np.where(rates > 0.1, 50 * (rates - 0.1), 0)
   assert suggest_learning_rate(rates, loss) == pytest.approx(1e-3, rel=0.25)
@@ -309,14 +309,14 @@ def test_pseudo_labels_extend_training_with_those_labels(tiny_run, tmp_path):
   with round=True), and exactly those examples, with those labels, join the training split."""
   from cxflax import parallel
   from cxflax.config import finalize
-  from cxflax.train import loop
+  from cxflax.train.train import pseudo_labelled
   from tests.conftest import TINY_RUN
   wd, _ = tiny_run
   overrides = (*TINY, *TINY_RUN, f"--config.pseudo_label.runs=('{wd}',)", "--config.pseudo_label.round=True")
   config = finalize(load_config("resnest.py:runlocal", *overrides))
   val = _val_split()
   expected = np.round(checkpoint_predictions(wd, val, np.arange(len(val))))
-  extra = loop._pseudo_labelled(config, parallel.make_mesh())
+  extra = pseudo_labelled(config, parallel.make_mesh())
   np.testing.assert_allclose(extra.labels(), expected)
   plain = create_input(config)
   joined = create_input(config, extra=extra)

@@ -68,6 +68,15 @@ def build_model(config, task: str, class_names=None) -> nn.Module:
   return network
 
 
+def checkpoint_meta(config, task: str, class_names, stage: int = 0, stage_start: int = 0) -> dict:
+  """What a checkpoint records about the run that made it: checked again on restore, and all
+  that load_run needs to rebuild the run."""
+  return {"model": config.model if not config.ensemble.kind else f"ensemble:{config.ensemble.kind}",
+          "head": config.head, "num_outputs": num_outputs(task, class_names), "task": task,
+          "class_names": list(class_names or []), "image_size": config.data.image_size,
+          "stage": stage, "stage_start": stage_start, "config": config.to_dict()}
+
+
 @dataclasses.dataclass
 class Run:
   """A trained run restored from a checkpoint."""
