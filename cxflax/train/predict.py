@@ -14,6 +14,7 @@ from absl import logging
 from cxflax import config as config_lib
 from cxflax import parallel
 from cxflax.data import pipeline
+from cxflax.data.images import write_mask
 from cxflax.data.sources import image_folder, make_source, mask_file
 from cxflax.errors import ConfigError, DataError
 from cxflax.train import build
@@ -101,15 +102,13 @@ def predict_masks(run: build.Run, source, batch_size: int, mesh, out_dir: str) -
                                   process_count=jax.process_count())
   step = make_eval_step(run.model, "segmentation", mesh, with_masks=True)
   os.makedirs(out_dir, exist_ok=True)
-  from PIL import Image
   written = 0
   for out in step.outputs(run.variables, batches, mesh):
     keep = parallel.gather(out["valid"]) > 0
     for i, mask, (h, w) in zip(parallel.gather(out["index"])[keep], parallel.gather(out["mask"])[keep],
                                parallel.gather(out["source_size"])[keep]):
       if jax.process_index() == 0:
-        img = Image.fromarray((mask > 0).astype(np.uint8) * 255).resize((w, h), Image.NEAREST)
-        img.save(paths[int(i)])
+        write_mask(paths[int(i)], mask, (h, w))
       written += 1
       if written % 100 == 0:
         logging.info("masks: %d of %d written", written, len(source))
