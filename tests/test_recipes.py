@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cxflax.data.images import read_image
 from cxflax.data.pipeline import create_input
 from cxflax.data.sources import make_source
 from cxflax.models.ensembles import FeatureEnsemble, ModelSE, NeuralWeightEnsemble
@@ -262,6 +263,8 @@ def test_lr_find_writes_csv_png_and_a_rate(tmp_path):
   # 20 rates from 1e-7 to 10, exponentially spaced (until the loss blows up)
   np.testing.assert_allclose(rates, 1e-7 * (1e8 ** (1 / 19)) ** np.arange(len(rates)), rtol=1e-5)
   assert os.path.getsize(os.path.join(wd, "lr_find.png")) > 1000
+  plot = read_image(os.path.join(wd, "lr_find.png"))  # a real PNG, of the plot's 640x420 pixels
+  assert plot.shape == (420, 640, 3) and len(np.unique(plot.reshape(-1, 3), axis=0)) > 10
   suggested = float(run.stdout.split("suggested learning rate ")[1].split()[0])
   i = int(np.argmin(np.abs(np.log(rates / suggested))))
   assert abs(np.log10(rates[i] / suggested)) < 0.01  # one of the swept rates (printed to 3 digits)
