@@ -14,6 +14,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+
 from cxflax import trees
 from cxflax.errors import CheckpointError
 
