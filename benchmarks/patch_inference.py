@@ -33,6 +33,7 @@ from PIL import Image
 
 from benchmarks.common import default_out, print_table, write_json
 from cxflax.data import phantom as phantom_lib
+from cxflax.data.images import write_image, write_mask
 from cxflax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cxflax.models.heads import create_network
 from cxflax.models.patches import PatchClassifier, crop_patches, mask_key, sample_centers
@@ -45,8 +46,8 @@ def write_images(folder: str, n: int, size: int) -> list[tuple[str, str]]:
   for i in range(n):
     ex = ph[i]
     img, mask = os.path.join(folder, f"image_{i}.png"), os.path.join(folder, f"mask_{i}.png")
-    Image.fromarray(np.asarray(ex["image"]).reshape(size, size)).save(img)
-    Image.fromarray(np.asarray(ex["lung_mask"]).reshape(size, size).astype(np.uint8) * 255).save(mask)
+    write_image(img, np.asarray(ex["image"]).reshape(size, size))
+    write_mask(mask, np.asarray(ex["lung_mask"]).reshape(size, size), (size, size))
     files.append((img, mask))
   return files
 

@@ -36,6 +36,7 @@ from cxflax.models import xla_cpu
 from cxflax.models.heads import create_network
 from cxflax.train import optim
 from cxflax.train.steps import create_train_state, init_variables, make_eval_step, make_train_step
+from cxflax.train.tasks import TASKS
 
 
 def matmul_ceiling(devices, n: int = 2048, dtype=jnp.float32) -> float:
@@ -118,7 +119,7 @@ def cxflax_rates(name: str, batch: int, size: int, dtype: str, devices, repeats:
   variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
   calls, flops = {}, {}
   for fold_bn, key in ((True, "eval"), (False, "eval_unfolded")):
-    step = make_eval_step(model, "classification", mesh, fold_bn=fold_bn)
+    step = make_eval_step(model, TASKS.get("classification"), mesh, fold_bn=fold_bn)
     t = time.perf_counter()
     prepared = jax.block_until_ready(step.prepare(variables, (size, size, 3)))
     evaluate = step.lower(prepared, batch_data).compile()

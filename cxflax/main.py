@@ -61,20 +61,20 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None):
 
 def _run(mode: str, config, workdir: str, checkpoint: str | None):
   from cxflax.errors import ConfigError
-  from cxflax.train import loop
+  from cxflax.train import evaluate, lr_find, predict, train
 
   if mode in ("train", "ensemble"):
     if mode == "ensemble" and not config.ensemble.kind:
       raise ConfigError("--mode=ensemble needs config.ensemble.kind and config.ensemble.members")
-    return loop.train_and_evaluate(config, workdir)
+    return train.train_and_evaluate(config, workdir)
   if mode == "eval":
-    return loop.evaluate(config, workdir, checkpoint)
+    return evaluate.evaluate(config, workdir, checkpoint)
   if mode == "cv":
-    return loop.cross_validate(config, workdir)
+    return evaluate.cross_validate(config, workdir)
   if mode == "predict":
-    return loop.predict(config, workdir)
+    return predict.predict(config, workdir)
   if mode == "lr_find":
-    return loop.lr_find(config, workdir)
+    return lr_find.lr_find(config, workdir)
   raise ConfigError(f"unknown mode {mode!r}")
 
 

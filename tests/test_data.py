@@ -81,14 +81,27 @@ def test_read_image_formats(tmp_path):
   rgb = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
   write_image(tmp_path / "a.png", gray8)
   write_image(tmp_path / "b.png", gray16)
-  Image.fromarray(rgb).save(tmp_path / "c.png")
-  Image.fromarray(rgb).save(tmp_path / "d.jpg", quality=95)
+  write_image(tmp_path / "c.png", rgb)
+  write_image(tmp_path / "d.jpg", rgb, quality=95)
   np.testing.assert_array_equal(read_image(tmp_path / "a.png"), gray8[..., None])
   b = read_image(tmp_path / "b.png")
   assert b.dtype == np.uint16
   np.testing.assert_array_equal(b[..., 0], gray16)
   np.testing.assert_array_equal(read_image(tmp_path / "c.png"), rgb)
   assert read_image(tmp_path / "d.jpg").shape == (8, 8, 3)
+
+
+def test_written_masks_are_0_255_pngs_of_the_given_size(tmp_path):
+  """write_mask writes what config.data.mask_dir reads: 0/255, nearest-neighbour resized."""
+  from cxflax.data.images import write_mask
+  from cxflax.data.sources import read_mask
+  mask = np.zeros((4, 6), np.uint8)
+  mask[:2, :3] = 1
+  write_mask(tmp_path / "m.png", mask, (8, 12))
+  written = read_image(tmp_path / "m.png")[..., 0]
+  assert written.shape == (8, 12) and set(np.unique(written)) == {0, 255}
+  np.testing.assert_array_equal(written, np.kron(mask, np.ones((2, 2), np.uint8)) * 255)
+  np.testing.assert_array_equal(read_mask(str(tmp_path / "m.png"), (4, 6)), mask)
 
 
 def test_read_image_errors_name_the_file(tmp_path):

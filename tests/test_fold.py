@@ -86,10 +86,12 @@ def test_task_network_with_fastai_head_folds_its_backbone_only():
 def test_eval_step_folds_once_with_the_same_predictions(task, head, outputs):
   from cxflax import parallel
   from cxflax.train.steps import make_eval_step
+  from cxflax.train.tasks import TASKS
+  task = TASKS.get(task)
   model = create_network("resnet10t", head, outputs)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
-           "label": np.zeros(4, np.int32 if task == "classification" else np.float32),
+           "label": np.zeros(4, np.int32 if outputs > 1 else np.float32),
            "index": np.arange(4), "valid": np.ones(4, np.float32)}
   variables = random_variables(model, batch["image"], train=False)
   mesh = parallel.make_mesh(jax.devices()[:1])

@@ -198,9 +198,9 @@ def test_cpu_kernels_hold_for_the_run(tmp_path, monkeypatch, kernels):
   """config.cpu_kernels is the CPU-kernel mode while the run traces and runs, and the previous
   one afterwards."""
   from cxflax.models import xla_cpu
-  from cxflax.train import loop
+  from cxflax.train import train
   seen = []
-  monkeypatch.setattr(loop, "train_and_evaluate", lambda config, workdir: seen.append(xla_cpu.enabled()))
+  monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: seen.append(xla_cpu.enabled()))
   run_main(str(tmp_path / "w"), f"--config.cpu_kernels={kernels}")
   assert seen == [kernels == "on"] and xla_cpu.get_mode() == "auto"
 

@@ -11,7 +11,7 @@ from cxflax.models.fc_densenet import FCDenseNet
 from cxflax.models.heads import create_network
 from cxflax.models.patches import PatchClassifier, aggregate, crop_patches, mask_key, sample_centers
 from cxflax.train import metrics as metrics_lib
-from cxflax.train.steps import segmentation_counts
+from cxflax.train.tasks import segmentation_counts
 from tests.conftest import random_variables
 
 

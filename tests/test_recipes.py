@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cxflax.data.images import read_image
 from cxflax.data.pipeline import create_input
 from cxflax.data.sources import make_source
 from cxflax.models.ensembles import FeatureEnsemble, ModelSE, NeuralWeightEnsemble
@@ -262,6 +263,8 @@ def test_lr_find_writes_csv_png_and_a_rate(tmp_path):
   # 20 rates from 1e-7 to 10, exponentially spaced (until the loss blows up)
   np.testing.assert_allclose(rates, 1e-7 * (1e8 ** (1 / 19)) ** np.arange(len(rates)), rtol=1e-5)
   assert os.path.getsize(os.path.join(wd, "lr_find.png")) > 1000
+  plot = read_image(os.path.join(wd, "lr_find.png"))  # a real PNG, of the plot's 640x420 pixels
+  assert plot.shape == (420, 640, 3) and len(np.unique(plot.reshape(-1, 3), axis=0)) > 10
   suggested = float(run.stdout.split("suggested learning rate ")[1].split()[0])
   i = int(np.argmin(np.abs(np.log(rates / suggested))))
   assert abs(np.log10(rates[i] / suggested)) < 0.01  # one of the swept rates (printed to 3 digits)
@@ -269,7 +272,7 @@ def test_lr_find_writes_csv_png_and_a_rate(tmp_path):
 
 
 def test_suggested_rate_is_the_steepest_descent():
-  from cxflax.train.loop import suggest_learning_rate
+  from cxflax.train.lr_find import suggest_learning_rate
   rates = np.logspace(-6, 0, 61)
   loss = 2.0 - np.tanh((np.log10(rates) + 3.0) * 2) + np.where(rates > 0.1, 50 * (rates - 0.1), 0)
   assert suggest_learning_rate(rates, loss) == pytest.approx(1e-3, rel=0.25)
@@ -309,14 +312,14 @@ def test_pseudo_labels_extend_training_with_those_labels(tiny_run, tmp_path):
   with round=True), and exactly those examples, with those labels, join the training split."""
   from cxflax import parallel
   from cxflax.config import finalize
-  from cxflax.train import loop
+  from cxflax.train.train import pseudo_labelled
   from tests.conftest import TINY_RUN
   wd, _ = tiny_run
   overrides = (*TINY, *TINY_RUN, f"--config.pseudo_label.runs=('{wd}',)", "--config.pseudo_label.round=True")
   config = finalize(load_config("resnest.py:runlocal", *overrides))
   val = _val_split()
   expected = np.round(checkpoint_predictions(wd, val, np.arange(len(val))))
-  extra = loop._pseudo_labelled(config, parallel.make_mesh())
+  extra = pseudo_labelled(config, parallel.make_mesh())
   np.testing.assert_allclose(extra.labels(), expected)
   plain = create_input(config)
   joined = create_input(config, extra=extra)

@@ -47,13 +47,6 @@ def test_classification_metrics_by_hand():
                                 [[1, 1, 0], [0, 2, 0], [1, 0, 1]])
 
 
-def test_baselines():
-  b = metrics.baseline_metrics("regression", np.array([0.0, 10.0]), np.array([5.0, 7.0]))
-  assert b["mae"] == pytest.approx(1.0)
-  c = metrics.baseline_metrics("classification", np.array([1, 1, 0]), np.array([1, 0]), 3)
-  assert c["accuracy"] == pytest.approx(0.5)
-
-
 _SHARDING_CHECK = textwrap.dedent("""
     import json, jax, numpy as np
     from cxflax import parallel
@@ -110,3 +103,16 @@ def test_eight_devices_match_one_device():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   for a, b in zip(eight["stats"], one["stats"]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tree_match_names_what_does_not_fit_and_fills_the_rest():
+  from cxflax.trees import Match
+  want = {"a": {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros(3, np.float32)},
+          "b": {"scale": np.ones(4, np.float32)}}
+  got = {"a": {"kernel": np.ones((2, 3), np.float64), "bias": np.ones(5)}, "c": {"x": np.ones(1)}}
+  m = Match(want, got)
+  assert (m.missing, m.unexpected, m.wrong_shape) == (["b/scale"], ["c/x"], ["a/bias"])
+  assert m.fresh == ["a/bias", "b/scale"] and m.shapes("a/bias") == ((5,), (3,))
+  filled = m.filled()
+  assert filled["a"]["kernel"].dtype == np.float32 and float(filled["a"]["kernel"].sum()) == 6
+  assert float(filled["a"]["bias"].sum()) == 0 and filled["b"]["scale"].shape == (4,)

@@ -25,7 +25,6 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
 
 from cxflax.data.images import write_image
 from cxflax.data.phantom import CXR_CLASS_NAMES, Phantom
@@ -125,7 +124,7 @@ def export_covidx(root: str, num_subjects: int = 80, image_size: int = 256, seed
     ex, split = p[i], splits[i]
     os.makedirs(os.path.join(root, split), exist_ok=True)
     name = ex["name"].replace(".png", ".jpg" if i % 3 == 0 else ".png")
-    Image.fromarray(_rgb(ex["image"])).save(os.path.join(root, split, name), quality=95)
+    write_image(os.path.join(root, split, name), _rgb(ex["image"]), quality=95)
     lines[split].append(f"{ex['subject']} {name} {names[CXR_CLASS_NAMES[int(ex['label'])]]} phantom")
     bar.step()
   for split, rows in lines.items():
@@ -185,7 +184,7 @@ def export_flannel(root: str, num_subjects: int = 80, image_size: int = 256, see
       os.makedirs(folder, exist_ok=True)
       name = (f"IM-{p.subject(i):04d}-{i:04d}.jpeg" if cls == "normal"
               else f"person{p.subject(i)}_{'bacteria' if cls == 'bacterial' else 'virus'}_{i}.jpeg")
-      Image.fromarray(ex["image"][..., 0]).save(os.path.join(folder, name), quality=95)
+      write_image(os.path.join(folder, name), ex["image"], quality=95)
     bar.step()
   rows.append(["lateral1", "", "F", "50", "Pneumonia/Viral/COVID-19", "Y", "L", "X-ray", "images", "lateral.png"])
   rows.append(["ct1", "", "F", "50", "Pneumonia/Viral/COVID-19", "Y", "Axial", "CT", "images", "ct.png"])

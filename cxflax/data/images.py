@@ -126,12 +126,23 @@ def _palette_has_color(im: Image.Image) -> bool:
   return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray) -> None:
-  """Writes an (H, W[, 1 or 3]) uint8 or uint16 array as PNG (or as the extension says)."""
+def write_image(path: str | os.PathLike, array: np.ndarray, quality: int | None = None) -> None:
+  """Writes an (H, W[, 1 or 3]) uint8 or uint16 array as PNG (or as the extension says; `quality`
+  for JPEG, PIL's default otherwise). Every image file cxflax writes is written here."""
   arr = np.asarray(array)
   if arr.ndim == 3 and arr.shape[-1] == 1:
     arr = arr[..., 0]
-  if (arr.dtype == np.uint16 and arr.ndim == 2) or arr.dtype == np.uint8:
-    Image.fromarray(arr).save(path)  # uint16 → 16-bit grayscale ('I;16')
-  else:
+  if not ((arr.dtype == np.uint16 and arr.ndim == 2) or arr.dtype == np.uint8):
     raise ValueError(f"write_image: expected uint8, or 2-D uint16, got {arr.dtype} {arr.shape}")
+  options = {} if quality is None else {"quality": quality}
+  Image.fromarray(arr).save(path, **options)  # uint16 → 16-bit grayscale ('I;16')
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray, size: tuple[int, int]) -> None:
+  """A mask (nonzero inside) as a 0/255 PNG of `size` (H, W), nearest-neighbour resized: the
+  files config.data.mask_dir reads back."""
+  arr = (np.asarray(mask) > 0).astype(np.uint8) * 255
+  h, w = (int(v) for v in size)
+  if arr.shape != (h, w):
+    arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.NEAREST))
+  write_image(path, arr)

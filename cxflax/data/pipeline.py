@@ -1,7 +1,7 @@
 """grain input pipelines: shuffled, augmented training batches and padded evaluation batches.
 
 Each process reads only its share of every global batch (``process_index::process_count``), so
-the pipeline scales to many hosts; the loop assembles the global batch on the mesh.
+the pipeline scales to many hosts; the train step assembles the global batch on the mesh.
 
 Training: per-epoch shuffle (reseeded each epoch), per-element augmentation seeded by (seed,
 epoch, index), batches with drop-remainder, epochs chained without end; the iterator's state is
@@ -150,7 +150,7 @@ def _prefetch(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
 
 @dataclasses.dataclass
 class Input:
-  """Everything the loop needs from the data: sources, splits and dataset factories."""
+  """Everything a mode needs from the data: sources, splits and dataset factories."""
   source: Source
   train_indices: np.ndarray
   eval_source: Source

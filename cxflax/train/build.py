@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from flax import traverse_util
 
-from cxflax import parallel
+from cxflax import parallel, trees
 from cxflax.errors import CheckpointError, ConfigError
 from cxflax.models.ensembles import FeatureEnsemble, NeuralWeightEnsemble
 from cxflax.models import create_model
@@ -26,16 +25,12 @@ from cxflax.models.heads import MLPHead, Network, create_network, with_backbone
 from cxflax.models.patches import PatchClassifier
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train.steps import init_variables
+from cxflax.train.tasks import TASKS, Classification, Task
 
 ENSEMBLES = ("", "average", "se", "flannel")
 
 
-def num_outputs(task: str, class_names) -> int:
-  """1 for regression; one per class for classification (logits) and segmentation (per pixel)."""
-  return 1 if task == "regression" else len(class_names or ())
-
-
-def build_model(config, task: str, class_names=None) -> nn.Module:
+def build_model(config, task: Task, class_names=None) -> nn.Module:
   """config's network, or its ensemble of trained members (config.ensemble)."""
   kind = config.ensemble.kind
   if kind not in ENSEMBLES:
@@ -43,25 +38,34 @@ def build_model(config, task: str, class_names=None) -> nn.Module:
   if kind:
     return _build_ensemble(config, task, class_names)
   dtype = jnp.dtype(config.dtype)
-  if task == "segmentation":
+  if task.per_pixel:
     if config.model not in SEGMENTATION_MODELS:
       raise ConfigError(f"segmentation (config.data.target={config.data.target!r}) needs a "
                         f"segmentation model, one of {SEGMENTATION_MODELS}; got {config.model!r}")
-    return create_model(config.model, num_classes=num_outputs(task, class_names), dtype=dtype)
+    return create_model(config.model, num_classes=task.num_outputs(class_names), dtype=dtype)
   if config.model in SEGMENTATION_MODELS:
     raise ConfigError(f"{config.model} is a segmentation model: set config.data.target='lung_mask'")
   backbone_kwargs = {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate else {}
   head_kwargs = dict(config.head_kwargs)
-  network = create_network(config.model, config.head, num_outputs(task, class_names), pool=config.pool,
+  network = create_network(config.model, config.head, task.num_outputs(class_names), pool=config.pool,
                            head_dropout=config.head_dropout, dtype=dtype, backbone_kwargs=backbone_kwargs,
                            head_kwargs=head_kwargs, backbone_classes=config.backbone_classes)
   p = config.get("patches")
   if p and p.num:
-    if task != "classification":
-      raise ConfigError(f"config.patches.num > 0: patch classifiers classify; this is a {task} task")
+    if not isinstance(task, Classification):
+      raise ConfigError(f"config.patches.num > 0: patch classifiers classify; this is a {task.name} task")
     return PatchClassifier(network=network, patch_size=p.size, num_patches=p.num, aggregate=p.aggregate,
                            seed=config.seed)
   return network
+
+
+def checkpoint_meta(config, task: Task, class_names, stage: int = 0, stage_start: int = 0) -> dict:
+  """What a checkpoint records about the run that made it: checked again on restore, and all
+  that load_run needs to rebuild the run."""
+  return {"model": config.model if not config.ensemble.kind else f"ensemble:{config.ensemble.kind}",
+          "head": config.head, "num_outputs": task.num_outputs(class_names), "task": task.name,
+          "class_names": list(class_names or []), "image_size": config.data.image_size,
+          "stage": stage, "stage_start": stage_start, "config": config.to_dict()}
 
 
 @dataclasses.dataclass
@@ -78,16 +82,11 @@ class Run:
 def load_run(path: str, step: int | None = None) -> Run:
   """The model, variables and config of the checkpoint at `path` (a workdir, its checkpoints/
   folder or one step's folder; the latest step unless given)."""
-  directory, found = ckpt_lib.resolve(path)
+  directory, [step] = ckpt_lib.find_steps(path, step)
   ckpts = ckpt_lib.Checkpoints(directory, create=False)
-  steps = ckpts.all_steps()
-  step = step if step is not None else (found if found is not None else (max(steps) if steps else None))
-  if step is None or step not in steps:
-    raise CheckpointError(f"no checkpoint{'' if step is None else f' at step {step}'} in {directory}"
-                          + (f" (steps there: {steps})" if steps else ""))
   meta = ckpts.meta(step)
   config = ml_collections.ConfigDict(meta["config"])
-  model = build_model(config, meta["task"], meta.get("class_names") or None)
+  model = build_model(config, TASKS.get(meta["task"]), meta.get("class_names") or None)
   # Restored replicated over this job's devices, whatever the topology of the run that saved it
   # (a checkpoint of a multi-process run is read by one process).
   target = ckpt_lib.abstract(ckpts.stored_model(step), parallel.replicated(parallel.make_mesh()))
@@ -96,18 +95,7 @@ def load_run(path: str, step: int | None = None) -> Run:
   return Run(os.path.join(directory, str(step)), step, config, meta, model, variables)
 
 
-def last_steps(path: str, n: int) -> list[int]:
-  """The last n checkpoint steps of a run (seed 001 averages the last five epochs')."""
-  directory, _ = ckpt_lib.resolve(path)
-  ckpts = ckpt_lib.Checkpoints(directory, create=False)
-  steps = sorted(ckpts.all_steps())
-  ckpts.close()
-  if not steps:
-    raise CheckpointError(f"no checkpoints in {directory}")
-  return steps[-n:]
-
-
-def _build_ensemble(config, task: str, class_names) -> nn.Module:
+def _build_ensemble(config, task: Task, class_names) -> nn.Module:
   members = config.ensemble.members
   if len(members) < 2:
     raise ConfigError("config.ensemble.members must name at least two trained runs (workdirs)")
@@ -117,7 +105,7 @@ def _build_ensemble(config, task: str, class_names) -> nn.Module:
     return NeuralWeightEnsemble(members=tuple(r.model for r in runs),
                                 activation=config.ensemble.activation)
   trunk = FeatureEnsemble(members=tuple(r.model.backbone for r in runs), se=kind == "se")
-  return Network(backbone=trunk, head=MLPHead(num_outputs(task, class_names), tuple(config.ensemble.head_hidden)))
+  return Network(backbone=trunk, head=MLPHead(task.num_outputs(class_names), tuple(config.ensemble.head_hidden)))
 
 
 def _member_variables(config) -> list[dict]:
@@ -148,12 +136,11 @@ def initial_variables(config, model: nn.Module, image_shape, seed: int) -> dict:
 
 def _fitted(want, got, what: str):
   """`got` cast to the shapes and dtypes of `want`, or an error naming what does not fit."""
-  w = traverse_util.flatten_dict(dict(want), sep="/")
-  g = traverse_util.flatten_dict(dict(got), sep="/")
-  bad = sorted(k for k in w if k not in g or tuple(g[k].shape) != tuple(w[k].shape))
+  match = trees.Match(want, got)
+  bad = sorted(match.missing + match.wrong_shape)
   if bad:
     raise CheckpointError(f"{what} does not fit its place in the model: {bad[:5]}")
-  return traverse_util.unflatten_dict({k: jnp.asarray(g[k], w[k].dtype) for k in w}, sep="/")
+  return match.filled()
 
 
 def warm_start(variables: dict, path: str, model_name: str) -> dict:
@@ -174,17 +161,10 @@ def warm_start(variables: dict, path: str, model_name: str) -> dict:
   copied, fresh = 0, []
   out = {}
   for col, tree in variables.items():
-    want = traverse_util.flatten_dict(dict(tree), sep="/")
-    got = traverse_util.flatten_dict(dict(source.get(col, {})), sep="/")
-    merged = {}
-    for k, v in want.items():
-      if k in got and tuple(got[k].shape) == tuple(v.shape):
-        merged[k] = jnp.asarray(got[k], v.dtype)
-        copied += 1
-      else:
-        merged[k] = v
-        fresh.append(k)
-    out[col] = traverse_util.unflatten_dict(merged, sep="/")
+    match = trees.Match(tree, source.get(col, {}))
+    out[col] = match.filled()
+    copied += len(match.want) - len(match.fresh)
+    fresh += match.fresh
   if copied == 0:
     raise CheckpointError(f"config.init_from={path!r}: no variable of that run fits this model")
   logging.info("initialised %d variables from %s; %d fresh (e.g. %s)", copied, path, len(fresh), fresh[:3])

@@ -14,8 +14,8 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
+from cxflax import trees
 from cxflax.errors import CheckpointError
 
 # Metadata fields that must agree between a checkpoint and the config restoring it.
@@ -60,13 +60,9 @@ class Checkpoints:
     where = os.path.join(self.directory, str(step))
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {meta.get(k)!r}"
              for k in _MODEL_FIELDS if saved.get(k) != meta.get(k)]
-    stored = traverse_util.flatten_dict(self.stored_model(step), sep="/")
-    wanted = traverse_util.flatten_dict(model_target, sep="/")
-    missing = sorted(set(wanted) - set(stored))
-    extra = sorted(set(stored) - set(wanted))
-    shapes = [f"{k}: checkpoint {tuple(stored[k].shape)}, model {tuple(wanted[k].shape)}"
-              for k in sorted(set(wanted) & set(stored))
-              if tuple(stored[k].shape) != tuple(wanted[k].shape)]
+    match = trees.Match(model_target, self.stored_model(step))
+    missing, extra = match.missing, match.unexpected
+    shapes = ["{}: checkpoint {}, model {}".format(k, *match.shapes(k)) for k in match.wrong_shape]
     if missing:
       diffs.append(f"{len(missing)} variable(s) missing from the checkpoint, e.g. {missing[:3]}")
     if extra:
@@ -130,3 +126,22 @@ def resolve(path: str) -> tuple[str, int | None]:
   if base.isdigit() and os.path.isdir(os.path.join(path, "model")):
     return os.path.dirname(path), int(base)
   return path, None
+
+
+def find_steps(path: str, step: int | None = None, last_n: int = 1,
+               what: str = "checkpoint") -> tuple[str, list[int]]:
+  """(checkpoint directory, steps) for `path` (see resolve): `step` if given, else the step
+  `path` names, else its last `last_n` steps. Every mode that reads checkpoints chooses them
+  here, so they all refuse a missing one alike: with an error naming `what` and the steps there."""
+  directory, named = resolve(path)
+  step = step if step is not None else named
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no {what}: {directory} is not a directory")
+  ckpts = Checkpoints(directory, create=False)
+  steps = sorted(ckpts.all_steps())
+  ckpts.close()
+  chosen = steps[-last_n:] if step is None else [step]
+  if not chosen or chosen[0] not in steps:
+    raise CheckpointError(f"no {what}{'' if step is None else f' at step {step}'} in {directory}"
+                          + (f" (steps there: {steps})" if steps else ""))
+  return directory, chosen

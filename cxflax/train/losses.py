@@ -59,6 +59,19 @@ def inverse_frequency(labels: np.ndarray, num_classes: int) -> np.ndarray:
   return (inv * num_classes / inv.sum()).astype(np.float32)
 
 
+def class_alpha(config, labels: np.ndarray, class_names) -> np.ndarray | None:
+  """The focal loss's per-class weights: config.focal_alpha, or the inverse frequencies of the
+  training labels; None for the other losses."""
+  if config.loss != "focal":
+    return None
+  if config.focal_alpha:
+    alpha = np.asarray(config.focal_alpha, np.float32)
+    if len(alpha) != len(class_names):
+      raise ConfigError(f"config.focal_alpha has {len(alpha)} values for {len(class_names)} classes")
+    return alpha
+  return inverse_frequency(labels, len(class_names))
+
+
 def label_distribution(target, num_bins: int = 101):
   """Seed 001's target distribution around the rounded percentage p: 0.6 at p, 0.15 at p ± 1,
   0.05 at p ± 2; mass that would fall outside 0..100 is dropped and the rest renormalised."""

@@ -80,11 +80,13 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
   return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def baseline_metrics(task: str, train_labels: np.ndarray, eval_labels: np.ndarray,
-                     num_classes: int | None = None) -> dict[str, float]:
-  """The trivial predictor's metrics: the training mean (regression) or the majority class."""
-  if task == "regression":
-    return regression_metrics(np.full(len(eval_labels), np.mean(train_labels)), eval_labels)
+def mean_baseline(train_labels: np.ndarray, eval_labels: np.ndarray) -> dict[str, float]:
+  """The metrics of predicting the training mean for every example (regression)."""
+  return regression_metrics(np.full(len(eval_labels), np.mean(train_labels)), eval_labels)
+
+
+def majority_baseline(train_labels: np.ndarray, eval_labels: np.ndarray, num_classes: int) -> dict[str, float]:
+  """The metrics of predicting the training split's most frequent class for every example."""
   majority = int(np.bincount(np.asarray(train_labels, np.int64), minlength=num_classes).argmax())
   return scalar_metrics(classification_metrics(np.full(len(eval_labels), majority), eval_labels, num_classes))
 

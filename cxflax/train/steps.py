@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
@@ -14,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from cxflax import parallel
 from cxflax.models.fold import apply_folded, fold_batchnorm
 from cxflax.train.losses import compute_loss, prediction
+from cxflax.train.tasks import Task
 
 
 class TrainState(train_state.TrainState):
@@ -31,10 +33,12 @@ def init_variables(model: nn.Module, image_shape, seed: int) -> dict:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, variables: dict,
-                       mesh) -> TrainState:
-  """A TrainState replicated over the mesh."""
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                            batch_stats=variables.get("batch_stats", {}))
+                       mesh, step: int = 0) -> TrainState:
+  """A fresh optimizer state for `variables`, at global step `step` (a later training stage
+  starts where the previous one ended), replicated over the mesh. Every TrainState is made here."""
+  params = variables["params"]
+  state = TrainState(step=np.int32(step), apply_fn=model.apply, params=params, tx=tx,
+                     opt_state=tx.init(params), batch_stats=variables.get("batch_stats", {}))
   return parallel.replicate(state, mesh)
 
 
@@ -90,25 +94,16 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
   return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def segmentation_counts(logits, labels):
-  """Per image and class, [intersection, predicted, true] pixel counts (B, classes, 3): all that
-  Jaccard and Dice need, so evaluation gathers counts instead of masks."""
-  n = logits.shape[-1]
-  pred = jax.nn.one_hot(jnp.argmax(logits, -1), n, dtype=jnp.int32)
-  true = jax.nn.one_hot(labels, n, dtype=jnp.int32)
-  return jnp.stack([jnp.sum(pred * true, (1, 2)), jnp.sum(pred, (1, 2)), jnp.sum(true, (1, 2))], -1)
-
-
 class EvalStep:
   """The compiled eval step: `step.prepare(variables, image_shape)` once per evaluation, then
   `step(prepared, batch)` for each batch → {'pred', 'label', 'index', 'valid'} split over 'data';
   `step.outputs(variables, batches, mesh)` does both over a whole evaluation.
 
-  'pred' is the regressed value, the class probabilities, the embedding, or for segmentation
-  the per-class pixel counts of segmentation_counts (with 'label' the true counts, and, given
-  with_masks, 'mask': the predicted class of every pixel and 'source_size': the (H, W) of each
-  image as stored, which the mask is written back at). The other fields pass through so that
-  gathering them keeps every prediction beside its own label, on any number of processes.
+  'pred' and 'label' are the task's (Task.eval_outputs: the regressed value, the class
+  probabilities, the embedding, or per-image pixel counts); with_masks adds 'mask', the predicted
+  class of every pixel, and 'source_size', the (H, W) of each image as stored, which the mask is
+  written back at. 'index' and 'valid' pass through so that gathering them keeps every
+  prediction beside its own label, on any number of processes.
 
   With fold_bn, prepare folds every BatchNorm that follows a convolution into it
   (cxflax.models.fold: the same function, less work per activation). The fold runs once, in its
@@ -117,7 +112,7 @@ class EvalStep:
   (benchmarks/NOTES.md §7).
   """
 
-  def __init__(self, model: nn.Module, task: str, mesh, with_masks: bool = False, fold_bn: bool = True):
+  def __init__(self, model: nn.Module, task: Task, mesh, with_masks: bool = False, fold_bn: bool = True):
     self.model, self.fold_bn = model, fold_bn
     self._rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
     self._folds: dict[tuple, Callable] = {}
@@ -125,21 +120,11 @@ class EvalStep:
 
     def step(variables, batch):
       out = prediction(apply(model, variables, batch["image"]))
-      if task == "segmentation":
-        label = batch["label"] if batch["label"].ndim == 3 else jnp.zeros(out.shape[:3], jnp.int32)
-        counts = segmentation_counts(out, label)
-        result = {"pred": counts, "label": counts[..., 2], "index": batch["index"], "valid": batch["valid"]}
-        if with_masks:
-          result["mask"] = jnp.argmax(out, -1).astype(jnp.uint8)
-          result["source_size"] = batch["source_size"]
-        return result
-      if task == "regression":
-        pred = out[..., 0]
-      elif task == "classification":
-        pred = jax.nn.softmax(out, axis=-1)
-      else:  # embedding
-        pred = out
-      return {"pred": pred, "label": batch["label"], "index": batch["index"], "valid": batch["valid"]}
+      result = dict(task.eval_outputs(out, batch), index=batch["index"], valid=batch["valid"])
+      if with_masks:
+        result["mask"] = jnp.argmax(out, -1).astype(jnp.uint8)
+        result["source_size"] = batch["source_size"]
+      return result
 
     self._step = jax.jit(step, in_shardings=(self._rep, data), out_shardings=data)
 
@@ -170,7 +155,7 @@ class EvalStep:
     return self._step.lower(prepared, batch)
 
 
-def make_eval_step(model: nn.Module, task: str, mesh, with_masks: bool = False,
+def make_eval_step(model: nn.Module, task: Task, mesh, with_masks: bool = False,
                    fold_bn: bool = True) -> EvalStep:
   """See EvalStep."""
   return EvalStep(model, task, mesh, with_masks, fold_bn)

@@ -29,6 +29,7 @@ class Task:
   headline = "accuracy"          # the metric the summary line leads with
   trivial = "majority class"     # the baseline the summary line compares with
   details: tuple[str, ...] = ("macro_f1", "auc")  # metrics the summary line adds in brackets
+  per_pixel = False              # a prediction per pixel: segmentation models, masks as output
 
   def num_outputs(self, class_names: Sequence[str] | None) -> int:
     return len(class_names or ())
@@ -45,7 +46,11 @@ class Task:
 
   def baseline(self, class_names, train_labels: np.ndarray, eval_labels: np.ndarray) -> dict:
     """The trivial predictor's metrics (what a model must beat)."""
-    return metrics_lib.baseline_metrics("classification", train_labels, eval_labels, len(class_names))
+    return metrics_lib.majority_baseline(train_labels, eval_labels, len(class_names))
+
+  def labels_of(self, preds: np.ndarray, round_predictions: bool = False) -> np.ndarray:
+    """Labels from (averaged) predictions, as pseudo-labelling gives them: the likeliest class."""
+    return preds.argmax(-1)
 
   def summary(self, metrics: dict, base: dict) -> str:
     """The line a run ends with: the headline metric, the details, and the trivial baseline."""
@@ -87,7 +92,10 @@ class Regression(Task):
     return metrics_lib.regression_metrics(pred, result["label"])
 
   def baseline(self, class_names, train_labels, eval_labels):
-    return metrics_lib.baseline_metrics("regression", train_labels, eval_labels)
+    return metrics_lib.mean_baseline(train_labels, eval_labels)
+
+  def labels_of(self, preds, round_predictions=False):
+    return np.round(preds) if round_predictions else preds
 
 
 @_register
@@ -112,6 +120,9 @@ class Embedding(Task):
   def metrics(self, result, class_names, round_predictions=False):
     return metrics_lib.embedding_metrics(result["pred"], result["label"], len(class_names), class_names)
 
+  def labels_of(self, preds, round_predictions=False):
+    raise ConfigError("an embedding gives no labels to pseudo-label with")
+
 
 @_register
 class Segmentation(Task):
@@ -121,6 +132,7 @@ class Segmentation(Task):
   losses = ("cross_entropy",)  # per pixel, on (B, H, W, classes) logits
   heads = None                 # segmentation models end in their own per-pixel classifier
   headline, trivial, details = "jaccard", "every pixel lung", ("dice",)
+  per_pixel = True
 
   def eval_outputs(self, out, batch):
     label = batch["label"] if batch["label"].ndim == 3 else jnp.zeros(out.shape[:3], jnp.int32)
@@ -132,6 +144,9 @@ class Segmentation(Task):
 
   def baseline(self, class_names, train_labels, eval_labels):
     return metrics_lib.segmentation_baseline(eval_labels, class_names)  # eval_labels: true counts
+
+  def labels_of(self, preds, round_predictions=False):
+    raise ConfigError("segmentation runs give masks (--mode=predict), not labels to pseudo-label with")
 
 
 def segmentation_counts(logits, labels):

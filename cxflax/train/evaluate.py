@@ -1,0 +1,88 @@
+"""--mode=eval (one checkpoint on the evaluation split) and --mode=cv (every fold trained, their
+metrics averaged)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cxflax import config as config_lib
+from cxflax import parallel
+from cxflax.data.pipeline import create_input
+from cxflax.errors import CheckpointError
+from cxflax.train import build
+from cxflax.train import checkpoint as ckpt_lib
+from cxflax.train import metrics as metrics_lib
+from cxflax.train import tasks
+from cxflax.train.scoring import run_evaluation
+from cxflax.train.steps import make_eval_step
+from cxflax.train.train import train_and_evaluate
+from cxflax.train.workdir import announce, prepare_workdir, write_json
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None) -> dict:
+  """Restores the latest checkpoint of workdir (or `checkpoint`) and evaluates it on config's
+  evaluation split; writes eval_metrics.json in workdir."""
+  config = config_lib.finalize(config)
+  workdir = prepare_workdir(workdir)
+  mesh = parallel.make_mesh()
+  path = checkpoint or ckpt_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(path) and not checkpoint:
+    raise CheckpointError(f"no checkpoint to evaluate: {path} does not exist (train first, "
+                          "or pass --checkpoint=PATH)")
+  directory, [step] = ckpt_lib.find_steps(path, what="checkpoint to evaluate")
+  inp = create_input(config, jax.process_index(), jax.process_count())
+  task = tasks.resolve(config, inp.task)
+  model = build.build_model(config, task, inp.class_names)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1,) + inp.image_shape(), np.float32)))
+  target = ckpt_lib.abstract({"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
+                             parallel.replicated(mesh))
+  ckpts = ckpt_lib.Checkpoints(directory, create=False)
+  ckpts.check_compatible(step, build.checkpoint_meta(config, task, inp.class_names), target)
+  variables = ckpts.restore_model(step, target)
+  ckpts.close()
+  result = run_evaluation(make_eval_step(model, task, mesh), variables, inp.eval(), mesh)
+  metrics = task.metrics(result, inp.class_names, config.round_predictions)
+  base = task.baseline(inp.class_names, inp.source.labels()[inp.train_indices], result["label"])
+  where = os.path.join(directory, str(step))
+  write_json(workdir, "eval_metrics.json", {"checkpoint": where, "step": step, "metrics": metrics,
+                                            "baseline": base, "num_examples": int(len(result["label"]))})
+  announce(f"Checkpoint {where}: {task.summary(metrics, base)}")
+  return metrics
+
+
+def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains every fold (workdir/fold_K, each resumable) and writes per-fold and averaged metrics
+  to workdir/cv_metrics.json."""
+  workdir = prepare_workdir(workdir)
+  per_fold = []
+  for k in range(config.num_folds):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.fold = k
+    fold_dir = os.path.join(workdir, f"fold_{k}")
+    done = os.path.join(fold_dir, "final_metrics.json")
+    if os.path.isfile(done):
+      with open(done) as f:
+        per_fold.append(json.load(f)["metrics"])
+      logging.info("fold %d already trained (%s)", k, done)
+      continue
+    logging.info("cross-validation: fold %d of %d", k + 1, config.num_folds)
+    per_fold.append(train_and_evaluate(c, fold_dir))
+  cv = {"folds": per_fold, "mean": {}, "std": {}}
+  for key in metrics_lib.scalar_metrics(per_fold[0]):
+    values = [f[key] for f in per_fold]
+    cv["mean"][key] = float(np.nanmean(values))
+    cv["std"][key] = float(np.nanstd(values))
+  if "confusion_matrix" in per_fold[0]:
+    cv["confusion_matrix"] = np.sum([f["confusion_matrix"] for f in per_fold], axis=0).tolist()
+  write_json(workdir, "cv_metrics.json", cv)
+  key = "mae" if "mae" in cv["mean"] else "accuracy"
+  announce(f"Cross-validation over {config.num_folds} folds: {key}={cv['mean'][key]:.4f} "
+           f"± {cv['std'][key]:.4f}" + (f", macro_f1={cv['mean']['macro_f1']:.4f}"
+                                        if "macro_f1" in cv["mean"] else ""))
+  return cv

@@ -1,0 +1,100 @@
+"""--mode=lr_find: fastai's learning-rate range test, written as CSV and a plot, with a
+suggested rate."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from cxflax import config as config_lib
+from cxflax import parallel
+from cxflax.data.pipeline import create_input
+from cxflax.train import build
+from cxflax.train import optim, tasks
+from cxflax.train.losses import class_alpha
+from cxflax.train.steps import create_train_state, make_train_step
+from cxflax.train.workdir import announce, prepare_workdir
+
+
+def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
+  """fastai's learning-rate range test: one step per rate, rates growing exponentially from
+  lr_find.start to lr_find.end, stopping when the smoothed loss exceeds 4x its minimum. Writes
+  lr_find.csv and lr_find.png and returns the suggested rate (steepest descent of the loss)."""
+  config = config_lib.finalize(config)
+  workdir = prepare_workdir(workdir)
+  mesh = parallel.make_mesh()
+  inp = create_input(config, jax.process_index(), jax.process_count())
+  task = tasks.resolve(config, inp.task)
+  model = build.build_model(config, task, inp.class_names)
+  variables = build.initial_variables(config, model, inp.image_shape(), config.seed)
+  f = config.lr_find
+  n = max(2, int(f.steps))
+  rates = f.start * (f.end / f.start) ** (np.arange(n) / (n - 1))
+  table = jax.numpy.asarray(rates, jax.numpy.float32)
+  tx, _ = optim.make_optimizer(config, n, variables["params"],
+                               schedule_fn=lambda t: table[jax.numpy.minimum(t, n - 1)])
+  state = create_train_state(model, tx, variables, mesh)
+  alpha = class_alpha(config, inp.source.labels()[inp.train_indices], inp.class_names)
+  step = make_train_step(model, config, mesh, alpha)
+  it = iter(inp.train())
+  rows, smooth, best = [], 0.0, math.inf
+  for i in range(n):
+    state, m = step(state, parallel.shard_batch(next(it), mesh))
+    loss = float(m["loss"])
+    smooth = 0.98 * smooth + 0.02 * loss
+    smoothed = smooth / (1 - 0.98 ** (i + 1))
+    rows.append((float(rates[i]), loss, smoothed))
+    best = min(best, smoothed)
+    if not np.isfinite(loss) or (i > 5 and smoothed > 4 * best):
+      break
+  suggested = suggest_learning_rate([r[0] for r in rows], [r[2] for r in rows])
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "lr_find.csv"), "w", newline="") as fh:
+      w = csv.writer(fh)
+      w.writerow(["learning_rate", "loss", "smoothed_loss"])
+      w.writerows(rows)
+    _plot_lr_find(os.path.join(workdir, "lr_find.png"), rows, suggested)
+  announce(f"LR range test over {len(rows)} steps: suggested learning rate {suggested:.3g} "
+           f"(steepest descent of the smoothed loss); see {os.path.join(workdir, 'lr_find.png')}")
+  return suggested
+
+
+def suggest_learning_rate(rates, smoothed) -> float:
+  """The rate where the smoothed loss falls fastest (per decade), before its minimum, ignoring
+  the first tenth of the sweep (fastai's skip_start); a tenth of the rate at the minimum if the
+  loss never falls."""
+  lrs, sm = np.log10(np.asarray(rates)), np.asarray(smoothed, np.float64)
+  start = max(1, len(sm) // 10)
+  end = start + int(np.argmin(sm[start:])) + 1
+  if end - start < 3:
+    return float(rates[end - 1]) / 10
+  slopes = np.gradient(sm[start:end], lrs[start:end])
+  return float(rates[start + int(np.argmin(slopes))])
+
+
+def _plot_lr_find(path: str, rows, suggested: float) -> None:
+  """The smoothed loss against the learning rate (log scale), the suggested rate marked, as a
+  640x420 PNG. The loss is clipped at 4x its minimum: the blow-up that ends the sweep would
+  flatten the rest of the curve."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
+  from matplotlib.figure import Figure
+  rates = np.array([r[0] for r in rows])
+  y = np.array([r[2] for r in rows])
+  y = np.clip(y, None, np.nanmin(y) * 4 if np.nanmin(y) > 0 else np.nanmax(y))
+  fig = Figure(figsize=(6.4, 4.2), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  ax.plot(rates, y, color="navy", linewidth=2)
+  ax.axvline(suggested, color="red", linewidth=1, label=f"suggested {suggested:.2g}")
+  ax.set_xscale("log")
+  ax.set_xlabel("learning rate (log scale)")
+  ax.set_ylabel("smoothed loss")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)

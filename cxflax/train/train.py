@@ -1,0 +1,226 @@
+"""--mode=train (and ensemble): the config's stages one after another, evaluating every epoch.
+
+One stage unless config.stages is set; each has its own image size, epochs, optimizer and frozen
+groups. A checkpoint records the stage it was taken in, so a run resumes inside the right stage
+with the right optimizer state and input position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from cxflax import config as config_lib
+from cxflax import parallel
+from cxflax.data.pipeline import Input, create_input
+from cxflax.data.sources import RelabeledSource, make_source
+from cxflax.train import build
+from cxflax.train import checkpoint as ckpt_lib
+from cxflax.train import metrics as metrics_lib
+from cxflax.train import optim, tasks
+from cxflax.train.losses import class_alpha
+from cxflax.train.predict import predict_source
+from cxflax.train.scoring import run_evaluation
+from cxflax.train.steps import EvalStep, create_train_state, make_eval_step, make_train_step
+from cxflax.train.tasks import Task
+from cxflax.train.workdir import announce, prepare_workdir, write_json
+
+
+@dataclasses.dataclass
+class _Run:
+  """What every stage of one training run shares."""
+  config: ml_collections.ConfigDict  # the whole run's (each stage has its own, _Stage.config)
+  model: nn.Module
+  task: Task
+  class_names: Any
+  alpha: Any  # the focal loss's class weights, or None
+  mesh: Any
+  eval_step: EvalStep
+  writer: Any  # clu metric writer
+  ckpts: ckpt_lib.Checkpoints
+
+
+@dataclasses.dataclass
+class _Stage:
+  """One stage: its config and input, and the global steps start+1 .. end it trains."""
+  index: int
+  count: int
+  config: ml_collections.ConfigDict
+  inp: Input
+  start: int
+  end: int
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains config's model (stage by stage) on config's data, evaluating every epoch; resumes
+  from the latest checkpoint in workdir. Returns the final evaluation metrics."""
+  config = config_lib.finalize(config)
+  workdir = prepare_workdir(workdir)
+  mesh = parallel.make_mesh()
+  stage_configs = config_lib.stage_configs(config)
+  extra = pseudo_labelled(config, mesh)
+
+  first = create_input(stage_configs[0], jax.process_index(), jax.process_count(), extra)
+  task = tasks.resolve(config, first.task)
+  class_names = first.class_names
+  model = build.build_model(config, task, class_names)
+  variables = build.initial_variables(config, model, first.image_shape(), config.seed)
+  parameter_overview.log_parameter_overview(variables["params"], msg=f"{config.model} parameters")
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  alpha = class_alpha(config, first.source.labels()[first.train_indices], class_names)
+
+  ckpts = ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints)
+  model_target = ckpt_lib.abstract(variables, parallel.replicated(mesh))
+  latest = ckpts.latest_step()
+  resume_stage = 0
+  if latest is not None:
+    ckpts.check_compatible(latest, build.checkpoint_meta(config, task, class_names), model_target)
+    resume_stage = int(ckpts.meta(latest).get("stage", 0))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if latest is None:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
+                          if isinstance(v, (int, float, str, bool))})
+  run = _Run(config, model, task, class_names, alpha, mesh, make_eval_step(model, task, mesh), writer, ckpts)
+  metrics, result, stage = {}, None, None
+  t0 = time.time()
+  for stage in _stages(stage_configs, first, extra):
+    if stage.index < resume_stage:
+      continue
+    resume = latest if stage.index == resume_stage else None
+    state, train_iter, schedule = _start_stage(run, stage, variables, resume)
+    state, metrics, result, halted = _train_stage(run, stage, state, train_iter, schedule)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if halted:
+      ckpts.close()
+      return metrics
+  ckpts.wait()
+  writer.flush()
+  if result is None:  # resumed after the last step: evaluate what was restored
+    restored = ckpts.restore_model(latest, model_target)
+    result = run_evaluation(run.eval_step, restored, stage.inp.eval(), mesh)
+    metrics = task.metrics(result, class_names, config.round_predictions)
+  base = task.baseline(class_names, stage.inp.source.labels()[stage.inp.train_indices], result["label"])
+  write_json(workdir, "final_metrics.json", {"step": stage.end, "metrics": metrics, "baseline": base,
+                                             "train_seconds": time.time() - t0})
+  announce(f"Final (step {stage.end}): {task.summary(metrics, base)}")
+  ckpts.close()
+  return metrics
+
+
+def pseudo_labelled(config, mesh) -> RelabeledSource | None:
+  """The examples of config.pseudo_label.split, labelled by the averaged predictions of
+  config.pseudo_label.runs (their last_n checkpoints each)."""
+  p = config.pseudo_label
+  if not p.runs:
+    return None
+  source = make_source(config.data, p.split, unlabeled_ok=True)
+  runs = [(r, s) for r in p.runs for s in ckpt_lib.find_steps(r, last_n=p.last_n)[1]]
+  preds = predict_source(runs, source, config.eval_batch_size, mesh)
+  labels = tasks.resolve(config, source.task).labels_of(preds, p.round)
+  logging.info("pseudo-labelling: %d examples of the %s split labelled by %d run(s)", len(source),
+               p.split, len(p.runs))
+  return RelabeledSource(source, labels)
+
+
+def _stages(configs, first: Input, extra) -> Iterator[_Stage]:
+  """Each stage with its input and global steps. Stages a resumed run skips are made too: their
+  lengths place the later stages' steps."""
+  end = 0
+  for s, sc in enumerate(configs):
+    inp = first if s == 0 else create_input(sc, jax.process_index(), jax.process_count(), extra)
+    start, end = end, end + int(math.ceil(sc.num_epochs * inp.steps_per_epoch))
+    yield _Stage(s, len(configs), sc, inp, start, end)
+
+
+def _start_stage(run: _Run, stage: _Stage, variables: dict, resume_step: int | None):
+  """(train state, training input iterator, learning-rate schedule) of a stage: a fresh optimizer
+  at the stage's first step, or everything restored from checkpoint `resume_step`."""
+  tx, schedule = optim.make_optimizer(stage.config, stage.inp.steps_per_epoch, variables["params"])
+  state = create_train_state(run.model, tx, variables, run.mesh, stage.start)
+  train_iter = iter(stage.inp.train())
+  if resume_step is not None:
+    rep = parallel.replicated(run.mesh)
+    restored, opt = run.ckpts.restore_training(
+        resume_step, ckpt_lib.abstract(variables, rep),
+        ckpt_lib.abstract({"step": state.step, "opt_state": state.opt_state}, rep), train_iter)
+    state = state.replace(step=opt["step"], opt_state=opt["opt_state"], **restored)
+    logging.info("resumed from %s/%d (stage %d of %d)", run.ckpts.directory, resume_step, stage.index + 1,
+                 stage.count)
+  sc, inp = stage.config, stage.inp
+  held_out = (f"fold {sc.fold} of {sc.num_folds}" if sc.data.eval_split == "fold"
+              else f"the {sc.data.eval_split} split")
+  logging.info("stage %d of %d: %d training / %d evaluation examples (%s, evaluating on %s), "
+               "%d px, %d steps per epoch, steps %d-%d", stage.index + 1, stage.count, len(inp.train_indices),
+               len(inp.eval_indices), sc.data.source, held_out, sc.data.image_size, inp.steps_per_epoch,
+               stage.start + 1, stage.end)
+  return state, train_iter, schedule
+
+
+def _train_stage(run: _Run, stage: _Stage, state, train_iter, schedule):
+  """The steps of one stage; returns (state, last metrics, last evaluation, halted)."""
+  config, inp, stage_start, stage_end = stage.config, stage.inp, stage.start, stage.end
+  steps_per_epoch = inp.steps_per_epoch
+  meta = build.checkpoint_meta(run.config, run.task, run.class_names, stage.index, stage_start)
+  train_step = make_train_step(run.model, config, run.mesh, run.alpha)
+  writer = run.writer
+  report = periodic_actions.ReportProgress(num_train_steps=stage_end, writer=writer,
+                                           every_steps=config.log_every_steps, every_secs=None)
+  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+  ckpt_every = max(1, int(config.checkpoint_every_epochs * steps_per_epoch))
+  halt = config.halt_after_steps or stage_end
+  step = int(state.step)
+  pending: list[dict] = []
+  metrics, result = {}, None
+  while step < min(stage_end, halt):
+    state, step_metrics = train_step(state, parallel.shard_batch(next(train_iter), run.mesh))
+    step += 1
+    local = step - stage_start
+    pending.append(step_metrics)
+    report(step)
+    if local % config.log_every_steps == 0 or step == stage_end:
+      means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+      means["learning_rate"] = float(schedule(local - 1))
+      if not all(map(np.isfinite, means.values())):
+        raise FloatingPointError(f"non-finite training metrics at step {step}: {means}; lower "
+                                 "config.learning_rate or check the data")
+      writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+      pending = []
+    if local % eval_every == 0 or step == stage_end:
+      with report.timed("eval"):
+        result = run_evaluation(run.eval_step, {"params": state.params, "batch_stats": state.batch_stats},
+                                inp.eval(), run.mesh)
+        metrics = run.task.metrics(result, run.class_names, config.round_predictions)
+      scalars = metrics_lib.scalar_metrics(metrics)
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+      logging.info("epoch %.2f, step %d: %s", local / steps_per_epoch, step,
+                   ", ".join(f"{k}={v:.4f}" for k, v in scalars.items() if "/" not in k))
+    if local % ckpt_every == 0 or step in (stage_end, halt):
+      with report.timed("checkpoint"):
+        run.ckpts.save(step, state, train_iter, meta)
+  if step < stage_end:
+    run.ckpts.wait()
+    writer.flush()
+    logging.info("halted at step %d (config.halt_after_steps); run again to resume", step)
+    return state, metrics, result, True
+  return state, metrics, result, False
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  """A nested config dict as {'a.b': value}: the hyperparameters the metric writer records."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
