@@ -267,9 +267,10 @@ def test_convert_cli_and_init_from(tmp_path):
   from flax import traverse_util
   from cxflax.config import finalize
   from cxflax.train import build
+  from cxflax.train.tasks import TASKS
   from tests.conftest import TINY, TINY_RUN, load_config, run_main
   config = finalize(load_config("resnest.py:runlocal", *TINY, *TINY_RUN, f"--config.init_from={out}"))
-  model = build.build_model(config, "regression")
+  model = build.build_model(config, TASKS.get("regression"))
   start = build.initial_variables(config, model, (32, 32, 3), config.seed)
   for col in ("params", "batch_stats"):
     got, want = (traverse_util.flatten_dict(dict(t)) for t in (start[col]["backbone"], variables[col]))

@@ -11,8 +11,8 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
+from cxflax import trees
 from cxflax.errors import CheckpointError
 from cxflax.models import registry
 from cxflax.models.layers import Dtype, batch_norm, global_pool, relu
@@ -204,18 +204,15 @@ def with_backbone(variables: dict, backbone: dict) -> dict:
   classifier) are dropped; missing or wrongly shaped ones are an error that names them."""
   out = {col: dict(tree) for col, tree in variables.items()}
   for col in ("params", "batch_stats"):
-    want = traverse_util.flatten_dict(dict(variables.get(col, {}).get("backbone", {})))
-    got = traverse_util.flatten_dict(dict(backbone.get(col, {})))
-    missing = sorted("/".join(k) for k in want if k not in got)
-    shapes = sorted(f"{'/'.join(k)}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}"
-                    for k in want if k in got and tuple(got[k].shape) != tuple(want[k].shape))
-    if missing or shapes:
+    want = dict(variables.get(col, {}).get("backbone", {}))
+    m = trees.Match(want, dict(backbone.get(col, {})))
+    shapes = [f"{p}: {m.shapes(p)[0]} vs {m.shapes(p)[1]}" for p in m.wrong_shape]
+    if m.missing or shapes:
       raise CheckpointError(f"pretrained backbone does not fit the model: missing {col} "
-                            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; wrong shapes "
+                            f"{m.missing[:5]}{' ...' if len(m.missing) > 5 else ''}; wrong shapes "
                             f"{shapes[:5]}")
     if want:
-      out[col]["backbone"] = traverse_util.unflatten_dict(
-          {k: jnp.asarray(got[k], want[k].dtype) for k in want})
+      out[col]["backbone"] = m.filled()
   return out
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cxflax import trees
 from cxflax.errors import CheckpointError
 from cxflax.models.registry import create_model
 
@@ -142,15 +143,15 @@ def load_timm_weights(name: str, state_dict, num_classes: int | None = None, dty
 
   problems = []
   for col in ("params", "batch_stats"):
-    want, got = expected.get(col, {}), converted[col]
-    missing = [p for p in want if p not in got and not (fresh_head and p not in headless.get(col, {}))]
-    unexpected = [p for p in got if p not in want]
-    wrong = [f"{'/'.join(p)}: checkpoint {got[p].shape}, model {tuple(want[p].shape)}"
-             for p in got if p in want and tuple(got[p].shape) != tuple(want[p].shape)]
+    m = trees.Match(traverse_util.unflatten_dict(expected.get(col, {})),
+                    traverse_util.unflatten_dict(converted[col]))
+    head = {"/".join(p) for p in expected.get(col, {}) if p not in headless.get(col, {})}
+    missing = [p for p in m.missing if not (fresh_head and p in head)]  # a fresh head is initialised
+    wrong = [f"{p}: checkpoint {m.shapes(p)[0]}, model {m.shapes(p)[1]}" for p in m.wrong_shape]
     if missing:
-      problems.append(f"missing {col}: " + ", ".join("/".join(p) for p in missing))
-    if unexpected:
-      problems.append(f"unexpected {col}: " + ", ".join("/".join(p) for p in unexpected))
+      problems.append(f"missing {col}: " + ", ".join(missing))
+    if m.unexpected:
+      problems.append(f"unexpected {col}: " + ", ".join(m.unexpected))
     if wrong:
       problems.append(f"wrongly shaped {col}: " + "; ".join(wrong))
   if problems:
