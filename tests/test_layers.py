@@ -309,7 +309,7 @@ def test_split_attention_is_one_function_in_both_modes(train):
       def loss(params, x):
         y, new = module.apply({**variables, "params": params}, x, train=train, mutable=["batch_stats"])
         return jnp.sum(y * w) + jnp.sum(jnp.sin(new["batch_stats"]["bn0"]["mean"])), (y, new)
-      (_, (y, new)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables["params"], x)
+      (_, (y, new)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(variables["params"], x)
       convs = [e for e in _equations(jax.make_jaxpr(lambda p: module.apply({**variables, "params": p}, x,
                                                                             train=train, mutable=["batch_stats"]))(
                    variables["params"]).jaxpr) if e.primitive.name == "conv_general_dilated"]
