@@ -22,6 +22,7 @@ resnet10t, 2/6/1/4/6 epochs, and, as it trains from scratch, rates 5e-4…2e-3 f
 network.
 """
 
+from configs.common import parse_arg
 from cxflax.config import base_config
 
 HEAD_ONLY = ("^backbone/",)
@@ -38,8 +39,7 @@ def _stage(size, epochs, lr=None, lr_range=None, freeze=()):
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "", "runlocal"):
-    raise ValueError(f"unknown config argument {arg!r}; use ':runlocal' or nothing")
+  _, args = parse_arg(arg, flags=("runlocal",))
   c = base_config()
   c.model = "resnet50"
   c.head, c.head_kwargs.hidden, c.head_kwargs.ps = "fastai", 512, 0.5

@@ -26,17 +26,14 @@ percent vanish at 64 px), and its random crops keep at least 85% of the slice so
 cut a lesion away.
 """
 
+from configs.common import parse_arg
 from cxflax.config import base_config
 
 PHASES = ("finetune", "triplet", "classify")
 
 
 def get_config(arg: str | None = None):
-  args = set((arg or "finetune").split(",")) - {""}
-  phases = args & set(PHASES)
-  if args - set(PHASES) - {"runlocal"} or len(phases) > 1:
-    raise ValueError(f"config argument {arg!r}: give one phase of {PHASES}, optionally with runlocal")
-  phase = phases.pop() if phases else "finetune"
+  phase, args = parse_arg(arg, flags=("runlocal",), choices=PHASES, default="finetune")
   c = base_config()
   c.model = "densenet169"
   c.data.source, c.data.eval_split = "covid_ct", "test"

@@ -18,20 +18,18 @@ focal loss is averaged over the batch (the reference sums it, which only rescale
 `:runlocal` uses resnet10t learners on 64-px phantom X-rays (`:runlocal` or `:ensemble,runlocal`).
 """
 
+from configs.common import parse_arg
 from cxflax.config import base_config
 
 LEARNERS = ("densenet161", "inception_v3", "resnet152", "resnext101_32x8d", "vgg19_bn")
+MODELS = LEARNERS + ("resnet10t", "resnet18")  # the small ones for :runlocal and tests
+FLAGS = ("ensemble", "softmax", "runlocal")
 
 
 def get_config(arg: str | None = None):
-  args = [a for a in (arg or "densenet161").split(",") if a]
-  models = [a for a in args if a in LEARNERS or a in ("resnet10t", "resnet18")]
-  flags = set(args) - set(models)
-  if flags - {"ensemble", "softmax", "runlocal"} or len(models) > 1:
-    raise ValueError(f"config argument {arg!r}: give one learner of {LEARNERS} (or 'ensemble'), "
-                     "optionally with softmax, runlocal")
+  model, flags = parse_arg(arg, flags=FLAGS, choices=MODELS, default="densenet161")
   c = base_config()
-  c.model = models[0] if models else "densenet161"
+  c.model = model
   c.head = "linear"
   c.loss = "cross_entropy"
   c.optimizer, c.learning_rate, c.weight_decay = "adam", 1e-3, 1e-4

@@ -18,13 +18,12 @@ with early stopping (cxflax keeps the last checkpoints; pick one with --mode=eva
 not given in the report: 0.5. `:runlocal` trains fc_densenet_tiny on 64-px phantom X-rays.
 """
 
+from configs.common import parse_arg
 from cxflax.config import base_config
 
 
 def get_config(arg: str | None = None):
-  args = set((arg or "").split(",")) - {""}
-  if args - {"runlocal"}:
-    raise ValueError(f"config argument {arg!r}: only 'runlocal' is known")
+  _, args = parse_arg(arg, flags=("runlocal",))
   c = base_config()
   c.model = "fc_densenet103"
   c.data.target = "lung_mask"

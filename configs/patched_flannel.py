@@ -21,19 +21,15 @@ one pass instead of one pass per patch. `:runlocal` uses resnet10t learners on 9
 X-rays (whose lung masks are known) with 48-px patches and K = 10.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("flannel_config", os.path.join(os.path.dirname(__file__), "flannel.py"))
-flannel = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(flannel)
+from configs import flannel
+from configs.common import parse_arg
 
 PP = "to_rgb|resize({size})|mask_image('lung_mask')|normalize('imagenet')|append_mask('lung_mask')"
 
 
 def get_config(arg: str | None = None):
   c = flannel.get_config(arg)
-  args = set((arg or "").split(","))
+  _, args = parse_arg(arg, flags=flannel.FLAGS, choices=flannel.MODELS)
   c.data.image_size = 1024
   c.data.train_pp = "flip_lr(0.5)|" + PP
   c.data.eval_pp = PP

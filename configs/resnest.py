@@ -32,14 +32,12 @@ scratch on 64-px phantom slices in a few minutes on a 2-core CPU, with AdamW ins
 (which needs ImageNet weights and many epochs to get anywhere).
 """
 
+from configs.common import parse_arg
 from cxflax.config import base_config
 
 
 def get_config(arg: str | None = None):
-  args = set((arg or "").split(",")) - {""}
-  unknown = args - {"runlocal", "multitask", "kl"}
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; use runlocal, multitask, kl")
+  _, args = parse_arg(arg, flags=("runlocal", "multitask", "kl"))
   c = base_config()
   c.model = "resnest50d"
   c.head = "linear"

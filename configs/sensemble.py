@@ -22,21 +22,17 @@ training mode); float32 rather than the authors' float16 (set --config.dtype=bfl
 `:runlocal` (with a member or `ensemble`) shrinks everything to 64-px phantom slices.
 """
 
+from configs.common import parse_arg
 from cxflax.config import base_config
 
 MEMBERS = ("resnest50d", "resnetrs50", "seresnext50_32x4d", "ecaresnet50t", "skresnext50_32x4d", "seresnet50")
 
 
 def get_config(arg: str | None = None):
-  args = [a for a in (arg or "resnest50d").split(",") if a]
-  models = [a for a in args if a in MEMBERS or a in ("resnest14d", "resnet10t")]
-  flags = set(args) - set(models)
-  unknown = flags - {"ensemble", "average", "warm", "runlocal"}
-  if unknown or len(models) > 1:
-    raise ValueError(f"config argument {arg!r}: give one member model of {MEMBERS} (or 'ensemble'), "
-                     "optionally with warm, average, runlocal")
+  model, flags = parse_arg(arg, flags=("ensemble", "average", "warm", "runlocal"),
+                           choices=MEMBERS + ("resnest14d", "resnet10t"), default="resnest50d")
   c = base_config()
-  c.model = models[0] if models else "resnest50d"
+  c.model = model
   c.backbone_classes = 1000
   c.head, c.head_kwargs.hidden = "mlp", (500, 250)
   c.loss, c.loss_beta = "smooth_l1", 1.0

@@ -36,6 +36,22 @@ def _accuracy_and_confusion(workdir, n):
 # --- ensemble modules against their formulas -----------------------------------------------------
 
 
+def test_config_arguments_take_one_choice_and_any_flags():
+  from configs.common import parse_arg
+  assert parse_arg("b,x", flags=("x", "y"), choices=("a", "b"), default="a") == ("b", {"x"})
+  assert parse_arg(None, flags=("x",), choices=("a", "b"), default="a") == ("a", set())
+  assert parse_arg(" y , x ,", flags=("x", "y")) == (None, {"x", "y"})
+  with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['z'\]; this recipe takes one of a, b "
+                     r"and x, y$"):
+    parse_arg("a,z", flags=("x", "y"), choices=("a", "b"))
+  with pytest.raises(ValueError, match=r"give one of a, b, not \['a', 'b'\]"):
+    parse_arg("a,b", choices=("a", "b"))
+  with pytest.raises(ValueError, match="this recipe takes no argument$"):
+    parse_arg("x")
+  # A recipe built on another imports it as a module: patched FLANNEL takes FLANNEL's arguments.
+  assert load_config("patched_flannel.py:resnet18,ensemble").ensemble.kind == "flannel"
+
+
 def test_model_se_and_flannel_weights_match_their_formulas():
   rng = np.random.default_rng(0)
   stacked = jnp.asarray(rng.normal(size=(3, 10, 6)), jnp.float32)

@@ -1,0 +1,23 @@
+"""What the recipes share: reading the config argument (`--config=configs/X.py:a,b`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def parse_arg(arg: str | None, flags: Sequence[str] = (), choices: Sequence[str] = (),
+              default: str | None = None) -> tuple[str | None, set[str]]:
+  """(choice, flags) of a comma-separated config argument: at most one word of `choices`
+  (`default` when none is given) and any of `flags`. Any other word, or two choices, raises
+  ValueError naming what the recipe takes (ml_collections reports it as the --config error)."""
+  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+  unknown = sorted(set(words) - set(flags) - set(choices))
+  picked = [w for w in words if w in choices]
+  if unknown:
+    takes = [f"one of {', '.join(choices)}"] if choices else []
+    takes += [", ".join(flags)] if flags else []
+    raise ValueError(f"unknown config argument(s) {unknown}; this recipe takes "
+                     f"{' and '.join(takes) or 'no argument'}")
+  if len(picked) > 1:
+    raise ValueError(f"config argument {arg!r}: give one of {', '.join(choices)}, not {picked}")
+  return (picked[0] if picked else default), set(words) - set(picked)
