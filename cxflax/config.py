@@ -212,6 +212,9 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
         node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
       if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         raise ConfigError(f"config.stages[{i}]: unknown field {key!r}{_nested_hint(c, key)}")
+      if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ConfigError(f"config.stages[{i}]: {key!r} is a group of fields; set them one by one "
+                          f"('{key}.{next(iter(node[leaf].keys()), '...')}')")
       node[leaf] = tuple(value) if isinstance(value, list) else value
     out.append(finalize(c))
   return out

@@ -182,7 +182,7 @@ def test_nested_fields_on_the_command_line_and_in_stages():
   assert "resize(96)" in second.data.train_pp and second.num_epochs == c.num_epochs
   for key, match in [("learning_rate", r"unknown field 'learning_rate' \(did you mean 'optim.learning_rate'\?\)"),
                      ("optim.lr", "unknown field 'optim.lr'"), ("data.image_size.x", "unknown field"),
-                     ("num_epochs.x", "unknown field")]:
+                     ("num_epochs.x", "unknown field"), ("optim", "'optim' is a group of fields")]:
     c.stages = ({"num_epochs": 1}, {key: 1})
     with pytest.raises(ConfigError, match=r"config.stages\[1\]: " + match):
       stage_configs(c)
