@@ -47,7 +47,7 @@ def pipeline_rate(source, size: int, workers: int, batch: int, batches: int) -> 
 
 def train_step_rate(model_name: str, size: int, batch: int, repeats: int) -> float:
   c = base_config()
-  c.model, c.batch_size, c.data.image_size, c.schedule = model_name, batch, size, "constant"
+  c.model, c.batch_size, c.data.image_size, c.schedule.name = model_name, batch, size, "constant"
   c = finalize(c)
   mesh = parallel.make_mesh()
   model = create_network(model_name, num_outputs=1)

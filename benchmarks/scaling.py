@@ -80,7 +80,7 @@ def measure(name: str, n: int, batch: int, size: int) -> dict:
 
   c = base_config()
   c.model, c.batch_size, c.eval_batch_size, c.data.image_size = name, batch, batch, size
-  c.loss, c.optimizer, c.schedule = "cross_entropy", "sgd", "constant"
+  c.loss.name, c.optim.name, c.schedule.name = "cross_entropy", "sgd", "constant"
   c = finalize(c)
   mesh = parallel.make_mesh(jax.devices()[:n])
   model = create_network(name, "linear", 1000)

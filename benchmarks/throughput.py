@@ -81,8 +81,8 @@ def train_setup(name: str, batch: int, size: int, dtype: str, devices, sam: bool
   benchmarks.op_profile, which profiles the same train step."""
   c = base_config()
   c.model, c.batch_size, c.eval_batch_size, c.data.image_size = name, batch, batch, size
-  c.loss, c.optimizer, c.schedule, c.dtype = "cross_entropy", "sgd", "constant", dtype
-  c.sam_rho = 0.05 if sam else 0.0
+  c.loss.name, c.optim.name, c.schedule.name, c.dtype = "cross_entropy", "sgd", "constant", dtype
+  c.optim.sam_rho = 0.05 if sam else 0.0
   c = finalize(c)
   mesh = parallel.make_mesh(devices)
   model = create_network(name, "linear", 1000, dtype=jnp.dtype(dtype))

@@ -30,11 +30,13 @@ FASTAI_RESNET_GROUPS = ("^backbone/(conv1|bn1|layer1|layer2)", "^backbone/(layer
 
 
 def _stage(size, epochs, lr=None, lr_range=None, freeze=()):
-  s = dict(image_size=size, num_epochs=epochs, warmup_epochs=0.25 * epochs, freeze=freeze)
+  """A config.stages entry: field paths → values for one stage."""
+  s = {"data.image_size": size, "num_epochs": epochs, "schedule.warmup_epochs": 0.25 * epochs,
+       "optim.freeze": freeze}
   if lr_range:
-    s["group_lr_range"] = lr_range
+    s["optim.group_lr_range"] = lr_range
   else:
-    s["learning_rate"], s["group_lr_range"] = lr, (lr, lr)
+    s["optim.learning_rate"], s["optim.group_lr_range"] = lr, (lr, lr)
   return s
 
 
@@ -43,10 +45,10 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.model = "resnet50"
   c.head, c.head_kwargs.hidden, c.head_kwargs.ps = "fastai", 512, 0.5
-  c.loss = "cross_entropy"
-  c.optimizer, c.weight_decay = "adam", 0.0
-  c.schedule = "warmup_cosine"
-  c.param_groups = FASTAI_RESNET_GROUPS
+  c.loss.name = "cross_entropy"
+  c.optim.name, c.optim.weight_decay = "adam", 0.0
+  c.schedule.name = "warmup_cosine"
+  c.optim.param_groups = FASTAI_RESNET_GROUPS
   c.batch_size = c.eval_batch_size = 32
   c.data.source, c.data.eval_split = "covidx", "test"
   c.data.train_pp = ("to_rgb|resize({size})|flip_lr(0.5)|rotate(15, p=0.75)|lighting(0.2, p=0.75)|"

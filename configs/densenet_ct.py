@@ -42,25 +42,26 @@ def get_config(arg: str | None = None):
                      "color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
   c.data.eval_pp = "to_rgb|resize(256)|center_crop({size})|normalize('dataset')"
   c.data.workers = 2
-  c.optimizer, c.momentum, c.learning_rate = "sgd", 0.9, 0.007
-  c.schedule, c.schedule_unit, c.step_decay_epochs, c.step_decay_factor = "step", "epoch", 400, 0.5
+  c.optim.name, c.optim.momentum, c.optim.learning_rate = "sgd", 0.9, 0.007
+  c.schedule.name, c.schedule.unit = "step", "epoch"
+  c.schedule.step_decay_epochs, c.schedule.step_decay_factor = 400, 0.5
   c.num_epochs = 3000
-  c.train_frozen_bn = False
+  c.optim.train_frozen_bn = False
   if phase == "finetune":
-    c.head, c.loss = "linear", "cross_entropy"
+    c.head, c.loss.name = "linear", "cross_entropy"
     c.batch_size = c.eval_batch_size = 128
-    c.freeze = ("^backbone/features/(conv0|norm0|denseblock1|transition1|denseblock2|transition2)",)
+    c.optim.freeze = ("^backbone/features/(conv0|norm0|denseblock1|transition1|denseblock2|transition2)",)
   elif phase == "triplet":
-    c.head, c.loss, c.triplet_margin = "embedding", "triplet", 1.0
+    c.head, c.loss.name, c.loss.margin = "embedding", "triplet", 1.0
     c.head_kwargs.hidden, c.head_kwargs.dim = (1024, 1024), 512
     c.batch_size = c.eval_batch_size = 64
-    c.freeze = ("^backbone/features/(conv0|norm0|denseblock[123]|transition[123])",)
+    c.optim.freeze = ("^backbone/features/(conv0|norm0|denseblock[123]|transition[123])",)
   else:
-    c.head, c.loss = "embedding_classifier", "cross_entropy"
+    c.head, c.loss.name = "embedding_classifier", "cross_entropy"
     c.head_kwargs.embedding_hidden, c.head_kwargs.embedding_dim = (1024, 1024), 512
     c.head_kwargs.hidden = (256,)
     c.batch_size = c.eval_batch_size = 64
-    c.freeze = ("^backbone/", "^head/fc")
+    c.optim.freeze = ("^backbone/", "^head/fc")
   if "runlocal" in args:
     c.model = "densenet121"
     c.data.source, c.data.eval_split = "phantom", "fold"
@@ -73,10 +74,10 @@ def get_config(arg: str | None = None):
     c.data.workers = 0
     c.data.stats_images = 64
     c.batch_size = c.eval_batch_size = 32
-    c.num_epochs, c.step_decay_epochs = 12, 9
-    c.learning_rate = 0.02
+    c.num_epochs, c.schedule.step_decay_epochs = 12, 9
+    c.optim.learning_rate = 0.02
     if phase == "finetune":  # no ImageNet weights here: the early blocks must learn too
-      c.freeze = ()
+      c.optim.freeze = ()
     c.log_every_steps = 10
     c.keep_checkpoints = 2
   return c

@@ -31,9 +31,10 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.model = model
   c.head = "linear"
-  c.loss = "cross_entropy"
-  c.optimizer, c.learning_rate, c.weight_decay = "adam", 1e-3, 1e-4
-  c.schedule, c.schedule_unit, c.step_decay_epochs, c.step_decay_factor = "step", "epoch", 150, 0.1
+  c.loss.name = "cross_entropy"
+  c.optim.name, c.optim.learning_rate, c.optim.weight_decay = "adam", 1e-3, 1e-4
+  c.schedule.name, c.schedule.unit = "step", "epoch"
+  c.schedule.step_decay_epochs, c.schedule.step_decay_factor = 150, 0.1
   c.num_epochs = 200
   c.batch_size = c.eval_batch_size = 10
   c.num_folds = 5
@@ -45,9 +46,9 @@ def get_config(arg: str | None = None):
   c.data.workers = 2
   if "ensemble" in flags:
     c.ensemble.kind, c.ensemble.activation = "flannel", "softmax" if "softmax" in flags else "tanh"
-    c.loss, c.focal_gamma = "focal", 10.0
-    c.freeze, c.train_frozen_bn = ("^members_",), False
-    c.schedule, c.num_epochs = "constant", 30
+    c.loss.name, c.loss.gamma = "focal", 10.0
+    c.optim.freeze, c.optim.train_frozen_bn = ("^members_",), False
+    c.schedule.name, c.num_epochs = "constant", 30
   if "runlocal" in flags:
     c.model = c.model if c.model in ("resnet10t", "resnet18") else "resnet10t"
     c.data.source, c.data.image_size = "phantom", 64
@@ -56,9 +57,9 @@ def get_config(arg: str | None = None):
     c.data.eval_pp = "to_rgb|resize(72)|center_crop({size})|normalize('imagenet')"
     c.data.workers = 0
     c.batch_size = c.eval_batch_size = 32
-    c.num_epochs, c.step_decay_epochs = 8, 6
+    c.num_epochs, c.schedule.step_decay_epochs = 8, 6
     c.log_every_steps = 10
     c.keep_checkpoints = 2
     if "ensemble" in flags:
-      c.num_epochs, c.learning_rate = 4, 1e-2
+      c.num_epochs, c.optim.learning_rate = 4, 1e-2
   return c

@@ -27,9 +27,9 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.model = "fc_densenet103"
   c.data.target = "lung_mask"
-  c.loss = "cross_entropy"
-  c.optimizer, c.learning_rate, c.weight_decay = "adam", 1e-4, 0.0
-  c.schedule, c.warmup_epochs = "cosine", 0.0
+  c.loss.name = "cross_entropy"
+  c.optim.name, c.optim.learning_rate, c.optim.weight_decay = "adam", 1e-4, 0.0
+  c.schedule.name, c.schedule.warmup_epochs = "cosine", 0.0
   c.num_epochs = 100
   c.batch_size = c.eval_batch_size = 8
   c.data.source = "phantom"
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
     c.model = "fc_densenet_tiny"
     c.data.image_size = 64
     c.data.phantom.num_subjects, c.data.phantom.slices_per_subject = 120, (1, 1)
-    c.learning_rate = 5e-3
+    c.optim.learning_rate = 5e-3
     c.batch_size = c.eval_batch_size = 16
     c.num_epochs = 20
     c.log_every_steps = 10

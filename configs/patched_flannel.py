@@ -35,12 +35,12 @@ def get_config(arg: str | None = None):
   c.data.eval_pp = PP
   if "ensemble" not in args:
     c.patches.num, c.patches.size, c.patches.aggregate = 100, 224, "vote"
-    c.learning_rate, c.weight_decay = 1e-5, 1e-4
-    c.schedule, c.num_epochs = "constant", 200
+    c.optim.learning_rate, c.optim.weight_decay = 1e-5, 1e-4
+    c.schedule.name, c.num_epochs = "constant", 200
   if "runlocal" in args:
     c.data.image_size = 96
     c.data.phantom.num_subjects = 240
     if "ensemble" not in args:
       c.patches.num, c.patches.size = 10, 48
-      c.learning_rate, c.num_epochs = 2e-3, 10
+      c.optim.learning_rate, c.num_epochs = 2e-3, 10
   return c

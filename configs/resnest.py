@@ -41,9 +41,9 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.model = "resnest50d"
   c.head = "linear"
-  c.loss, c.loss_beta = "smooth_l1", 1.0
-  c.optimizer, c.momentum, c.weight_decay, c.sam_rho = "sgd", 0.9, 5e-3, 0.05
-  c.learning_rate, c.schedule, c.warmup_epochs = 1e-3, "warmup_cosine", 1.0
+  c.loss.name, c.loss.beta = "smooth_l1", 1.0
+  c.optim.name, c.optim.momentum, c.optim.weight_decay, c.optim.sam_rho = "sgd", 0.9, 5e-3, 0.05
+  c.optim.learning_rate, c.schedule.name, c.schedule.warmup_epochs = 1e-3, "warmup_cosine", 1.0
   c.num_epochs = 50
   c.batch_size = c.eval_batch_size = 16
   c.num_folds, c.fold = 5, 0
@@ -57,9 +57,9 @@ def get_config(arg: str | None = None):
   c.round_predictions = True
   c.keep_checkpoints = 5
   if "multitask" in args or "kl" in args:
-    c.head, c.pool, c.loss = "multitask", "hybrid", "multitask"
+    c.head, c.pool, c.loss.name = "multitask", "hybrid", "multitask"
   if "kl" in args:
-    c.loss = "multitask_kl"
+    c.loss.name = "multitask_kl"
 
   if "runlocal" in args:
     c.model = "resnest14d"
@@ -67,8 +67,8 @@ def get_config(arg: str | None = None):
     c.data.workers = 0
     c.data.phantom.num_subjects = 100
     c.batch_size = c.eval_batch_size = 32
-    c.optimizer, c.learning_rate, c.weight_decay, c.sam_rho = "adamw", 2e-3, 1e-4, 0.0
-    c.num_epochs, c.warmup_epochs = 12, 1.0
+    c.optim.name, c.optim.learning_rate, c.optim.weight_decay, c.optim.sam_rho = "adamw", 2e-3, 1e-4, 0.0
+    c.num_epochs, c.schedule.warmup_epochs = 12, 1.0
     c.log_every_steps = 10
     c.keep_checkpoints = 2
     c.round_predictions = False  # MAE at 64 px is a few points: rounding would only add noise

@@ -35,14 +35,15 @@ def get_config(arg: str | None = None):
   c.model = model
   c.backbone_classes = 1000
   c.head, c.head_kwargs.hidden = "mlp", (500, 250)
-  c.loss, c.loss_beta = "smooth_l1", 1.0
-  c.optimizer, c.learning_rate, c.weight_decay = "adamw", 1e-3, 0.01
-  c.schedule, c.schedule_unit, c.cosine_period_epochs, c.min_learning_rate = "cosine", "epoch", 10, 1e-6
+  c.loss.name, c.loss.beta = "smooth_l1", 1.0
+  c.optim.name, c.optim.learning_rate, c.optim.weight_decay = "adamw", 1e-3, 0.01
+  c.schedule.name, c.schedule.unit = "cosine", "epoch"
+  c.schedule.period_epochs, c.schedule.min_learning_rate = 10, 1e-6
   if "warm" in flags:
-    c.schedule = "cosine_restarts"
+    c.schedule.name = "cosine_restarts"
   c.num_epochs = 50
   c.batch_size = c.eval_batch_size = 48 if c.model == "skresnext50_32x4d" else 72
-  c.grad_accum_steps = 4
+  c.optim.grad_accum_steps = 4
   c.num_folds, c.data.stratify = 5, "none"
   c.data.image_size = 224
   c.data.train_pp = ("to_rgb|resize(256)|center_crop({size})|flip_lr(0.5)|"
@@ -52,8 +53,8 @@ def get_config(arg: str | None = None):
   if "ensemble" in flags or "average" in flags:
     c.ensemble.kind = "average" if "average" in flags else "se"
     c.ensemble.head_hidden = (500, 250)
-    c.freeze = ("^backbone/members_",)
-    c.train_frozen_bn = False
+    c.optim.freeze = ("^backbone/members_",)
+    c.optim.train_frozen_bn = False
     c.batch_size = c.eval_batch_size = 224
   if "runlocal" in flags:
     c.model = c.model if c.model in ("resnest14d", "resnet10t") else "resnest14d"
@@ -64,8 +65,8 @@ def get_config(arg: str | None = None):
     c.data.workers = 0
     c.data.phantom.num_subjects = 100
     c.batch_size = c.eval_batch_size = 32
-    c.grad_accum_steps = 1
-    c.num_epochs, c.cosine_period_epochs = 12, 12
+    c.optim.grad_accum_steps = 1
+    c.num_epochs, c.schedule.period_epochs = 12, 12
     c.log_every_steps = 10
     c.keep_checkpoints = 2
   return c

@@ -4,7 +4,7 @@ Plain Python (no jax): what depends on the machine, such as batch sizes against 
 count, is checked when the run starts (cxflax.parallel.check_batch_sizes).
 
 Recipe files in ``configs/`` call ``base_config()`` and change what their paper changes. Every
-field can be overridden on the command line (``--config.learning_rate=3e-4``); unknown fields are
+field can be overridden on the command line (``--config.optim.learning_rate=3e-4``); unknown fields are
 refused by ml_collections.
 """
 
@@ -39,47 +39,54 @@ def base_config() -> ml_collections.ConfigDict:
   c.cpu_kernels = "auto"
   c.init_from = ""               # orbax checkpoint of backbone variables (python -m cxflax.convert)
 
-  # Loss: smooth_l1 | mse | multitask | multitask_kl (regression); cross_entropy | focal |
-  # triplet (classes; triplet trains an embedding).
-  c.loss = "smooth_l1"
-  c.loss_beta = 1.0
-  c.label_smoothing = 0.0
-  c.kl_weight = 1.0              # multitask_kl: weight of the KL term
-  c.focal_gamma = 2.0
-  c.focal_alpha = ()             # per-class α; () = inverse class frequency of the training split
-  c.triplet_margin = 1.0
-  c.triplet_mining = "batch_hard"  # batch_hard | batch_all
+  # Loss (config.loss.*): smooth_l1 | mse | multitask | multitask_kl (regression); cross_entropy |
+  # focal | triplet (classes; triplet trains an embedding).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "smooth_l1"
+  c.loss.beta = 1.0              # smooth_l1 / multitask: SmoothL1's β
+  c.loss.label_smoothing = 0.0
+  c.loss.kl_weight = 1.0         # multitask_kl: weight of the KL term
+  c.loss.gamma = 2.0             # focal: γ
+  c.loss.alpha = ()              # focal: per-class α; () = inverse class frequency of the training split
+  c.loss.margin = 1.0            # triplet: margin
+  c.loss.mining = "batch_hard"   # triplet: batch_hard | batch_all
 
-  # Optimisation.
-  c.optimizer = "sgd"            # sgd | adam | adamw
-  c.learning_rate = 1e-3
-  c.momentum = 0.9
-  c.nesterov = False
-  c.weight_decay = 0.0
-  c.adam_b1 = 0.9
-  c.adam_b2 = 0.999
-  c.adam_eps = 1e-8
-  c.grad_clip_norm = 0.0
-  c.grad_accum_steps = 1
-  c.sam_rho = 0.0                # > 0: SAM around the optimizer (seed 001: 0.05)
-  c.sam_per_device = False       # SAM's ascent per device (m-sharpness), as in the original SAM
-  # constant | cosine (torch CosineAnnealingLR, periodic) | warmup_cosine | cosine_restarts | step
-  c.schedule = "warmup_cosine"
-  c.schedule_unit = "step"       # step | epoch (the rate changes once per epoch)
-  c.warmup_epochs = 1.0
-  c.min_learning_rate = 0.0
-  c.cosine_period_epochs = 0.0   # cosine / cosine_restarts: T_max / T_0 (0 = the whole run)
-  c.restart_mult = 1
-  c.step_decay_epochs = 0.0
-  c.step_decay_factor = 0.5
+  # Optimisation (config.optim.*).
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"           # sgd | adam | adamw
+  c.optim.learning_rate = 1e-3
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9               # adam / adamw
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.grad_clip_norm = 0.0
+  c.optim.grad_accum_steps = 1
+  c.optim.sam_rho = 0.0          # > 0: SAM around the optimizer (seed 001: 0.05)
+  c.optim.sam_per_device = False  # SAM's ascent per device (m-sharpness), as in the original SAM
   # Parameter groups: regexes on parameter paths ('backbone/layer1_0/conv1/kernel'); with
   # group_lr_range=(low, high) their rates are spread geometrically (seed 002).
-  c.param_groups = ()
-  c.group_lr_range = ()
-  c.freeze = ()                  # regexes of parameters that get no updates
-  c.train_frozen_bn = True       # BatchNorm affine parameters stay trainable when frozen (fastai)
+  c.optim.param_groups = ()
+  c.optim.group_lr_range = ()
+  c.optim.freeze = ()            # regexes of parameters that get no updates
+  c.optim.train_frozen_bn = True  # BatchNorm affine parameters stay trainable when frozen (fastai)
+
+  # Learning-rate schedule (config.schedule.*), peaking at config.optim.learning_rate.
+  c.schedule = ml_collections.ConfigDict()
+  # constant | cosine (torch CosineAnnealingLR, periodic) | warmup_cosine | cosine_restarts | step
+  c.schedule.name = "warmup_cosine"
+  c.schedule.unit = "step"       # step | epoch (the rate changes once per epoch)
+  c.schedule.warmup_epochs = 1.0
+  c.schedule.min_learning_rate = 0.0
+  c.schedule.period_epochs = 0.0  # cosine / cosine_restarts: T_max / T_0 (0 = the whole run)
+  c.schedule.restart_mult = 1
+  c.schedule.step_decay_epochs = 0.0
+  c.schedule.step_decay_factor = 0.5
+
   # Training stages run one after another (seed 002's progressive resizing): each a dict of
-  # overrides, e.g. dict(image_size=128, num_epochs=3, freeze=("^backbone/",)).
+  # overrides keyed by field paths, e.g. {"image_size": 128, "num_epochs": 3,
+  # "optim.freeze": ("^backbone/",)}; a bare key of config.data (image_size) means the data field.
   c.stages = ()
   c.num_epochs = 30
   c.batch_size = 32              # global, over all devices and processes
@@ -185,8 +192,9 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-  """One finalized config per training stage: config.stages' overrides applied in turn (a key of
-  config.data, such as image_size, overrides the data field)."""
+  """One finalized config per training stage: config.stages' overrides applied in turn. A key is
+  a field path ('num_epochs', 'optim.learning_rate', 'data.image_size'); a bare key of
+  config.data that is no top-level field (image_size) overrides the data field."""
   if not config.stages:
     return [config]
   out = []
@@ -196,14 +204,29 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
     for key, value in dict(stage).items():
       if key == "cpu_kernels":
         raise ConfigError(f"config.stages[{i}]: cpu_kernels holds for the whole run; set config.cpu_kernels")
-      if key in c.data and key not in c:
-        c.data[key] = value
-      elif key in c:
-        c[key] = tuple(value) if isinstance(value, list) else value
-      else:
-        raise ConfigError(f"config.stages[{i}]: unknown field {key!r}")
+      if "." not in key and key in c.data and key not in c:
+        key = f"data.{key}"
+      *parents, leaf = key.split(".")
+      node = c
+      for part in parents:
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+      if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"config.stages[{i}]: unknown field {key!r}{_nested_hint(c, key)}")
+      if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ConfigError(f"config.stages[{i}]: {key!r} is a group of fields; set them one by one "
+                          f"('{key}.{next(iter(node[leaf].keys()), '...')}')")
+      node[leaf] = tuple(value) if isinstance(value, list) else value
     out.append(finalize(c))
   return out
+
+
+def _nested_hint(config: ml_collections.ConfigDict, key: str) -> str:
+  """' (did you mean 'optim.freeze'?)' where a bare key is a field of a nested group."""
+  if "." in key:
+    return ""
+  paths = [f"{name}.{key}" for name, group in config.items()
+           if isinstance(group, ml_collections.ConfigDict) and key in group]
+  return f" (did you mean {' or '.join(map(repr, paths))}?)" if paths else ""
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -214,16 +237,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   need(config.dtype in DTYPES, f"config.dtype must be one of {DTYPES}, got {config.dtype!r}")
   need(config.num_epochs > 0, f"config.num_epochs must be positive, got {config.num_epochs}")
-  need(config.learning_rate > 0, f"config.learning_rate must be positive, got {config.learning_rate}")
-  need(config.weight_decay >= 0, f"config.weight_decay must be >= 0, got {config.weight_decay}")
+  o = config.optim
+  need(o.learning_rate > 0, f"config.optim.learning_rate must be positive, got {o.learning_rate}")
+  need(o.weight_decay >= 0, f"config.optim.weight_decay must be >= 0, got {o.weight_decay}")
   need(config.num_folds >= 2, f"config.num_folds must be at least 2, got {config.num_folds}")
   need(0 <= config.fold < config.num_folds,
        f"config.fold must be in 0..{config.num_folds - 1}, got {config.fold}")
   need(config.data.image_size >= 32, f"config.data.image_size must be at least 32, got "
        f"{config.data.image_size}")
   need(config.keep_checkpoints >= 1, f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
-  need(config.sam_rho >= 0, f"config.sam_rho must be >= 0, got {config.sam_rho}")
-  need(config.grad_accum_steps >= 1, f"config.grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
+  need(o.sam_rho >= 0, f"config.optim.sam_rho must be >= 0, got {o.sam_rho}")
+  need(o.grad_accum_steps >= 1, f"config.optim.grad_accum_steps must be >= 1, got {o.grad_accum_steps}")
   need(config.halt_after_steps >= 0, f"config.halt_after_steps must be >= 0, got {config.halt_after_steps}")
   need(config.log_every_steps >= 1, f"config.log_every_steps must be >= 1, got {config.log_every_steps}")
   need(config.data.target in TARGETS, f"config.data.target must be one of {TARGETS}, got {config.data.target!r}")

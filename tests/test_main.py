@@ -88,7 +88,7 @@ def test_two_processes_match_one(tmp_path):
   # learning rate whatever its gradient's size, so where a gradient is near zero (the first
   # convolutions of each block, behind the zero-initialised last BatchNorm) rounding decides the
   # direction of a full step, and two correct runs end ~10% apart.
-  sgd = (*TINY_RUN, "--config.optimizer=sgd", "--config.learning_rate=0.01")
+  sgd = (*TINY_RUN, "--config.optim.name=sgd", "--config.optim.learning_rate=0.01")
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
   run_main(single, *sgd)
   with reserved_port() as port:
@@ -163,6 +163,29 @@ def test_bad_config_values_are_config_errors(tmp_path):
     run_main(str(tmp_path / "w"), "--config.cpu_kernels=fast")
   with pytest.raises(ConfigError, match=r"config.stages\[0\]: cpu_kernels holds for the whole run"):
     run_main(str(tmp_path / "w"), edit=lambda c: setattr(c, "stages", ({"cpu_kernels": "off"},)))
+
+
+def test_nested_fields_on_the_command_line_and_in_stages():
+  """Optimisation, schedule and loss fields are groups (--config.optim.learning_rate=...); a
+  stage's keys are field paths, or a bare field of config.data."""
+  from cxflax.config import base_config, stage_configs
+  c = load_config("resnest.py:runlocal", "--config.optim.learning_rate=3e-4", "--config.loss.name=multitask",
+                  "--config.schedule.warmup_epochs=0.5")
+  assert (c.optim.learning_rate, c.loss.name, c.schedule.warmup_epochs) == (3e-4, "multitask", 0.5)
+  c = base_config()
+  c.stages = ({"image_size": 64, "optim.learning_rate": 0.1, "optim.freeze": ["^backbone/"], "num_epochs": 2},
+              {"data.image_size": 96, "schedule.warmup_epochs": 0.5})
+  first, second = stage_configs(c)
+  assert (first.data.image_size, first.optim.learning_rate, first.optim.freeze, first.num_epochs) == (
+      64, 0.1, ("^backbone/",), 2)
+  assert (second.data.image_size, second.optim.learning_rate, second.schedule.warmup_epochs) == (96, 1e-3, 0.5)
+  assert "resize(96)" in second.data.train_pp and second.num_epochs == c.num_epochs
+  for key, match in [("learning_rate", r"unknown field 'learning_rate' \(did you mean 'optim.learning_rate'\?\)"),
+                     ("optim.lr", "unknown field 'optim.lr'"), ("data.image_size.x", "unknown field"),
+                     ("num_epochs.x", "unknown field"), ("optim", "'optim' is a group of fields")]:
+    c.stages = ({"num_epochs": 1}, {key: 1})
+    with pytest.raises(ConfigError, match=r"config.stages\[1\]: " + match):
+      stage_configs(c)
 
 
 def test_batch_sizes_must_split_over_the_devices_and_processes_of_the_run(monkeypatch):
@@ -241,7 +264,7 @@ def test_classification_on_a_real_layout(tmp_path):
   export_covidx(str(root), num_subjects=40, image_size=32, four_class=True)
   (root / "train_COVIDx.txt").rename(root / "my_train_list.txt")
   (root / "test_COVIDx.txt").rename(root / "my_test_list.txt")
-  data = ["--config.data.source=covidx", f"--config.data.root={root}", "--config.loss=cross_entropy",
+  data = ["--config.data.source=covidx", f"--config.data.root={root}", "--config.loss.name=cross_entropy",
           "--config.data.eval_split=test", "--config.data.train_file=my_train_list.txt",
           "--config.data.test_file=my_test_list.txt"]
   workdir = str(tmp_path / "work")

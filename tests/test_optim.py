@@ -16,25 +16,29 @@ from tests.conftest import run_python
 
 
 def _config(**kw):
+  """base_config() with kw set; a dict sets fields of a group (optim=dict(name="sgd"))."""
   c = base_config()
   for k, v in kw.items():
-    c[k] = v
+    if isinstance(v, dict):
+      c[k].update(v)
+    else:
+      c[k] = v
   return c
 
 
 @pytest.mark.parametrize("kw,torch_sched", [
-    (dict(schedule="cosine", cosine_period_epochs=4, min_learning_rate=1e-3, schedule_unit="epoch"),
+    (dict(name="cosine", period_epochs=4, min_learning_rate=1e-3, unit="epoch"),
      lambda o: __import__("torch").optim.lr_scheduler.CosineAnnealingLR(o, T_max=4, eta_min=1e-3)),
-    (dict(schedule="cosine_restarts", cosine_period_epochs=3, restart_mult=1, min_learning_rate=0.0, schedule_unit="epoch"),
+    (dict(name="cosine_restarts", period_epochs=3, restart_mult=1, min_learning_rate=0.0, unit="epoch"),
      lambda o: __import__("torch").optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=1)),
-    (dict(schedule="cosine_restarts", cosine_period_epochs=2, restart_mult=2, min_learning_rate=1e-4, schedule_unit="epoch"),
+    (dict(name="cosine_restarts", period_epochs=2, restart_mult=2, min_learning_rate=1e-4, unit="epoch"),
      lambda o: __import__("torch").optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=2, T_mult=2, eta_min=1e-4)),
-    (dict(schedule="step", step_decay_epochs=3, step_decay_factor=0.5, schedule_unit="epoch"),
+    (dict(name="step", step_decay_epochs=3, step_decay_factor=0.5, unit="epoch"),
      lambda o: __import__("torch").optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
 ])
 def test_schedules_match_torch_schedulers_stepped_per_epoch(kw, torch_sched):
   import torch
-  c = _config(learning_rate=0.1, num_epochs=14, **kw)
+  c = _config(optim=dict(learning_rate=0.1), num_epochs=14, schedule=kw)
   steps_per_epoch = 5
   ours = optim.make_schedule(c, steps_per_epoch)
   opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
@@ -48,14 +52,14 @@ def test_schedules_match_torch_schedulers_stepped_per_epoch(kw, torch_sched):
 
 
 def test_warmup_cosine_and_errors():
-  c = _config(learning_rate=1.0, num_epochs=10, warmup_epochs=2, schedule="warmup_cosine")
+  c = _config(optim=dict(learning_rate=1.0), num_epochs=10, schedule=dict(name="warmup_cosine", warmup_epochs=2))
   s = optim.make_schedule(c, 10)
   assert float(s(0)) == 0.0 and float(s(20)) == pytest.approx(1.0) and float(s(100)) == pytest.approx(0.0, abs=1e-6)
   assert float(s(10)) == pytest.approx(0.5)
   with pytest.raises(ConfigError, match="warmup_epochs"):
-    optim.make_schedule(_config(num_epochs=1, warmup_epochs=1), 10)
+    optim.make_schedule(_config(num_epochs=1, schedule=dict(warmup_epochs=1)), 10)
   with pytest.raises(ConfigError, match="unknown schedule"):
-    optim.make_schedule(_config(schedule="linear"), 10)
+    optim.make_schedule(_config(schedule=dict(name="linear")), 10)
 
 
 def _tiny_params():
@@ -65,37 +69,38 @@ def _tiny_params():
 
 
 def test_discriminative_rates_are_geometric_and_groups_are_regexes():
-  c = _config(learning_rate=1e-3, param_groups=("^backbone/(conv|bn)", "^backbone/layer4", "^head/"),
-              group_lr_range=(1e-6, 1e-4))
-  np.testing.assert_allclose(optim.group_learning_rates(c), [1e-6, 1e-5, 1e-4], rtol=1e-9)
-  labels = optim.param_labels(c, _tiny_params())
+  c = _config(optim=dict(learning_rate=1e-3, param_groups=("^backbone/(conv|bn)", "^backbone/layer4", "^head/"),
+                         group_lr_range=(1e-6, 1e-4)))
+  np.testing.assert_allclose(optim.group_learning_rates(c.optim), [1e-6, 1e-5, 1e-4], rtol=1e-9)
+  labels = optim.param_labels(c.optim, _tiny_params())
   assert labels["backbone"]["conv"]["kernel"] == "group0" and labels["backbone"]["layer4"]["kernel"] == "group1"
   assert labels["head"]["fc"]["bias"] == "group2"
   with pytest.raises(ConfigError, match="matches none"):
-    optim.param_labels(_config(param_groups=("^head/",)), _tiny_params())
+    optim.param_labels(_config(optim=dict(param_groups=("^head/",))).optim, _tiny_params())
 
 
 def test_group_rates_and_frozen_parameters_in_updates():
   params = _tiny_params()
   grads = jax.tree.map(jnp.ones_like, params)
-  c = _config(optimizer="sgd", momentum=0.0, schedule="constant", learning_rate=1e-3,
-              param_groups=("^backbone/", "^head/"), group_lr_range=(1e-5, 1e-3))
+  c = _config(optim=dict(name="sgd", momentum=0.0, learning_rate=1e-3, param_groups=("^backbone/", "^head/"),
+                         group_lr_range=(1e-5, 1e-3)), schedule=dict(name="constant"))
   tx, _ = optim.make_optimizer(c, 10, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(updates["backbone"]["conv"]["kernel"][0, 0, 0, 0]) == pytest.approx(-1e-5)
   assert float(updates["head"]["fc"]["kernel"][0, 0]) == pytest.approx(-1e-3)
-  frozen = _config(optimizer="sgd", momentum=0.0, schedule="constant", learning_rate=1e-2, freeze=("^backbone/",))
+  frozen = _config(optim=dict(name="sgd", momentum=0.0, learning_rate=1e-2, freeze=("^backbone/",)),
+                   schedule=dict(name="constant"))
   tx, _ = optim.make_optimizer(frozen, 10, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(jnp.abs(updates["backbone"]["conv"]["kernel"]).max()) == 0.0
   assert float(updates["backbone"]["bn"]["scale"][0]) == pytest.approx(-1e-2)  # fastai: BN stays trainable
   assert float(updates["head"]["fc"]["kernel"][0, 0]) == pytest.approx(-1e-2)
   strict = frozen.copy_and_resolve_references()
-  strict.train_frozen_bn = False
+  strict.optim.train_frozen_bn = False
   tx, _ = optim.make_optimizer(strict, 10, params)
   assert float(jnp.abs(tx.update(grads, tx.init(params), params)[0]["backbone"]["bn"]["scale"]).max()) == 0.0
   with pytest.raises(ConfigError, match="freezes every parameter"):
-    optim.make_optimizer(_config(freeze=(".",), train_frozen_bn=False), 10, params)
+    optim.make_optimizer(_config(optim=dict(freeze=(".",), train_frozen_bn=False)), 10, params)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
@@ -105,7 +110,8 @@ def test_optimizers_match_torch(name):
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(16, 5)).astype(np.float32), rng.normal(size=(16,)).astype(np.float32)
   w0 = rng.normal(size=(5,)).astype(np.float32)
-  c = _config(optimizer=name, learning_rate=0.05, momentum=0.9, weight_decay=0.01, schedule="constant")
+  c = _config(optim=dict(name=name, learning_rate=0.05, momentum=0.9, weight_decay=0.01),
+              schedule=dict(name="constant"))
   tx, _ = optim.make_optimizer(c, 10, {"w": jnp.asarray(w0)})
   params, state = {"w": jnp.asarray(w0)}, None
   state = tx.init(params)
@@ -130,10 +136,10 @@ def test_gradient_accumulation_equals_the_full_batch():
   x, y = rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=(8,)).astype(np.float32)
   loss = lambda p, xs, ys: jnp.mean((xs @ p["w"] - ys) ** 2)
   p0 = {"w": jnp.ones(3)}
-  c = _config(optimizer="sgd", momentum=0.9, learning_rate=0.1, schedule="constant")
+  c = _config(optim=dict(name="sgd", momentum=0.9, learning_rate=0.1), schedule=dict(name="constant"))
   full, _ = optim.make_optimizer(c, 10, p0)
   u, _ = full.update(jax.grad(loss)(p0, x, y), full.init(p0), p0)
-  c.grad_accum_steps = 2
+  c.optim.grad_accum_steps = 2
   acc, _ = optim.make_optimizer(c, 10, p0)
   s, p = acc.init(p0), p0
   for half in (slice(0, 4), slice(4, 8)):
@@ -165,9 +171,10 @@ _SAM_CHECK = textwrap.dedent("""
     out = {}
     for mode in ("global", "per_device"):
       c = base_config()
-      c.optimizer, c.momentum, c.learning_rate, c.schedule, c.sam_rho = "sgd", 0.0, 0.1, "constant", 0.05
+      c.optim.name, c.optim.momentum, c.optim.learning_rate, c.optim.sam_rho = "sgd", 0.0, 0.1, 0.05
+      c.schedule.name = "constant"
       c.batch_size = 8
-      c.sam_per_device = mode == "per_device"
+      c.optim.sam_per_device = mode == "per_device"
       c = finalize(c)
       out[mode] = {}
       for n in (1, 2, 8):

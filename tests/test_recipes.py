@@ -121,7 +121,7 @@ def _short_stages(config):
   network, whole network at the third size) with one or two one-step epochs each (two in the
   first: in its first step no gradient reaches a block's first BatchNorm, behind the block's
   zero-initialised last one)."""
-  config.stages = tuple(dict(stage, num_epochs=n, warmup_epochs=0.25 * n)  # the recipe's warm-up share
+  config.stages = tuple(dict(stage, num_epochs=n, **{"schedule.warmup_epochs": 0.25 * n})  # the recipe's warm-up share
                         for stage, n in zip(config.stages, (2, 1, 1, 1, 2)))
 
 
@@ -346,7 +346,7 @@ def test_pseudo_labels_extend_training_with_those_labels(tiny_run, tmp_path):
   for i in (0, len(val) - 1):  # the images are the val split's
     np.testing.assert_array_equal(joined.source.load(int(added[i]))["image"], val.load(i)["image"])
   # and through the main job
-  run = run_main(str(tmp_path / "pseudo"), *TINY_RUN, "--config.num_epochs=1", "--config.warmup_epochs=0.5",
+  run = run_main(str(tmp_path / "pseudo"), *TINY_RUN, "--config.num_epochs=1", "--config.schedule.warmup_epochs=0.5",
                  f"--config.pseudo_label.runs=('{wd}',)")
   assert f"{len(val)} examples of the val split labelled by 1 run(s)" in run.log
   assert f"{len(joined.train_indices)} training / {len(joined.eval_indices)} evaluation examples" in run.log

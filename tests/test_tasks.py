@@ -14,7 +14,7 @@ from cxflax.train.optim import OPTIMIZERS, SCHEDULES
 
 
 def _config(loss, head="linear"):
-  return ml_collections.ConfigDict({"loss": loss, "head": head})
+  return ml_collections.ConfigDict({"loss": {"name": loss}, "head": head})
 
 
 def test_registry_refuses_a_second_registration_and_lists_names_when_asked_for_an_unknown_one():

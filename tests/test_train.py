@@ -56,8 +56,8 @@ _SHARDING_CHECK = textwrap.dedent("""
     from cxflax.train.steps import create_train_state, init_variables, make_train_step
     assert jax.device_count() == 8, jax.devices()
     c = base_config()
-    c.model, c.optimizer, c.learning_rate, c.schedule = "resnet10t", "sgd", 0.05, "constant"
-    c.weight_decay, c.batch_size, c.data.image_size = 1e-4, 16, 32
+    c.model, c.optim.name, c.optim.learning_rate, c.schedule.name = "resnet10t", "sgd", 0.05, "constant"
+    c.optim.weight_decay, c.batch_size, c.data.image_size = 1e-4, 16, 32
     c = finalize(c)
     model = create_network("resnet10t", num_outputs=1)
     rng = np.random.default_rng(0)

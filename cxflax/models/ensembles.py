@@ -1,6 +1,6 @@
 """Learned ensembles of trained networks: seed 000's average and SE-weighted ensembles and seed
 003's FLANNEL neural-weight ensemble. Members are frozen (their parameters get no updates, see
-config.freeze) and always run in inference mode (BatchNorm on running statistics).
+config.optim.freeze) and always run in inference mode (BatchNorm on running statistics).
 """
 
 from __future__ import annotations

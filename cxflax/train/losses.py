@@ -17,9 +17,9 @@ import optax
 from cxflax.errors import ConfigError
 from cxflax.registry import Registry
 
-# config.loss → fn(config, outputs, labels, weights, class_alpha) → scalar. Which task may use
-# which loss is the task's business (cxflax/train/tasks.py).
-LOSSES: Registry[Callable[..., Any]] = Registry("loss", ConfigError, "config.loss")
+# config.loss.name → fn(config.loss, outputs, labels, weights, class_alpha) → scalar. Which task
+# may use which loss is the task's business (cxflax/train/tasks.py).
+LOSSES: Registry[Callable[..., Any]] = Registry("loss", ConfigError, "config.loss.name")
 
 
 def _weighted_mean(per_example, weights):
@@ -60,14 +60,14 @@ def inverse_frequency(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def class_alpha(config, labels: np.ndarray, class_names) -> np.ndarray | None:
-  """The focal loss's per-class weights: config.focal_alpha, or the inverse frequencies of the
+  """The focal loss's per-class weights: config.loss.alpha, or the inverse frequencies of the
   training labels; None for the other losses."""
-  if config.loss != "focal":
+  if config.loss.name != "focal":
     return None
-  if config.focal_alpha:
-    alpha = np.asarray(config.focal_alpha, np.float32)
+  if config.loss.alpha:
+    alpha = np.asarray(config.loss.alpha, np.float32)
     if len(alpha) != len(class_names):
-      raise ConfigError(f"config.focal_alpha has {len(alpha)} values for {len(class_names)} classes")
+      raise ConfigError(f"config.loss.alpha has {len(alpha)} values for {len(class_names)} classes")
     return alpha
   return inverse_frequency(labels, len(class_names))
 
@@ -127,54 +127,54 @@ def prediction(outputs) -> Any:
 
 
 def compute_loss(config, outputs, labels, weights=None, class_alpha=None):
-  """The loss config.loss names, on the network's outputs."""
-  return LOSSES.get(config.loss)(config, outputs, labels, weights, class_alpha)
+  """The loss config.loss.name names, with config.loss's fields, on the network's outputs."""
+  return LOSSES.get(config.loss.name)(config.loss, outputs, labels, weights, class_alpha)
 
 
 @LOSSES.register("smooth_l1")
-def _smooth_l1_loss(config, outputs, labels, weights, class_alpha):
-  return smooth_l1(prediction(outputs)[..., 0], labels, config.loss_beta, weights)
+def _smooth_l1_loss(loss, outputs, labels, weights, class_alpha):
+  return smooth_l1(prediction(outputs)[..., 0], labels, loss.beta, weights)
 
 
 @LOSSES.register("mse")
-def _mse_loss(config, outputs, labels, weights, class_alpha):
+def _mse_loss(loss, outputs, labels, weights, class_alpha):
   return _weighted_mean((prediction(outputs)[..., 0] - labels) ** 2, weights)
 
 
-def _multitask(config, outputs, labels, weights):
+def _multitask(loss, outputs, labels, weights):
   """Seed 001, approach 2: SmoothL1 of the expectation of the 101-way distribution plus
   SmoothL1 of the regressed value."""
   if not isinstance(outputs, dict) or "bins" not in outputs:
-    raise ConfigError(f"loss {config.loss!r} needs the multi-task head (config.head='multitask')")
-  beta = config.loss_beta
+    raise ConfigError(f"loss {loss.name!r} needs the multi-task head (config.head='multitask')")
+  beta = loss.beta
   return (smooth_l1(expectation(outputs["bins"]), labels, beta, weights)
           + smooth_l1(outputs["prediction"][..., 0], labels, beta, weights))
 
 
 @LOSSES.register("multitask")
-def _multitask_loss(config, outputs, labels, weights, class_alpha):
-  return _multitask(config, outputs, labels, weights)
+def _multitask_loss(loss, outputs, labels, weights, class_alpha):
+  return _multitask(loss, outputs, labels, weights)
 
 
 @LOSSES.register("multitask_kl")
-def _multitask_kl_loss(config, outputs, labels, weights, class_alpha):
+def _multitask_kl_loss(loss, outputs, labels, weights, class_alpha):
   """Seed 001, approach 3: approach 2 plus the KL term."""
-  return (_multitask(config, outputs, labels, weights)
-          + config.kl_weight * kl_to_label_distribution(outputs["bins"], labels, weights))
+  return (_multitask(loss, outputs, labels, weights)
+          + loss.kl_weight * kl_to_label_distribution(outputs["bins"], labels, weights))
 
 
 @LOSSES.register("cross_entropy")
-def _cross_entropy_loss(config, outputs, labels, weights, class_alpha):
-  return cross_entropy(prediction(outputs), labels, weights, config.label_smoothing)
+def _cross_entropy_loss(loss, outputs, labels, weights, class_alpha):
+  return cross_entropy(prediction(outputs), labels, weights, loss.label_smoothing)
 
 
 @LOSSES.register("focal")
-def _focal_loss(config, outputs, labels, weights, class_alpha):
+def _focal_loss(loss, outputs, labels, weights, class_alpha):
   if class_alpha is None:
     raise ConfigError("focal loss needs class weights (alpha)")
-  return focal(prediction(outputs), labels, class_alpha, config.focal_gamma, weights)
+  return focal(prediction(outputs), labels, class_alpha, loss.gamma, weights)
 
 
 @LOSSES.register("triplet")
-def _triplet_loss(config, outputs, labels, weights, class_alpha):
-  return triplet(prediction(outputs), labels, config.triplet_margin, weights, config.triplet_mining)
+def _triplet_loss(loss, outputs, labels, weights, class_alpha):
+  return triplet(prediction(outputs), labels, loss.margin, weights, loss.mining)

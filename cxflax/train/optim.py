@@ -3,7 +3,7 @@
 Schedules follow the papers' PyTorch schedulers: linear warm-up then cosine decay (seed 001),
 cosine annealing with period T_max and its warm-restart variant (seed 000's CosineAnnealingLR /
 CosineAnnealingWarmRestarts), step decay (seed 004's StepLR), constant. With
-schedule_unit='epoch' the rate changes once per epoch, as a scheduler stepped per epoch does.
+config.schedule.unit='epoch' the rate changes once per epoch, as a scheduler stepped per epoch does.
 
 Parameters can be split into groups by regular expressions on their paths ('backbone/layer4_2/
 conv3/kernel'), each group with its own learning rate (seed 002's discriminative rates, spread
@@ -30,65 +30,66 @@ from cxflax.registry import Registry
 FROZEN = "frozen"
 
 
-# config.schedule → fn(config, lr, total_steps, epoch_steps) → schedule of the step count
-# (float32), torch's schedulers' arithmetic.
-SCHEDULES: Registry[Callable[..., optax.Schedule]] = Registry("schedule", ConfigError, "config.schedule")
+# config.schedule.name → fn(config.schedule, lr, total_steps, epoch_steps) → schedule of the step
+# count (float32), torch's schedulers' arithmetic.
+SCHEDULES: Registry[Callable[..., optax.Schedule]] = Registry("schedule", ConfigError, "config.schedule.name")
 
 
 def make_schedule(config, steps_per_epoch: int, base_lr: float | None = None) -> optax.Schedule:
   """config.schedule over config.num_epochs epochs of steps_per_epoch steps, peaking at base_lr
-  (config.learning_rate by default)."""
-  lr = config.learning_rate if base_lr is None else base_lr
+  (config.optim.learning_rate by default)."""
+  s = config.schedule
+  lr = config.optim.learning_rate if base_lr is None else base_lr
   total = max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
   epoch_steps = max(1, steps_per_epoch)
-  fn = SCHEDULES.get(config.schedule)(config, lr, total, epoch_steps)
-  if config.schedule_unit == "epoch":
+  fn = SCHEDULES.get(s.name)(s, lr, total, epoch_steps)
+  if s.unit == "epoch":
     return lambda t: fn(jnp.floor(jnp.asarray(t, jnp.float32) / epoch_steps) * epoch_steps)
-  if config.schedule_unit != "step":
-    raise ConfigError(f"config.schedule_unit must be 'step' or 'epoch', got {config.schedule_unit!r}")
+  if s.unit != "step":
+    raise ConfigError(f"config.schedule.unit must be 'step' or 'epoch', got {s.unit!r}")
   return lambda t: fn(jnp.asarray(t, jnp.float32))
 
 
 @SCHEDULES.register("constant")
-def _constant(config, lr, total, epoch_steps):
+def _constant(s, lr, total, epoch_steps):
   return lambda t: jnp.full((), lr, jnp.float32)
 
 
 @SCHEDULES.register("warmup_cosine")
-def _warmup_cosine(config, lr, total, epoch_steps):
-  warmup = int(config.warmup_epochs * epoch_steps)
+def _warmup_cosine(s, lr, total, epoch_steps):
+  warmup = int(s.warmup_epochs * epoch_steps)
   if warmup >= total:
-    raise ConfigError(f"warmup_epochs ({config.warmup_epochs}) must be shorter than num_epochs "
-                      f"({config.num_epochs})")
-  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=config.min_learning_rate)
+    raise ConfigError(f"config.schedule.warmup_epochs ({s.warmup_epochs}) must be shorter than "
+                      f"num_epochs ({total / epoch_steps:g})")
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=s.min_learning_rate)
 
 
-def _period(config, total, epoch_steps):
-  """cosine's T_max and cosine_restarts' T_0 in steps: config.cosine_period_epochs, or the run."""
-  return (config.cosine_period_epochs * epoch_steps) if config.cosine_period_epochs else total
+def _period(s, total, epoch_steps):
+  """cosine's T_max and cosine_restarts' T_0 in steps: config.schedule.period_epochs, or the run."""
+  return (s.period_epochs * epoch_steps) if s.period_epochs else total
 
 
 @SCHEDULES.register("cosine")
-def _cosine(config, lr, total, epoch_steps):
+def _cosine(s, lr, total, epoch_steps):
   """torch's CosineAnnealingLR: periodic beyond T_max."""
-  period, min_lr = _period(config, total, epoch_steps), config.min_learning_rate
+  period, min_lr = _period(s, total, epoch_steps), s.min_learning_rate
   return lambda t: min_lr + (lr - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * t / period))
 
 
 @SCHEDULES.register("cosine_restarts")
-def _cosine_restarts(config, lr, total, epoch_steps):
+def _cosine_restarts(s, lr, total, epoch_steps):
   """torch's CosineAnnealingWarmRestarts(T_0, T_mult)."""
-  t0 = _period(config, total, epoch_steps)
-  return lambda t: _restarts(t, t0, config.restart_mult, lr, config.min_learning_rate)
+  t0 = _period(s, total, epoch_steps)
+  return lambda t: _restarts(t, t0, s.restart_mult, lr, s.min_learning_rate)
 
 
 @SCHEDULES.register("step")
-def _step(config, lr, total, epoch_steps):
+def _step(s, lr, total, epoch_steps):
   """torch's StepLR."""
-  if config.step_decay_epochs <= 0:
-    raise ConfigError("schedule 'step' needs config.step_decay_epochs > 0")
-  every = config.step_decay_epochs * epoch_steps
-  return lambda t: lr * config.step_decay_factor ** jnp.floor(t / every)
+  if s.step_decay_epochs <= 0:
+    raise ConfigError("schedule 'step' needs config.schedule.step_decay_epochs > 0")
+  every = s.step_decay_epochs * epoch_steps
+  return lambda t: lr * s.step_decay_factor ** jnp.floor(t / every)
 
 
 def _restarts(t, t0: float, mult: int, lr: float, min_lr: float):
@@ -101,28 +102,29 @@ def _restarts(t, t0: float, mult: int, lr: float, min_lr: float):
   return min_lr + (lr - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * t_cur / t_i))
 
 
-def group_learning_rates(config) -> list[float]:
-  """The learning rate of each parameter group: geometrically spread over group_lr_range
-  (fastai's slice(lo, hi)), or config.learning_rate for all."""
-  n = max(1, len(config.param_groups))
-  if not config.group_lr_range:
-    return [config.learning_rate] * n
-  lo, hi = config.group_lr_range
+def group_learning_rates(optim) -> list[float]:
+  """The learning rate of each parameter group (optim: config.optim): geometrically spread over
+  group_lr_range (fastai's slice(lo, hi)), or optim.learning_rate for all."""
+  n = max(1, len(optim.param_groups))
+  if not optim.group_lr_range:
+    return [optim.learning_rate] * n
+  lo, hi = optim.group_lr_range
   if not 0 < lo <= hi:
-    raise ConfigError(f"config.group_lr_range must be (low, high) with 0 < low <= high, got {config.group_lr_range}")
+    raise ConfigError(f"config.optim.group_lr_range must be (low, high) with 0 < low <= high, got "
+                      f"{optim.group_lr_range}")
   return [float(v) for v in np.geomspace(lo, hi, n)] if n > 1 else [hi]
 
 
-def param_labels(config, params) -> dict:
-  """'groupK' or 'frozen' for every parameter, by config.param_groups / config.freeze."""
+def param_labels(optim, params) -> dict:
+  """'groupK' or 'frozen' for every parameter, by config.optim's param_groups / freeze."""
   flat = traverse_util.flatten_dict(dict(params), sep="/")
   bn_modules = {k.rsplit("/", 1)[0] for k in flat if k.endswith("/scale")}
-  freeze = [re.compile(p) for p in config.freeze]
-  groups = [re.compile(p) for p in config.param_groups]
+  freeze = [re.compile(p) for p in optim.freeze]
+  groups = [re.compile(p) for p in optim.param_groups]
   labels = {}
   for path in flat:
     is_bn = path.rsplit("/", 1)[0] in bn_modules
-    if any(f.search(path) for f in freeze) and not (is_bn and config.train_frozen_bn):
+    if any(f.search(path) for f in freeze) and not (is_bn and optim.train_frozen_bn):
       labels[path] = FROZEN
       continue
     if not groups:
@@ -130,39 +132,39 @@ def param_labels(config, params) -> dict:
       continue
     match = next((i for i, g in enumerate(groups) if g.search(path)), None)
     if match is None:
-      raise ConfigError(f"parameter {path} matches none of config.param_groups {list(config.param_groups)}")
+      raise ConfigError(f"parameter {path} matches none of config.optim.param_groups "
+                        f"{list(optim.param_groups)}")
     labels[path] = f"group{match}"
   if all(v == FROZEN for v in labels.values()):
-    raise ConfigError(f"config.freeze {list(config.freeze)} freezes every parameter")
+    raise ConfigError(f"config.optim.freeze {list(optim.freeze)} freezes every parameter")
   return traverse_util.unflatten_dict(labels, sep="/")
 
 
-# config.optimizer → fn(config, schedule) → the optax optimizer, with PyTorch's semantics: SGD's
-# and Adam's weight decay are L2 terms added to the gradient (torch.optim.SGD / Adam), AdamW's is
-# decoupled.
+# config.optim.name → fn(config.optim, schedule) → the optax optimizer, with PyTorch's semantics:
+# SGD's and Adam's weight decay are L2 terms added to the gradient (torch.optim.SGD / Adam),
+# AdamW's is decoupled.
 OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry(
-    "optimizer", ConfigError, "config.optimizer")
+    "optimizer", ConfigError, "config.optim.name")
 
 
-def _with_l2(config, opt: optax.GradientTransformation) -> optax.GradientTransformation:
-  wd = config.weight_decay
+def _with_l2(o, opt: optax.GradientTransformation) -> optax.GradientTransformation:
+  wd = o.weight_decay
   return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(config, schedule):
-  return _with_l2(config, optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+def _sgd(o, schedule):
+  return _with_l2(o, optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
 
 
 @OPTIMIZERS.register("adam")
-def _adam(config, schedule):
-  return _with_l2(config, optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps))
+def _adam(o, schedule):
+  return _with_l2(o, optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps))
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(config, schedule):
-  return optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                     weight_decay=config.weight_decay)
+def _adamw(o, schedule):
+  return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def make_optimizer(config, steps_per_epoch: int, params, schedule_fn=None
@@ -172,25 +174,26 @@ def make_optimizer(config, steps_per_epoch: int, params, schedule_fn=None
   schedule_fn, if given, replaces config's schedule: it gives the last group's rate per step and
   the other groups keep their ratio to it (the LR range test sweeps it).
   """
-  rates = group_learning_rates(config)
+  o = config.optim
+  rates = group_learning_rates(o)
   if schedule_fn is None:
     schedules = [make_schedule(config, steps_per_epoch, lr) for lr in rates]
   else:
     schedules = [(lambda t, r=lr / rates[-1]: r * schedule_fn(t)) for lr in rates]
-  labels = param_labels(config, params)
+  labels = param_labels(o, params)
   used = set(jax.tree.leaves(labels))
-  transforms = {f"group{i}": OPTIMIZERS.get(config.optimizer)(config, s) for i, s in enumerate(schedules)
+  transforms = {f"group{i}": OPTIMIZERS.get(o.name)(o, s) for i, s in enumerate(schedules)
                 if f"group{i}" in used}
   if FROZEN in used:
     transforms[FROZEN] = optax.set_to_zero()
   tx = transforms["group0"] if set(transforms) == {"group0"} else optax.multi_transform(transforms, labels)
-  if config.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  if config.sam_rho and not config.sam_per_device:
-    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam_rho))
+  if o.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  if o.sam_rho and not o.sam_per_device:
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(o.sam_rho))
     tx = optax.contrib.sam(tx, adversary, sync_period=2, opaque_mode=True)
-  if config.grad_accum_steps > 1:
-    if config.sam_rho:
+  if o.grad_accum_steps > 1:
+    if o.sam_rho:
       raise ConfigError("gradient accumulation with SAM is not supported")
-    tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
   return tx, schedules[-1]

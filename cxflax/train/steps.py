@@ -46,13 +46,14 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
   """jit(state, batch) → (state, metrics): one optimizer step on a global batch split over 'data'.
 
   The state is donated (updated in place) and replicated; XLA all-reduces the gradients, and
-  BatchNorm statistics come from the global batch. With SAM (config.sam_rho > 0), the gradient
+  BatchNorm statistics come from the global batch. With SAM (config.optim.sam_rho > 0), the gradient
   at the adversarially perturbed parameters drives the update, while the BatchNorm running
-  statistics are those of the clean forward pass; with config.sam_per_device each device
+  statistics are those of the clean forward pass; with config.optim.sam_per_device each device
   perturbs with its own gradient (the m-sharpness of the original SAM) and the perturbed
   gradients are averaged.
   """
   base_rng = jax.random.key(config.seed)
+  sam_rho, sam_per_device = config.optim.sam_rho, config.optim.sam_per_device
   rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
   def loss_and_stats(params, batch_stats, batch, rng):
@@ -68,7 +69,7 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
     def local(params, batch_stats, batch, rng):
       (_, _), g = grad_fn(params, batch_stats, batch, rng)
       norm = optax.global_norm(g)
-      eps = jax.tree.map(lambda x: config.sam_rho * x / (norm + 1e-12), g)
+      eps = jax.tree.map(lambda x: sam_rho * x / (norm + 1e-12), g)
       perturbed = jax.tree.map(jnp.add, params, eps)
       (_, _), g_adv = grad_fn(perturbed, batch_stats, batch, rng)
       return jax.lax.pmean(g_adv, parallel.DATA_AXIS)
@@ -78,10 +79,10 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
     (loss, updates), grads = grad_fn(state.params, state.batch_stats, batch, rng)
-    if config.sam_rho and config.sam_per_device:
+    if sam_rho and sam_per_device:
       grads = per_device_sam_grads(state.params, state.batch_stats, batch, rng)
       opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    elif config.sam_rho:
+    elif sam_rho:
       adversarial = lambda p, _: grad_fn(p, state.batch_stats, batch, rng)[1]
       opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
                                                grad_fn=adversarial)

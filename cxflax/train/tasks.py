@@ -24,7 +24,7 @@ class Task:
   """The base: one output per class, classification-style metrics (subclasses override)."""
   name = ""
   data_task = ""                 # the kind of labels it trains on (a source's task)
-  losses: tuple[str, ...] = ()   # config.loss values it accepts; the first is the default
+  losses: tuple[str, ...] = ()   # config.loss.name values it accepts; the first is the default
   heads: tuple[str, ...] | None = ()  # config.head values it accepts; None: the model has its own
   headline = "accuracy"          # the metric the summary line leads with
   trivial = "majority class"     # the baseline the summary line compares with
@@ -165,15 +165,15 @@ def _losses_for(data_task: str) -> tuple[str, ...]:
 
 def resolve(config, data_task: str) -> Task:
   """The task config trains on labels of kind `data_task` (a source's task): the one of that
-  kind whose losses include config.loss (a triplet loss on class labels learns an embedding),
+  kind whose losses include config.loss.name (a triplet loss on class labels learns an embedding),
   checked against config's loss and head."""
   for name in TASKS.names():
     task = TASKS.get(name)
-    if task.data_task == data_task and config.loss in task.losses:
+    if task.data_task == data_task and config.loss.name in task.losses:
       task.check_head(config.head)
       return task
   kinds = sorted({TASKS.get(n).data_task for n in TASKS.names()})
   if data_task not in kinds:
     raise ConfigError(f"no task learns from {data_task!r} labels; known: {kinds}")
-  raise ConfigError(f"the data is a {data_task} task, which config.loss={config.loss!r} does not "
+  raise ConfigError(f"the data is a {data_task} task, which config.loss.name={config.loss.name!r} does not "
                     f"train; use one of {_losses_for(data_task)}")

@@ -192,7 +192,7 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, schedule):
       means["learning_rate"] = float(schedule(local - 1))
       if not all(map(np.isfinite, means.values())):
         raise FloatingPointError(f"non-finite training metrics at step {step}: {means}; lower "
-                                 "config.learning_rate or check the data")
+                                 "config.optim.learning_rate or check the data")
       writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
       pending = []
     if local % eval_every == 0 or step == stage_end:
