@@ -50,6 +50,11 @@ class Source:
     raise NotImplementedError
 
 
+def label_array(labels, task: str) -> np.ndarray:
+  """Labels as every source holds them: int32 class indices, or float32 values."""
+  return np.asarray(labels, np.int32 if task == "classification" else np.float32)
+
+
 @dataclasses.dataclass
 class Entry:
   """One example of a file-based dataset: its file, label, subject, and where it was listed."""
@@ -70,8 +75,7 @@ class FileSource(Source):
     self.paths = [e.path for e in entries]
     self.wheres = [e.where for e in entries]
     self._subjects = [e.subject for e in entries]
-    dtype = np.int32 if task == "classification" else np.float32
-    self._labels = np.asarray([e.label for e in entries], dtype)
+    self._labels = label_array([e.label for e in entries], task)
 
   def __len__(self):
     return len(self.paths)
@@ -103,7 +107,7 @@ class RelabeledSource(Source):
     if len(labels) != len(base):
       raise ValueError(f"{len(labels)} labels for a source of {len(base)} examples")
     self.base, self.task, self.class_names = base, base.task, base.class_names
-    self._labels = np.asarray(labels, np.int32 if base.task == "classification" else np.float32)
+    self._labels = label_array(labels, base.task)
 
   def __len__(self):
     return len(self.base)

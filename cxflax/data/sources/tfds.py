@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from cxflax.data.sources.base import Source
+from cxflax.data.sources.base import Source, label_array
 from cxflax.data.sources.registry import register
 from cxflax.errors import ConfigError, DataError
 
@@ -53,8 +53,7 @@ class TfdsSource(Source):
     else:
       self.task, self.class_names = "regression", None
     records = [meta[i] for i in range(len(meta))]
-    dtype = np.int32 if self.task == "classification" else np.float32
-    self._labels = np.asarray([r["label"] for r in records], dtype)
+    self._labels = label_array([r["label"] for r in records], self.task)
     self._subjects = [_text(r["subject"]) for r in records]
     self._names = [_text(r["name"]) for r in records]
 
