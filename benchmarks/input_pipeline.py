@@ -18,6 +18,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 from benchmarks.common import default_out, print_table, time_call, write_json
 from cxflax import parallel
@@ -52,7 +53,7 @@ def train_step_rate(model_name: str, size: int, batch: int, repeats: int) -> flo
   mesh = parallel.make_mesh()
   model = create_network(model_name, num_outputs=1)
   variables = init_variables(model, (size, size, 3), 0)
-  tx, _ = optim.make_optimizer(c, 10, variables["params"])
+  tx, _ = optim.make_optimizer(c.optim, variables["params"], optax.constant_schedule)
   state = create_train_state(model, tx, variables, mesh)
   step = make_train_step(model, c, mesh)
   rng = np.random.default_rng(0)

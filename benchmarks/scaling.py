@@ -71,6 +71,7 @@ def entry_batch_dims(hlo: str, size: int) -> set[int]:
 def measure(name: str, n: int, batch: int, size: int) -> dict:
   import jax
   import numpy as np
+  import optax
 
   from cxflax import parallel
   from cxflax.config import base_config, finalize
@@ -85,7 +86,7 @@ def measure(name: str, n: int, batch: int, size: int) -> dict:
   mesh = parallel.make_mesh(jax.devices()[:n])
   model = create_network(name, "linear", 1000)
   variables = init_variables(model, (size, size, 3), 0)
-  tx, _ = optim.make_optimizer(c, 10, variables["params"])
+  tx, _ = optim.make_optimizer(c.optim, variables["params"], optax.constant_schedule)
   state = create_train_state(model, tx, variables, mesh)
   data = parallel.shard_batch({"image": np.zeros((batch, size, size, 3), np.float32),
                                "label": np.zeros(batch, np.int32)}, mesh)

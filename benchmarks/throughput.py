@@ -28,6 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from benchmarks.common import default_out, print_table, time_alternately, time_call, write_json
 from cxflax import parallel
@@ -87,7 +88,7 @@ def train_setup(name: str, batch: int, size: int, dtype: str, devices, sam: bool
   mesh = parallel.make_mesh(devices)
   model = create_network(name, "linear", 1000, dtype=jnp.dtype(dtype))
   variables = init_variables(model, (size, size, 3), 0)
-  tx, _ = optim.make_optimizer(c, 10, variables["params"])
+  tx, _ = optim.make_optimizer(c.optim, variables["params"], optax.constant_schedule)
   state = create_train_state(model, tx, variables, mesh)
   rng = np.random.default_rng(0)
   batch_data = parallel.shard_batch({

@@ -10,12 +10,12 @@ import pytest
 from cxflax.train import losses
 
 
-def _config(**kw):
-  """A config whose config.loss has kw set."""
+def _loss(**kw):
+  """A config.loss with kw set."""
   loss = ml_collections.ConfigDict(dict(name="smooth_l1", beta=1.0, label_smoothing=0.0, kl_weight=1.0,
                                         gamma=2.0, margin=0.5, mining="batch_hard"))
   loss.update(kw)
-  return ml_collections.ConfigDict({"loss": loss})
+  return loss
 
 
 def test_expectation_and_label_distribution():
@@ -45,9 +45,9 @@ def test_multitask_losses_add_up():
   y = jnp.asarray([3.0, 40.0, 77.0, 0.0])
   out = {"prediction": value, "bins": bins}
   two = losses.smooth_l1(losses.expectation(bins), y) + losses.smooth_l1(value[:, 0], y)
-  assert float(losses.compute_loss(_config(name="multitask"), out, y)) == pytest.approx(float(two), rel=1e-6)
+  assert float(losses.compute_loss(_loss(name="multitask"), out, y)) == pytest.approx(float(two), rel=1e-6)
   three = two + 0.5 * losses.kl_to_label_distribution(bins, y)
-  got = losses.compute_loss(_config(name="multitask_kl", kl_weight=0.5), out, y)
+  got = losses.compute_loss(_loss(name="multitask_kl", kl_weight=0.5), out, y)
   assert float(got) == pytest.approx(float(three), rel=1e-6)
 
 
@@ -97,4 +97,4 @@ def test_triplet_losses_match_brute_force():
 def test_loss_needs_its_head():
   from cxflax.errors import ConfigError
   with pytest.raises(ConfigError, match="multi-task head"):
-    losses.compute_loss(_config(name="multitask"), jnp.zeros((2, 1)), jnp.zeros(2))
+    losses.compute_loss(_loss(name="multitask"), jnp.zeros((2, 1)), jnp.zeros(2))

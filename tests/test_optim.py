@@ -38,9 +38,8 @@ def _config(**kw):
 ])
 def test_schedules_match_torch_schedulers_stepped_per_epoch(kw, torch_sched):
   import torch
-  c = _config(optim=dict(learning_rate=0.1), num_epochs=14, schedule=kw)
   steps_per_epoch = 5
-  ours = optim.make_schedule(c, steps_per_epoch)
+  ours = optim.make_schedule(_config(schedule=kw).schedule, 0.1, 14, steps_per_epoch)
   opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
   sched = torch_sched(opt)
   for epoch in range(14):
@@ -52,14 +51,13 @@ def test_schedules_match_torch_schedulers_stepped_per_epoch(kw, torch_sched):
 
 
 def test_warmup_cosine_and_errors():
-  c = _config(optim=dict(learning_rate=1.0), num_epochs=10, schedule=dict(name="warmup_cosine", warmup_epochs=2))
-  s = optim.make_schedule(c, 10)
+  s = optim.make_schedule(_config(schedule=dict(name="warmup_cosine", warmup_epochs=2)).schedule, 1.0, 10, 10)
   assert float(s(0)) == 0.0 and float(s(20)) == pytest.approx(1.0) and float(s(100)) == pytest.approx(0.0, abs=1e-6)
   assert float(s(10)) == pytest.approx(0.5)
   with pytest.raises(ConfigError, match="warmup_epochs"):
-    optim.make_schedule(_config(num_epochs=1, schedule=dict(warmup_epochs=1)), 10)
+    optim.make_schedule(_config(schedule=dict(warmup_epochs=1)).schedule, 0.1, 1, 10)
   with pytest.raises(ConfigError, match="unknown schedule"):
-    optim.make_schedule(_config(schedule=dict(name="linear")), 10)
+    optim.make_schedule(_config(schedule=dict(name="linear")).schedule, 0.1, 1, 10)
 
 
 def _tiny_params():
@@ -84,23 +82,24 @@ def test_group_rates_and_frozen_parameters_in_updates():
   grads = jax.tree.map(jnp.ones_like, params)
   c = _config(optim=dict(name="sgd", momentum=0.0, learning_rate=1e-3, param_groups=("^backbone/", "^head/"),
                          group_lr_range=(1e-5, 1e-3)), schedule=dict(name="constant"))
-  tx, _ = optim.make_optimizer(c, 10, params)
+  tx, _ = optim.make_optimizer(c.optim, params, optax.constant_schedule)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(updates["backbone"]["conv"]["kernel"][0, 0, 0, 0]) == pytest.approx(-1e-5)
   assert float(updates["head"]["fc"]["kernel"][0, 0]) == pytest.approx(-1e-3)
   frozen = _config(optim=dict(name="sgd", momentum=0.0, learning_rate=1e-2, freeze=("^backbone/",)),
                    schedule=dict(name="constant"))
-  tx, _ = optim.make_optimizer(frozen, 10, params)
+  tx, _ = optim.make_optimizer(frozen.optim, params, optax.constant_schedule)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(jnp.abs(updates["backbone"]["conv"]["kernel"]).max()) == 0.0
   assert float(updates["backbone"]["bn"]["scale"][0]) == pytest.approx(-1e-2)  # fastai: BN stays trainable
   assert float(updates["head"]["fc"]["kernel"][0, 0]) == pytest.approx(-1e-2)
   strict = frozen.copy_and_resolve_references()
   strict.optim.train_frozen_bn = False
-  tx, _ = optim.make_optimizer(strict, 10, params)
+  tx, _ = optim.make_optimizer(strict.optim, params, optax.constant_schedule)
   assert float(jnp.abs(tx.update(grads, tx.init(params), params)[0]["backbone"]["bn"]["scale"]).max()) == 0.0
   with pytest.raises(ConfigError, match="freezes every parameter"):
-    optim.make_optimizer(_config(optim=dict(freeze=(".",), train_frozen_bn=False)), 10, params)
+    optim.make_optimizer(_config(optim=dict(freeze=(".",), train_frozen_bn=False)).optim, params,
+                         optax.constant_schedule)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
@@ -112,7 +111,7 @@ def test_optimizers_match_torch(name):
   w0 = rng.normal(size=(5,)).astype(np.float32)
   c = _config(optim=dict(name=name, learning_rate=0.05, momentum=0.9, weight_decay=0.01),
               schedule=dict(name="constant"))
-  tx, _ = optim.make_optimizer(c, 10, {"w": jnp.asarray(w0)})
+  tx, _ = optim.make_optimizer(c.optim, {"w": jnp.asarray(w0)}, optax.constant_schedule)
   params, state = {"w": jnp.asarray(w0)}, None
   state = tx.init(params)
   loss = lambda p: jnp.mean((jnp.asarray(x) @ p["w"] - jnp.asarray(y)) ** 2)
@@ -137,10 +136,10 @@ def test_gradient_accumulation_equals_the_full_batch():
   loss = lambda p, xs, ys: jnp.mean((xs @ p["w"] - ys) ** 2)
   p0 = {"w": jnp.ones(3)}
   c = _config(optim=dict(name="sgd", momentum=0.9, learning_rate=0.1), schedule=dict(name="constant"))
-  full, _ = optim.make_optimizer(c, 10, p0)
+  full, _ = optim.make_optimizer(c.optim, p0, optax.constant_schedule)
   u, _ = full.update(jax.grad(loss)(p0, x, y), full.init(p0), p0)
   c.optim.grad_accum_steps = 2
-  acc, _ = optim.make_optimizer(c, 10, p0)
+  acc, _ = optim.make_optimizer(c.optim, p0, optax.constant_schedule)
   s, p = acc.init(p0), p0
   for half in (slice(0, 4), slice(4, 8)):
     ua, s = acc.update(jax.grad(loss)(p, x[half], y[half]), s, p)
@@ -179,7 +178,7 @@ _SAM_CHECK = textwrap.dedent("""
       out[mode] = {}
       for n in (1, 2, 8):
         mesh = parallel.make_mesh(jax.devices()[:n])
-        tx, _ = optim.make_optimizer(c, 10, variables["params"])
+        tx, _ = optim.make_optimizer(c.optim, variables["params"], optax.constant_schedule)
         state = create_train_state(model, tx, variables, mesh)
         state, m = make_train_step(model, c, mesh)(state, parallel.shard_batch(batch, mesh))
         out[mode][n] = {"params": [np.asarray(v).ravel().tolist() for v in jax.tree.leaves(state.params)],

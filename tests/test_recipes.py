@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.recipes import CONFIGS as RUNLOCAL
 from cxflax.data.images import read_image
 from cxflax.data.pipeline import create_input
 from cxflax.data.sources import make_source
@@ -357,10 +358,7 @@ def test_pseudo_labels_extend_training_with_those_labels(tiny_run, tmp_path):
 
 @pytest.mark.optimized
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["resnest.py:runlocal", "resnest.py:multitask,runlocal",
-                                    "sensemble.py:resnest14d,runlocal", "covid_resnet.py:runlocal",
-                                    "flannel.py:resnet10t,runlocal", "densenet_ct.py:finetune,runlocal",
-                                    "lung_seg.py:runlocal", "patched_flannel.py:resnet10t,runlocal"])
+@pytest.mark.parametrize("config", RUNLOCAL)
 def test_runlocal_learns(tmp_path, config):
   wd = str(tmp_path / "w")
   proc = run_python("", args=["-m", "cxflax.main", f"--config=configs/{config}", f"--workdir={wd}"], timeout=1800)

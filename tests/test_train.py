@@ -48,7 +48,7 @@ def test_classification_metrics_by_hand():
 
 
 _SHARDING_CHECK = textwrap.dedent("""
-    import json, jax, numpy as np
+    import json, jax, numpy as np, optax
     from cxflax import parallel
     from cxflax.config import base_config, finalize
     from cxflax.models.heads import create_network
@@ -67,7 +67,7 @@ _SHARDING_CHECK = textwrap.dedent("""
     for n in (8, 1):
       mesh = parallel.make_mesh(jax.devices()[:n])
       variables = init_variables(model, (32, 32, 3), 0)
-      tx, _ = optim.make_optimizer(c, 10, variables["params"])
+      tx, _ = optim.make_optimizer(c.optim, variables["params"], optax.constant_schedule)
       state = create_train_state(model, tx, variables, mesh)
       step = make_train_step(model, c, mesh)
       losses = []

@@ -59,13 +59,13 @@ def inverse_frequency(labels: np.ndarray, num_classes: int) -> np.ndarray:
   return (inv * num_classes / inv.sum()).astype(np.float32)
 
 
-def class_alpha(config, labels: np.ndarray, class_names) -> np.ndarray | None:
-  """The focal loss's per-class weights: config.loss.alpha, or the inverse frequencies of the
-  training labels; None for the other losses."""
-  if config.loss.name != "focal":
+def class_alpha(loss, labels: np.ndarray, class_names) -> np.ndarray | None:
+  """The focal loss's per-class weights (loss: config.loss): loss.alpha, or the inverse
+  frequencies of the training labels; None for the other losses."""
+  if loss.name != "focal":
     return None
-  if config.loss.alpha:
-    alpha = np.asarray(config.loss.alpha, np.float32)
+  if loss.alpha:
+    alpha = np.asarray(loss.alpha, np.float32)
     if len(alpha) != len(class_names):
       raise ConfigError(f"config.loss.alpha has {len(alpha)} values for {len(class_names)} classes")
     return alpha
@@ -126,9 +126,9 @@ def prediction(outputs) -> Any:
   return outputs["prediction"] if isinstance(outputs, dict) else outputs
 
 
-def compute_loss(config, outputs, labels, weights=None, class_alpha=None):
-  """The loss config.loss.name names, with config.loss's fields, on the network's outputs."""
-  return LOSSES.get(config.loss.name)(config.loss, outputs, labels, weights, class_alpha)
+def compute_loss(loss, outputs, labels, weights=None, class_alpha=None):
+  """The loss `loss.name` names (loss: config.loss), with loss's fields, on the network's outputs."""
+  return LOSSES.get(loss.name)(loss, outputs, labels, weights, class_alpha)
 
 
 @LOSSES.register("smooth_l1")

@@ -36,10 +36,12 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
   n = max(2, int(f.steps))
   rates = f.start * (f.end / f.start) ** (np.arange(n) / (n - 1))
   table = jax.numpy.asarray(rates, jax.numpy.float32)
-  tx, _ = optim.make_optimizer(config, n, variables["params"],
-                               schedule_fn=lambda t: table[jax.numpy.minimum(t, n - 1)])
+  # The head's group sweeps the rates; the other groups keep their ratio to it.
+  head_lr = optim.group_learning_rates(config.optim)[-1]
+  tx, _ = optim.make_optimizer(config.optim, variables["params"],
+                               lambda lr: lambda t: lr / head_lr * table[jax.numpy.minimum(t, n - 1)])
   state = create_train_state(model, tx, variables, mesh)
-  alpha = class_alpha(config, inp.source.labels()[inp.train_indices], inp.class_names)
+  alpha = class_alpha(config.loss, inp.source.labels()[inp.train_indices], inp.class_names)
   step = make_train_step(model, config, mesh, alpha)
   it = iter(inp.train())
   rows, smooth, best = [], 0.0, math.inf

@@ -35,12 +35,10 @@ FROZEN = "frozen"
 SCHEDULES: Registry[Callable[..., optax.Schedule]] = Registry("schedule", ConfigError, "config.schedule.name")
 
 
-def make_schedule(config, steps_per_epoch: int, base_lr: float | None = None) -> optax.Schedule:
-  """config.schedule over config.num_epochs epochs of steps_per_epoch steps, peaking at base_lr
-  (config.optim.learning_rate by default)."""
-  s = config.schedule
-  lr = config.optim.learning_rate if base_lr is None else base_lr
-  total = max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
+def make_schedule(s, lr: float, num_epochs: float, steps_per_epoch: int) -> optax.Schedule:
+  """The schedule `s` (config.schedule) over num_epochs epochs of steps_per_epoch steps, peaking
+  at lr."""
+  total = max(1, int(math.ceil(num_epochs * steps_per_epoch)))
   epoch_steps = max(1, steps_per_epoch)
   fn = SCHEDULES.get(s.name)(s, lr, total, epoch_steps)
   if s.unit == "epoch":
@@ -167,19 +165,12 @@ def _adamw(o, schedule):
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 
 
-def make_optimizer(config, steps_per_epoch: int, params, schedule_fn=None
+def make_optimizer(o, params, schedule_of: Callable[[float], optax.Schedule]
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(optimizer, schedule of the last — usually the head's — group) for `params`.
-
-  schedule_fn, if given, replaces config's schedule: it gives the last group's rate per step and
-  the other groups keep their ratio to it (the LR range test sweeps it).
-  """
-  o = config.optim
-  rates = group_learning_rates(o)
-  if schedule_fn is None:
-    schedules = [make_schedule(config, steps_per_epoch, lr) for lr in rates]
-  else:
-    schedules = [(lambda t, r=lr / rates[-1]: r * schedule_fn(t)) for lr in rates]
+  """(optimizer, schedule of the last — usually the head's — group) for `params`, by `o`
+  (config.optim); schedule_of(lr) is the schedule of a group whose rate is lr (make_schedule
+  with the run's config.schedule, or the LR range test's sweep)."""
+  schedules = [schedule_of(lr) for lr in group_learning_rates(o)]
   labels = param_labels(o, params)
   used = set(jax.tree.leaves(labels))
   transforms = {f"group{i}": OPTIMIZERS.get(o.name)(o, s) for i, s in enumerate(schedules)

@@ -60,7 +60,7 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
     outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
                                    train=True, mutable=["batch_stats"],
                                    rngs={"dropout": rng, "patches": jax.random.fold_in(rng, 1)})
-    return compute_loss(config, outputs, batch["label"], class_alpha=class_alpha), updates
+    return compute_loss(config.loss, outputs, batch["label"], class_alpha=class_alpha), updates
 
   grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
 

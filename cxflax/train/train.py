@@ -8,6 +8,7 @@ with the right optimizer state and input position.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Iterator
@@ -76,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   variables = build.initial_variables(config, model, first.image_shape(), config.seed)
   parameter_overview.log_parameter_overview(variables["params"], msg=f"{config.model} parameters")
   variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-  alpha = class_alpha(config, first.source.labels()[first.train_indices], class_names)
+  alpha = class_alpha(config.loss, first.source.labels()[first.train_indices], class_names)
 
   ckpts = ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints)
   model_target = ckpt_lib.abstract(variables, parallel.replicated(mesh))
@@ -145,7 +146,9 @@ def _stages(configs, first: Input, extra) -> Iterator[_Stage]:
 def _start_stage(run: _Run, stage: _Stage, variables: dict, resume_step: int | None):
   """(train state, training input iterator, learning-rate schedule) of a stage: a fresh optimizer
   at the stage's first step, or everything restored from checkpoint `resume_step`."""
-  tx, schedule = optim.make_optimizer(stage.config, stage.inp.steps_per_epoch, variables["params"])
+  c = stage.config
+  tx, schedule = optim.make_optimizer(c.optim, variables["params"], functools.partial(
+      optim.make_schedule, c.schedule, num_epochs=c.num_epochs, steps_per_epoch=stage.inp.steps_per_epoch))
   state = create_train_state(run.model, tx, variables, run.mesh, stage.start)
   train_iter = iter(stage.inp.train())
   if resume_step is not None:
