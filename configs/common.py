@@ -1,4 +1,5 @@
-"""What the recipes share: reading the config argument (`--config=configs/X.py:a,b`)."""
+"""What the recipes share: reading the config argument (`--config=configs/X.py:a,b`) and naming
+a departure from the paper."""
 
 from __future__ import annotations
 
@@ -21,3 +22,9 @@ def parse_arg(arg: str | None, flags: Sequence[str] = (), choices: Sequence[str]
   if len(picked) > 1:
     raise ValueError(f"config argument {arg!r}: give one of {', '.join(choices)}, not {picked}")
   return (picked[0] if picked else default), set(words) - set(picked)
+
+
+def depart(config, path: str, reason: str) -> None:
+  """Records that `path` (a field path, e.g. 'optim.weight_decay') knowingly differs from the
+  paper, and why; the recipe's docstring names the path in backticks."""
+  config.departures = tuple(config.departures) + ((path, reason),)
