@@ -273,12 +273,14 @@ def test_dataset_statistics_replace_normalize_dataset():
   config = load_config("resnest.py:runlocal", *TINY)
   config.data.train_pp = "to_rgb|resize(32)|normalize('dataset')"
   config.data.eval_pp = "to_rgb|resize(32)|normalize('dataset')"
-  inp = pipeline.create_input(finalize(config))
-  assert "dataset" not in inp.config.data.train_pp and inp.config.data.train_pp == inp.config.data.eval_pp
+  config = finalize(config)
+  inp = pipeline.create_input(config)
+  assert "dataset" not in inp.train_pp and inp.train_pp == inp.eval_pp
+  assert config.data.train_pp.endswith("normalize('dataset')")  # the config is left as it was
   # The training split's own per-channel statistics (all of it: fewer images than stats_images).
   pixels = np.stack([inp.source.load(int(i))["image"] for i in inp.train_indices]).astype(np.float64) / 255
   mean, std = pixels.mean(), pixels.std()
-  written = inp.config.data.train_pp.split("normalize(")[1][:-1]  # the literal the pipeline wrote
+  written = inp.train_pp.split("normalize(")[1][:-1]  # the literal the pipeline wrote
   np.testing.assert_allclose(np.array(eval(written), np.float64), [[mean] * 3, [std] * 3], rtol=1e-5)
   batch = next(iter(inp.eval()))
   images = batch["image"][batch["valid"] > 0]

@@ -150,13 +150,16 @@ def _prefetch(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
 
 @dataclasses.dataclass
 class Input:
-  """Everything a mode needs from the data: sources, splits and dataset factories."""
+  """Everything a mode needs from the data: sources, splits, the preprocessing specs as run
+  (normalize('dataset') replaced by the training split's statistics) and dataset factories."""
   source: Source
   train_indices: np.ndarray
   eval_source: Source
   eval_indices: np.ndarray
   steps_per_epoch: int
   config: Any
+  train_pp: str
+  eval_pp: str
   process_index: int = 0
   process_count: int = 1
 
@@ -169,23 +172,21 @@ class Input:
     return self.source.class_names
 
   def train(self) -> grain.IterDataset:
-    d = self.config.data
-    return train_dataset(self.source, self.train_indices, pp=d.train_pp,
+    return train_dataset(self.source, self.train_indices, pp=self.train_pp,
                          global_batch=self.config.batch_size, seed=self.config.seed,
-                         workers=d.workers, process_index=self.process_index,
+                         workers=self.config.data.workers, process_index=self.process_index,
                          process_count=self.process_count)
 
   def image_shape(self) -> tuple[int, ...]:
     """The shape of one preprocessed image (H, W, C): what the model is initialised on."""
     ex = dict(self.eval_source.load(int(self.eval_indices[0])))
     ex["index"] = np.int64(self.eval_indices[0])
-    return tuple(_Augment(self.eval_source, self.config.data.eval_pp).random_map(
+    return tuple(_Augment(self.eval_source, self.eval_pp).random_map(
         ex, np.random.default_rng(0))["image"].shape)
 
   def eval(self) -> grain.IterDataset:
-    d = self.config.data
-    return eval_dataset(self.eval_source, self.eval_indices, pp=d.eval_pp,
-                        global_batch=self.config.eval_batch_size, workers=d.workers,
+    return eval_dataset(self.eval_source, self.eval_indices, pp=self.eval_pp,
+                        global_batch=self.config.eval_batch_size, workers=self.config.data.workers,
                         process_index=self.process_index, process_count=self.process_count)
 
 
@@ -194,21 +195,24 @@ def create_input(config, process_index: int = 0, process_count: int = 1,
   """Sources and splits from the config: train on all folds but `config.fold` and evaluate on it
   (or, with config.data.eval_split='val'/'test', train on the source's training split and
   evaluate on its own validation/test split). normalize('dataset') in the preprocessing specs is
-  replaced by the training split's statistics. `extra` (pseudo-labelled examples) is added to
+  replaced by the training split's statistics in the Input's specs (the config is left as it
+  is). `extra` (pseudo-labelled examples) is added to
   the training examples of every fold and never evaluated."""
   d = config.data
   source, train_idx, eval_source, eval_idx = split_examples(config, extra)
-  if DATASET_NORM in d.train_pp.replace('"', "'") or DATASET_NORM in d.eval_pp.replace('"', "'"):
-    mean, std = dataset_statistics(source, train_idx, d.eval_pp, d.stats_images, config.seed)
+  train_pp, eval_pp = d.train_pp, d.eval_pp
+  if DATASET_NORM in train_pp.replace('"', "'") or DATASET_NORM in eval_pp.replace('"', "'"):
+    mean, std = dataset_statistics(source, train_idx, eval_pp, d.stats_images, config.seed)
     literal = f"normalize({tuple(round(float(m), 6) for m in mean)}, {tuple(round(float(v), 6) for v in std)})"
     logging.info("normalize('dataset'): training-split statistics %s", literal)
-    d.train_pp = d.train_pp.replace('"', "'").replace(DATASET_NORM, literal)
-    d.eval_pp = d.eval_pp.replace('"', "'").replace(DATASET_NORM, literal)
+    train_pp = train_pp.replace('"', "'").replace(DATASET_NORM, literal)
+    eval_pp = eval_pp.replace('"', "'").replace(DATASET_NORM, literal)
   steps = (len(train_idx) // process_count // (config.batch_size // process_count))
   if steps == 0:
     raise DataError(f"training split has {len(train_idx)} examples, fewer than one batch of "
                     f"{config.batch_size}; lower config.batch_size")
-  return Input(source, train_idx, eval_source, eval_idx, steps, config, process_index, process_count)
+  return Input(source, train_idx, eval_source, eval_idx, steps, config, train_pp, eval_pp,
+               process_index, process_count)
 
 
 def split_examples(config, extra: Source | None = None) -> tuple[Source, np.ndarray, Source, np.ndarray]:

@@ -169,11 +169,22 @@ def _start_stage(run: _Run, stage: _Stage, variables: dict, resume_step: int | N
   return state, train_iter, schedule
 
 
+def _as_trained(config: ml_collections.ConfigDict, stage: _Stage) -> ml_collections.ConfigDict:
+  """The run's config with the stage's image size and preprocessing as run (the training split's
+  statistics in place of normalize('dataset')): what eval and predict re-read from a checkpoint
+  of this stage."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.data.image_size = stage.config.data.image_size
+  c.data.train_pp, c.data.eval_pp = stage.inp.train_pp, stage.inp.eval_pp
+  return c
+
+
 def _train_stage(run: _Run, stage: _Stage, state, train_iter, schedule):
   """The steps of one stage; returns (state, last metrics, last evaluation, halted)."""
   config, inp, stage_start, stage_end = stage.config, stage.inp, stage.start, stage.end
   steps_per_epoch = inp.steps_per_epoch
-  meta = build.checkpoint_meta(run.config, run.task, run.class_names, stage.index, stage_start)
+  meta = build.checkpoint_meta(_as_trained(run.config, stage), run.task, run.class_names, stage.index,
+                               stage_start)
   train_step = make_train_step(run.model, config, run.mesh, run.alpha)
   writer = run.writer
   report = periodic_actions.ReportProgress(num_train_steps=stage_end, writer=writer,
