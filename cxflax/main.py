@@ -8,7 +8,8 @@ field overrides (--config.batch_size=16). Modes:
   cv        trains every fold into --workdir/fold_K and writes per-fold and averaged metrics;
   ensemble  trains the ensemble stage (config.ensemble) on its members' checkpoints;
   predict   averages runs' (folds') and checkpoints' predictions for a split, written as CSV;
-  lr_find   the learning-rate range test (CSV, PNG and a suggested rate).
+  lr_find   the learning-rate range test (CSV, PNG and a suggested rate);
+  describe  prints every stage's effective settings and writes them to --workdir/recipe.json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "cv", "ensemble", "predict", "lr_find"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "cv", "ensemble", "predict", "lr_find",
+                                             "describe"],
                           "What to run.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "--mode=eval: a workdir, checkpoints/ folder or step folder to "
@@ -61,7 +63,7 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None):
 
 def _run(mode: str, config, workdir: str, checkpoint: str | None):
   from cxflax.errors import ConfigError
-  from cxflax.train import evaluate, lr_find, predict, train
+  from cxflax.train import describe, evaluate, lr_find, predict, train
 
   if mode in ("train", "ensemble"):
     if mode == "ensemble" and not config.ensemble.kind:
@@ -75,6 +77,8 @@ def _run(mode: str, config, workdir: str, checkpoint: str | None):
     return predict.predict(config, workdir)
   if mode == "lr_find":
     return lr_find.lr_find(config, workdir)
+  if mode == "describe":
+    return describe.describe(config, workdir)
   raise ConfigError(f"unknown mode {mode!r}")
 
 

@@ -16,20 +16,27 @@ class Registry(Generic[T]):
   def __init__(self, kind: str, error: type[Exception] = ValueError, where: str = ""):
     self.kind, self.error, self.where = kind, error, where
     self._items: dict[str, T] = {}
+    self._info: dict[str, dict] = {}
 
-  def register(self, name: str) -> Callable[[T], T]:
-    """Decorator: `@REGISTRY.register('name')` above the function or class."""
+  def register(self, name: str, **info) -> Callable[[T], T]:
+    """Decorator: `@REGISTRY.register('name')` above the function or class; `info` is what the
+    thing tells about itself (e.g. fields=('beta',): the config fields a loss reads)."""
     def add(obj: T) -> T:
-      self.add(name, obj)
+      self.add(name, obj, **info)
       return obj
     return add
 
-  def add(self, name: str, obj: T) -> None:
+  def info(self, name: str) -> dict:
+    self.get(name)  # an unknown name raises the registry's error
+    return dict(self._info.get(name, {}))
+
+  def add(self, name: str, obj: T, **info) -> None:
     if name in self._items:  # two under one name would silently shadow each other
       modules = [getattr(o, "__module__", None) for o in (self._items[name], obj)]
       where = f" ({modules[0]} and {modules[1]})" if all(modules) else ""
       raise ValueError(f"{self.kind} {name!r} is registered twice{where}")
     self._items[name] = obj
+    self._info[name] = info
 
   def get(self, name: str) -> T:
     if name not in self._items:

@@ -197,6 +197,25 @@ def create_input(config, process_index: int = 0, process_count: int = 1,
   replaced by the training split's statistics. `extra` (pseudo-labelled examples) is added to
   the training examples of every fold and never evaluated."""
   d = config.data
+  source, train_idx, eval_source, eval_idx = split_examples(config, extra)
+  if DATASET_NORM in d.train_pp.replace('"', "'") or DATASET_NORM in d.eval_pp.replace('"', "'"):
+    mean, std = dataset_statistics(source, train_idx, d.eval_pp, d.stats_images, config.seed)
+    literal = f"normalize({tuple(round(float(m), 6) for m in mean)}, {tuple(round(float(v), 6) for v in std)})"
+    logging.info("normalize('dataset'): training-split statistics %s", literal)
+    d.train_pp = d.train_pp.replace('"', "'").replace(DATASET_NORM, literal)
+    d.eval_pp = d.eval_pp.replace('"', "'").replace(DATASET_NORM, literal)
+  steps = (len(train_idx) // process_count // (config.batch_size // process_count))
+  if steps == 0:
+    raise DataError(f"training split has {len(train_idx)} examples, fewer than one batch of "
+                    f"{config.batch_size}; lower config.batch_size")
+  return Input(source, train_idx, eval_source, eval_idx, steps, config, process_index, process_count)
+
+
+def split_examples(config, extra: Source | None = None) -> tuple[Source, np.ndarray, Source, np.ndarray]:
+  """(training source, training indices, evaluation source, evaluation indices): the folds of
+  config.num_folds with config.fold held out, or (config.data.eval_split 'val' / 'test') the
+  source's own split; `extra` joins the training examples."""
+  d = config.data
   source = make_source(d, "train")
   if d.eval_split == "fold":
     fold_of = make_folds(source, config.num_folds, config.seed, d.stratify)
@@ -215,17 +234,7 @@ def create_input(config, process_index: int = 0, process_count: int = 1,
     eval_source = joined if eval_source is source else eval_source
     source = joined
     train_idx = np.concatenate([train_idx, offset + np.arange(len(extra))])
-  if DATASET_NORM in d.train_pp.replace('"', "'") or DATASET_NORM in d.eval_pp.replace('"', "'"):
-    mean, std = dataset_statistics(source, train_idx, d.eval_pp, d.stats_images, config.seed)
-    literal = f"normalize({tuple(round(float(m), 6) for m in mean)}, {tuple(round(float(v), 6) for v in std)})"
-    logging.info("normalize('dataset'): training-split statistics %s", literal)
-    d.train_pp = d.train_pp.replace('"', "'").replace(DATASET_NORM, literal)
-    d.eval_pp = d.eval_pp.replace('"', "'").replace(DATASET_NORM, literal)
-  steps = (len(train_idx) // process_count // (config.batch_size // process_count))
-  if steps == 0:
-    raise DataError(f"training split has {len(train_idx)} examples, fewer than one batch of "
-                    f"{config.batch_size}; lower config.batch_size")
-  return Input(source, train_idx, eval_source, eval_idx, steps, config, process_index, process_count)
+  return source, train_idx, eval_source, eval_idx
 
 
 DATASET_NORM = "normalize('dataset')"

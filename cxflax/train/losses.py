@@ -17,8 +17,9 @@ import optax
 from cxflax.errors import ConfigError
 from cxflax.registry import Registry
 
-# config.loss.name → fn(config.loss, outputs, labels, weights, class_alpha) → scalar. Which task
-# may use which loss is the task's business (cxflax/train/tasks.py).
+# config.loss.name → fn(config.loss, outputs, labels, weights, class_alpha) → scalar; `fields`:
+# the config.loss fields it reads. Which task may use which loss is the task's business
+# (cxflax/train/tasks.py).
 LOSSES: Registry[Callable[..., Any]] = Registry("loss", ConfigError, "config.loss.name")
 
 
@@ -131,12 +132,12 @@ def compute_loss(loss, outputs, labels, weights=None, class_alpha=None):
   return LOSSES.get(loss.name)(loss, outputs, labels, weights, class_alpha)
 
 
-@LOSSES.register("smooth_l1")
+@LOSSES.register("smooth_l1", fields=("beta",))
 def _smooth_l1_loss(loss, outputs, labels, weights, class_alpha):
   return smooth_l1(prediction(outputs)[..., 0], labels, loss.beta, weights)
 
 
-@LOSSES.register("mse")
+@LOSSES.register("mse", fields=())
 def _mse_loss(loss, outputs, labels, weights, class_alpha):
   return _weighted_mean((prediction(outputs)[..., 0] - labels) ** 2, weights)
 
@@ -151,30 +152,30 @@ def _multitask(loss, outputs, labels, weights):
           + smooth_l1(outputs["prediction"][..., 0], labels, beta, weights))
 
 
-@LOSSES.register("multitask")
+@LOSSES.register("multitask", fields=("beta",))
 def _multitask_loss(loss, outputs, labels, weights, class_alpha):
   return _multitask(loss, outputs, labels, weights)
 
 
-@LOSSES.register("multitask_kl")
+@LOSSES.register("multitask_kl", fields=("beta", "kl_weight"))
 def _multitask_kl_loss(loss, outputs, labels, weights, class_alpha):
   """Seed 001, approach 3: approach 2 plus the KL term."""
   return (_multitask(loss, outputs, labels, weights)
           + loss.kl_weight * kl_to_label_distribution(outputs["bins"], labels, weights))
 
 
-@LOSSES.register("cross_entropy")
+@LOSSES.register("cross_entropy", fields=("label_smoothing",))
 def _cross_entropy_loss(loss, outputs, labels, weights, class_alpha):
   return cross_entropy(prediction(outputs), labels, weights, loss.label_smoothing)
 
 
-@LOSSES.register("focal")
+@LOSSES.register("focal", fields=("gamma", "alpha"))
 def _focal_loss(loss, outputs, labels, weights, class_alpha):
   if class_alpha is None:
     raise ConfigError("focal loss needs class weights (alpha)")
   return focal(prediction(outputs), labels, class_alpha, loss.gamma, weights)
 
 
-@LOSSES.register("triplet")
+@LOSSES.register("triplet", fields=("margin", "mining"))
 def _triplet_loss(loss, outputs, labels, weights, class_alpha):
   return triplet(prediction(outputs), labels, loss.margin, weights, loss.mining)

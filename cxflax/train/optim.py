@@ -37,7 +37,8 @@ FROZEN = "frozen"
 
 
 # config.schedule.name → fn(config.schedule, lr, total_steps, epoch_steps) → schedule of the step
-# count (float32), torch's schedulers' arithmetic.
+# count (float32), torch's schedulers' arithmetic; `fields`: the config.schedule fields it reads
+# (those in epochs end in _epochs).
 SCHEDULES: Registry[Callable[..., optax.Schedule]] = Registry("schedule", ConfigError, "config.schedule.name")
 
 
@@ -54,12 +55,12 @@ def make_schedule(s, lr: float, num_epochs: float, steps_per_epoch: int) -> opta
   return lambda t: fn(jnp.asarray(t, jnp.float32))
 
 
-@SCHEDULES.register("constant")
+@SCHEDULES.register("constant", fields=())
 def _constant(s, lr, total, epoch_steps):
   return lambda t: jnp.full((), lr, jnp.float32)
 
 
-@SCHEDULES.register("warmup_cosine")
+@SCHEDULES.register("warmup_cosine", fields=("warmup_epochs", "min_learning_rate"))
 def _warmup_cosine(s, lr, total, epoch_steps):
   warmup = int(s.warmup_epochs * epoch_steps)
   if warmup >= total:
@@ -73,21 +74,21 @@ def _period(s, total, epoch_steps):
   return (s.period_epochs * epoch_steps) if s.period_epochs else total
 
 
-@SCHEDULES.register("cosine")
+@SCHEDULES.register("cosine", fields=("period_epochs", "min_learning_rate"))
 def _cosine(s, lr, total, epoch_steps):
   """torch's CosineAnnealingLR: periodic beyond T_max."""
   period, min_lr = _period(s, total, epoch_steps), s.min_learning_rate
   return lambda t: min_lr + (lr - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * t / period))
 
 
-@SCHEDULES.register("cosine_restarts")
+@SCHEDULES.register("cosine_restarts", fields=("period_epochs", "restart_mult", "min_learning_rate"))
 def _cosine_restarts(s, lr, total, epoch_steps):
   """torch's CosineAnnealingWarmRestarts(T_0, T_mult)."""
   t0 = _period(s, total, epoch_steps)
   return lambda t: _restarts(t, t0, s.restart_mult, lr, s.min_learning_rate)
 
 
-@SCHEDULES.register("step")
+@SCHEDULES.register("step", fields=("step_decay_epochs", "step_decay_factor"))
 def _step(s, lr, total, epoch_steps):
   """torch's StepLR."""
   if s.step_decay_epochs <= 0:
@@ -146,7 +147,7 @@ def param_labels(optim, params) -> dict:
 
 # config.optim.name → fn(config.optim, schedule) → the optax optimizer, with PyTorch's semantics:
 # SGD's and Adam's weight decay are L2 terms added to the gradient (torch.optim.SGD / Adam),
-# AdamW's is decoupled.
+# AdamW's is decoupled. `fields`: the config.optim fields it reads; `weight_decay`: how it is applied.
 OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry(
     "optimizer", ConfigError, "config.optim.name")
 
@@ -156,17 +157,20 @@ def _with_l2(o, opt: optax.GradientTransformation) -> optax.GradientTransformati
   return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
 
 
-@OPTIMIZERS.register("sgd")
+@OPTIMIZERS.register("sgd", fields=("momentum", "nesterov", "weight_decay"),
+                      weight_decay="L2 term added to the gradient (torch.optim.SGD)")
 def _sgd(o, schedule):
   return _with_l2(o, optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
 
 
-@OPTIMIZERS.register("adam")
+@OPTIMIZERS.register("adam", fields=("b1", "b2", "eps", "weight_decay"),
+                      weight_decay="L2 term added to the gradient (torch.optim.Adam)")
 def _adam(o, schedule):
   return _with_l2(o, optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps))
 
 
-@OPTIMIZERS.register("adamw")
+@OPTIMIZERS.register("adamw", fields=("b1", "b2", "eps", "weight_decay"),
+                      weight_decay="decoupled from the gradient (torch.optim.AdamW)")
 def _adamw(o, schedule):
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 
