@@ -21,9 +21,9 @@ are frozen, their 1000-d outputs stacked, weighted per member by the SE block (L
 Linear 3→6 → sigmoid) or not ('average'), averaged over members, and fed to a new 500 → 250 → 1
 head trained like a member (batch 224).
 
-Departs from the paper and the authors' code: `batch_size` — each epoch's last partial batch is
-dropped (the authors' DataLoader keeps it, drop_last=False), so that every train step has one
-shape; `data.eval_pp` — evaluation is the deterministic resize and centre crop (the authors'
+Departs from the paper and the authors' code: `steps_per_epoch` — each epoch's last partial
+batch is dropped (the authors' DataLoader keeps it, drop_last=False), so that every train step
+has one shape; `data.eval_pp` — evaluation is the deterministic resize and centre crop (the authors'
 validation and test loaders reuse the training augmentation); `dtype` — float32 rather than the
 authors' float16 (set --config.dtype=bfloat16 on GPUs). Members also run in inference mode
 inside the ensemble (the authors' frozen members kept updating their BatchNorm statistics, an
@@ -61,8 +61,10 @@ def get_config(arg: str | None = None):
                      "shift_scale_rotate(0.0625, 0.1, 30, p=0.5)|normalize('imagenet')")
   c.data.eval_pp = "to_rgb|resize({size+32})|center_crop({size})|normalize('imagenet')"
   c.data.workers = 2
-  depart(c, "batch_size", "each epoch's last partial batch is dropped (the authors' DataLoader keeps "
-         "it, drop_last=False) so that every train step has one shape and splits over the devices")
+  # Named by describe's steps_per_epoch (batches per epoch: floor here, ceil for the authors), not
+  # by batch_size, whose value does follow the paper.
+  depart(c, "steps_per_epoch", "each epoch's last partial batch is dropped (the authors' DataLoader "
+         "keeps it, drop_last=False) so that every train step has one shape and splits over the devices")
   depart(c, "data.eval_pp", "evaluation is the deterministic resize and centre crop; the authors' "
          "validation and test loaders reuse the training augmentation (flip, shift-scale-rotate)")
   depart(c, "dtype", "float32 rather than the authors' float16 mixed precision (Lightning "
