@@ -4,11 +4,16 @@ squeeze-and-excitation ensemble of them.
 Members (`--config=configs/sensemble.py:MODEL`, MODEL one of resnest50d, resnetrs50,
 seresnext50_32x4d, ecaresnet50t, skresnext50_32x4d, seresnet50), as in Sec. 2.2–2.6 and the
 authors' code: timm's network with its 1000-way ImageNet classifier kept, then 500 → 250 → 1
-linear layers with ReLU; SmoothL1 (β = 1); AdamW, learning rate 1e-3; cosine annealing
-(T_max = 10 epochs, η_min = 1e-6, stepped per epoch, so the rate rises again after each 10
-epochs), or warm restarts with `:MODEL,warm` (T_0 = 10); 50 epochs; batch 72 (48 for
-skresnext50_32x4d) with gradients accumulated over 4 batches; resize 256 → centre crop 224,
-horizontal flip, shift-scale-rotate (±6.25 %, ±10 %, ±30°, p = 0.5); 5 subject-grouped folds.
+linear layers with ReLU; SmoothL1 (β = 1); AdamW, learning rate 1e-3 (torch's default weight
+decay 0.01); cosine annealing (T_max = 10 epochs, η_min = 1e-6, stepped per epoch, so the rate
+rises again after each 10 epochs), or warm restarts with `:MODEL,warm` (T_0 = 10); 50 epochs;
+batch 72 (48 for skresnext50_32x4d) with gradients accumulated over 4 batches, each epoch ending
+with an update of the batches left over as in the authors' Lightning loop (the schedule counts
+updates, so its periods stay in epochs); resize to image size + 32 → centre crop (256 → 224 at
+the paper's 224; `--config.data.image_size=128` gives 160 → 128), horizontal flip,
+shift-scale-rotate (±6.25 %, ±10 %, ±30°, p = 0.5, borders reflected as albumentations' default);
+5 folds of scikit-learn's GroupKFold by subject, unshuffled as in the authors' code (config.seed
+does not change them).
 
 Ensemble stage (`--mode=ensemble --config=configs/sensemble.py:ensemble` or `:ensemble,average`
 with `--config.ensemble.members=(DIR1,DIR2,...)`, the members' workdirs of one fold): the members
@@ -16,13 +21,18 @@ are frozen, their 1000-d outputs stacked, weighted per member by the SE block (L
 Linear 3→6 → sigmoid) or not ('average'), averaged over members, and fed to a new 500 → 250 → 1
 head trained like a member (batch 224).
 
-Departs from the paper: members run in inference mode inside the ensemble (the authors' frozen
-members kept updating their BatchNorm statistics, an artefact of training them inside a module in
-training mode); float32 rather than the authors' float16 (set --config.dtype=bfloat16 on GPUs).
+Departs from the paper and the authors' code: `steps_per_epoch` — each epoch's last partial
+batch is dropped (the authors' DataLoader keeps it, drop_last=False), so that every train step
+has one shape; `data.eval_pp` — evaluation is the deterministic resize and centre crop (the authors'
+validation and test loaders reuse the training augmentation); `dtype` — float32 rather than the
+authors' float16 (set --config.dtype=bfloat16 on GPUs). Members also run in inference mode
+inside the ensemble (the authors' frozen members kept updating their BatchNorm statistics, an
+artefact of training them inside a module in training mode). In the epoch's last, shorter
+accumulation the gradient is the mean over its batches, where Lightning divides their sum by 4.
 `:runlocal` (with a member or `ensemble`) shrinks everything to 64-px phantom slices.
 """
 
-from configs.common import parse_arg
+from configs.common import depart, parse_arg
 from cxflax.config import base_config
 
 MEMBERS = ("resnest50d", "resnetrs50", "seresnext50_32x4d", "ecaresnet50t", "skresnext50_32x4d", "seresnet50")
@@ -46,10 +56,19 @@ def get_config(arg: str | None = None):
   c.optim.grad_accum_steps = 4
   c.num_folds, c.data.stratify = 5, "none"
   c.data.image_size = 224
-  c.data.train_pp = ("to_rgb|resize(256)|center_crop({size})|flip_lr(0.5)|"
+  # The authors resize to image size + 32 before the centre crop (256 → 224), whatever the size.
+  c.data.train_pp = ("to_rgb|resize({size+32})|center_crop({size})|flip_lr(0.5)|"
                      "shift_scale_rotate(0.0625, 0.1, 30, p=0.5)|normalize('imagenet')")
-  c.data.eval_pp = "to_rgb|resize(256)|center_crop({size})|normalize('imagenet')"
+  c.data.eval_pp = "to_rgb|resize({size+32})|center_crop({size})|normalize('imagenet')"
   c.data.workers = 2
+  # Named by describe's steps_per_epoch (batches per epoch: floor here, ceil for the authors), not
+  # by batch_size, whose value does follow the paper.
+  depart(c, "steps_per_epoch", "each epoch's last partial batch is dropped (the authors' DataLoader "
+         "keeps it, drop_last=False) so that every train step has one shape and splits over the devices")
+  depart(c, "data.eval_pp", "evaluation is the deterministic resize and centre crop; the authors' "
+         "validation and test loaders reuse the training augmentation (flip, shift-scale-rotate)")
+  depart(c, "dtype", "float32 rather than the authors' float16 mixed precision (Lightning "
+         "precision=16); --config.dtype=bfloat16 on GPUs")
   if "ensemble" in flags or "average" in flags:
     c.ensemble.kind = "average" if "average" in flags else "se"
     c.ensemble.head_hidden = (500, 250)
@@ -59,9 +78,6 @@ def get_config(arg: str | None = None):
   if "runlocal" in flags:
     c.model = c.model if c.model in ("resnest14d", "resnet10t") else "resnest14d"
     c.data.image_size = 64
-    c.data.train_pp = ("to_rgb|resize(72)|center_crop({size})|flip_lr(0.5)|"
-                       "shift_scale_rotate(0.0625, 0.1, 30, p=0.5)|normalize('imagenet')")
-    c.data.eval_pp = "to_rgb|resize(72)|center_crop({size})|normalize('imagenet')"
     c.data.workers = 0
     c.data.phantom.num_subjects = 100
     c.batch_size = c.eval_batch_size = 32

@@ -11,6 +11,7 @@ refused by ml_collections.
 from __future__ import annotations
 
 import os
+import re
 
 import ml_collections
 
@@ -160,7 +161,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.window = ""             # DICOM only: CT window, 'lung' | 'mediastinum' | ... | '(centre, width)' in HU
   c.data.on_bad_data = "error"   # error | skip (bad entries left out and counted in the log)
   c.data.verify_images = False   # decode every image before training (always when skipping)
-  c.data.stratify = "auto"       # auto (severity for regression, class otherwise) | none
+  # auto (severity for regression, class otherwise) | none (scikit-learn's GroupKFold by subject,
+  # unshuffled, so config.seed leaves it alone: seed 000)
+  c.data.stratify = "auto"
   c.data.target = "label"        # label | lung_mask (segmentation: the mask is the per-pixel target)
   c.data.mask_dir = ""           # files on disk: lung masks as <mask_dir>/<image name stem>.png
   c.data.image_size = 512
@@ -180,7 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validates and returns a copy in which '{size}' in the preprocessing specs is the image size.
+  """Validates and returns a copy in which '{size}' in the preprocessing specs is the image size
+  and '{size+N}' / '{size-N}' that size plus or minus N pixels (seed 000 resizes to size + 32
+  before its centre crop).
 
   The unresolved specs are kept in data.train_pp_template / data.eval_pp_template so that
   training stages of other image sizes can resolve them again.
@@ -190,9 +195,29 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.data.train_pp_template = config.data.train_pp
     config.data.eval_pp_template = config.data.eval_pp
   for key in ("train_pp", "eval_pp"):
-    config.data[key] = config.data[f"{key}_template"].replace("{size}", str(config.data.image_size))
+    config.data[key] = resolve_pp(config.data[f"{key}_template"], config.data.image_size, f"config.data.{key}")
   validate(config)
   return config
+
+
+_SIZE_TERM = re.compile(r"size(?:([+-])(\d+))?")
+
+
+def resolve_pp(template: str, size: int, name: str) -> str:
+  """`template` with each '{size}', '{size+N}' or '{size-N}' replaced by its number of pixels;
+  anything else in braces, or a brace left unmatched, is a ConfigError naming `name`."""
+  def term(match):
+    found = _SIZE_TERM.fullmatch(match.group(1).replace(" ", ""))
+    if not found:
+      raise ConfigError(f"{name}: cannot resolve '{match.group(0)}' in {template!r}; the "
+                        "preprocessing templates take '{size}', '{size+N}' or '{size-N}'")
+    sign, n = found.groups()
+    return str(size + (int(n) if sign == "+" else -int(n) if sign == "-" else 0))
+  out = re.sub(r"\{([^{}]*)\}", term, template)
+  if "{" in out or "}" in out:
+    raise ConfigError(f"{name}: unmatched brace in {template!r}; the preprocessing templates "
+                      "take '{size}', '{size+N}' or '{size-N}'")
+  return out
 
 
 def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:

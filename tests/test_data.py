@@ -120,7 +120,7 @@ def test_read_image_errors_name_the_file(tmp_path):
 def test_group_kfold_never_splits_a_subject():
   rng = np.random.default_rng(0)
   subjects = [f"s{rng.integers(0, 37)}" for _ in range(400)]
-  fold_of = folds.group_kfold(subjects, 5, seed=3)
+  fold_of = folds.group_kfold(subjects, 5)
   for s in set(subjects):
     assert len({fold_of[i] for i, t in enumerate(subjects) if t == s}) == 1
   sizes = np.bincount(fold_of)
@@ -243,6 +243,40 @@ def test_train_batches_split_among_processes_reassemble():
       np.testing.assert_array_equal(whole[i], parts[i])
 
 
+def test_ungrouped_folds_are_scikit_learns_group_kfold_on_the_challenge_table(tmp_path):
+  """Seed 000's folds (data.stratify='none') on a Per-COVID-19 challenge table read from disk:
+  the examples of each fold are those scikit-learn's GroupKFold(5) holds out in that split, with
+  the Subject column as the authors' pandas reads it (integers: '10' sorts after '9', which
+  decides the order of subjects with equally many slices). The seed does not change them."""
+  import csv
+  from sklearn.model_selection import GroupKFold
+  rng = np.random.default_rng(0)
+  (tmp_path / "Train").mkdir()
+  rows = []
+  for subject in rng.permutation(np.arange(1, 41)):  # 40 subjects, 1-9 slices, many ties
+    for _ in range(int(rng.integers(1, 10))):
+      name = f"Image_{len(rows):04d}.png"
+      write_image(tmp_path / "Train" / name, np.zeros((8, 8), np.uint8))
+      rows.append((name, float(rng.integers(0, 100)), str(subject)))
+  with open(tmp_path / "Train.csv", "w", newline="") as fh:
+    csv.writer(fh).writerows(rows)  # header-less, as the challenge released it
+  d = base_config().data
+  d.source, d.root = "per_covid19", str(tmp_path)
+  source = make_source(d, "train")
+  subjects = [int(r[2]) for r in rows]
+  want = np.empty(len(rows), np.int64)
+  for k, (_, held) in enumerate(GroupKFold(n_splits=5).split(rows, groups=subjects)):
+    want[held] = k
+  for seed in (0, 7):
+    got = pipeline.make_folds(source, 5, seed, "none")
+    np.testing.assert_array_equal(got, want)
+  # The folds as strings would sort '10' before '9' and differ: the integer reading matters here.
+  as_strings = np.empty(len(rows), np.int64)
+  for k, (_, held) in enumerate(GroupKFold(n_splits=5).split(rows, groups=[r[2] for r in rows])):
+    as_strings[held] = k
+  assert not np.array_equal(as_strings, want)
+
+
 def test_too_small_training_split_is_an_error():
   src = PhantomSource("ct", 1, 32, slices_per_subject=(2, 2))
   with pytest.raises(DataError, match="fewer than one batch"):
@@ -255,7 +289,7 @@ def test_stratified_group_kfold_balances_severity_and_keeps_subjects():
   src = PhantomSource("ct", 80, 32, seed=4)
   subjects, strata = src.subjects(), pipeline.fold_strata(src)
   fold_of = folds.stratified_group_kfold(subjects, strata, 5, seed=0)
-  plain = folds.group_kfold(subjects, 5, seed=0)
+  plain = folds.group_kfold(subjects, 5)
   for s in set(subjects):
     assert len({fold_of[i] for i, t in enumerate(subjects) if t == s}) == 1
 

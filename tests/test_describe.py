@@ -33,7 +33,8 @@ def test_describe_shows_each_stage_and_the_schedule_in_updates(tmp_path):
       assert described[key] == (list(value) if isinstance(value, tuple) else value), key
     low, high = overrides["optim.group_lr_range"]
     assert [g["learning_rate"] for g in described["optim.groups"]] == pytest.approx([low, (low * high) ** 0.5, high])
-    assert described["updates_per_epoch"] == described["steps_per_epoch"] / 2
+    # Every epoch ends with an update: an odd batch left over makes one of its own.
+    assert described["updates_per_epoch"] == -(-described["steps_per_epoch"] // 2)
     assert described["examples_per_update"] == 2 * described["batch_size"]
   assert stages[-1]["optim.groups"][0]["learning_rate"] < stages[-1]["optim.groups"][2]["learning_rate"]
 

@@ -224,3 +224,69 @@ def test_sam_step_by_hand_with_batchnorm_and_devices(sam_steps, mode):
   else:  # each device ascends along its own gradient (m-sharpness)
     assert close(runs["2"]["params"], manual["per_device_2"])
     assert not close(runs["2"]["params"], manual["global"], 1e-6)
+
+
+@pytest.mark.parametrize("arg", ["resnest50d", "resnest50d,warm"])
+def test_sensemble_schedule_counts_updates_with_accumulation(arg):
+  """The recipe's optimizer as training builds it (4 batches accumulated per update, 50 epochs of
+  6 batches: updates of 4 and 2 batches), with plain SGD substituted so that a unit gradient's
+  update is minus the rate actually applied. The rate per epoch must be torch's scheduler stepped
+  per epoch (T_max / T_0 = 10 epochs, not 40), every epoch must end with an update, and the rate
+  training logs must be the applied one."""
+  import torch
+  from cxflax.config import finalize
+  from tests.conftest import load_config
+  c = finalize(load_config(f"sensemble.py:{arg}"))
+  assert (c.optim.grad_accum_steps, c.num_epochs, c.schedule.period_epochs) == (4, 50, 10)
+  c.optim.name, c.optim.momentum, c.optim.weight_decay = "sgd", 0.0, 0.0
+  steps_per_epoch, p0 = 6, {"w": jnp.zeros(())}
+  tx, rate_at = optim.training_optimizer(c, p0, steps_per_epoch)
+  update = jax.jit(lambda s: tx.update({"w": jnp.ones(())}, s, p0))
+  state, applied = tx.init(p0), {}
+  for step in range(50 * steps_per_epoch):
+    u, state = update(state)
+    if float(u["w"]) != 0.0:
+      applied[step] = -float(u["w"])
+  # An update after batches 4 and 6 of every epoch: none carries over into the next epoch.
+  assert sorted(applied) == [e * steps_per_epoch + j for e in range(50) for j in (3, 5)]
+  for step, rate in applied.items():
+    assert rate_at(step) == pytest.approx(rate, rel=1e-5)  # float32 arithmetic inside and outside jit
+  per_epoch = [applied[e * steps_per_epoch + 3] for e in range(50)]
+  assert per_epoch == [applied[e * steps_per_epoch + 5] for e in range(50)]
+  opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1e-3)
+  sched = (torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, eta_min=1e-6) if "warm" in arg
+           else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=1e-6))
+  expected = []
+  for _ in range(50):
+    expected.append(opt.param_groups[0]["lr"])
+    opt.step()
+    sched.step()
+  np.testing.assert_allclose(per_epoch, expected, rtol=1e-5, atol=1e-9)
+  rises = [e for e in range(1, 50) if per_epoch[e] > per_epoch[e - 1] * 1.5]
+  if "warm" in arg:
+    assert rises == [10, 20, 30, 40]  # warm restarts jump back to the peak
+    assert all(per_epoch[e] == pytest.approx(1e-3) for e in (0, 10, 20, 30, 40))
+  else:  # cosine: down for 10 epochs, up for 10 (torch's CosineAnnealingLR past T_max)
+    assert per_epoch[10] == pytest.approx(1e-6, abs=1e-9) and per_epoch[20] == pytest.approx(1e-3)
+    assert per_epoch[30] == pytest.approx(1e-6, abs=1e-9) and per_epoch[40] == pytest.approx(1e-3)
+
+
+def test_epoch_aligned_accumulation_averages_the_batches_left_over():
+  """With 7 batches per epoch and 3 per update, the epoch's updates take batches 1-3, 4-6 and 7
+  alone; each update is the rate times the mean of its batches' gradients."""
+  c = _config(optim=dict(name="sgd", momentum=0.0, learning_rate=0.1, grad_accum_steps=3),
+              schedule=dict(name="constant"), num_epochs=2)
+  p0 = {"w": jnp.zeros(())}
+  tx, rate_at = optim.training_optimizer(c, p0, 7)
+  assert [optim.update_index(i, 7, 3) for i in range(14)] == [0, 0, 0, 1, 1, 1, 2, 3, 3, 3, 4, 4, 4, 5]
+  state, got = tx.init(p0), []
+  grads = np.arange(1.0, 15.0, dtype=np.float32) ** 2
+  for g in grads:
+    u, state = tx.update({"w": jnp.asarray(g)}, state, p0)
+    got.append(float(u["w"]))
+  want = np.zeros(14)
+  for end, members in ((2, [0, 1, 2]), (5, [3, 4, 5]), (6, [6]), (9, [7, 8, 9]), (12, [10, 11, 12]),
+                       (13, [13])):
+    want[end] = -0.1 * grads[members].mean()
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert rate_at(6) == pytest.approx(0.1)

@@ -5,6 +5,7 @@ check; `-m slow` trains every recipe's :runlocal in full and checks that it lear
 
 import csv
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,36 @@ def test_config_arguments_take_one_choice_and_any_flags():
     parse_arg("x")
   # A recipe built on another imports it as a module: patched FLANNEL takes FLANNEL's arguments.
   assert load_config("patched_flannel.py:resnet18,ensemble").ensemble.kind == "flannel"
+
+
+@pytest.mark.parametrize("arg", ["resnest50d", "resnest50d,runlocal"])
+def test_sensemble_resizes_to_the_image_size_plus_32_before_its_centre_crop(arg):
+  """The authors resize to size + 32 and centre-crop size: 128 px is 160 → 128 (not the centre
+  half of a fixed 256), and the image that comes out is the crop of the resized slice."""
+  from cxflax.config import finalize
+  from cxflax.data.transforms import Preprocess
+  c = finalize(load_config(f"sensemble.py:{arg}", "--config.data.image_size=128"))
+  assert c.data.train_pp.startswith("to_rgb|resize(160)|center_crop(128)|flip_lr(0.5)|")
+  assert c.data.eval_pp == "to_rgb|resize(160)|center_crop(128)|normalize('imagenet')"
+  assert finalize(load_config("sensemble.py")).data.eval_pp.startswith("to_rgb|resize(256)|center_crop(224)|")
+  image = np.random.default_rng(0).integers(0, 256, (300, 300, 1), np.uint8)
+  out = Preprocess("to_rgb|resize(160)|center_crop(128)").random_map({"image": image}, np.random.default_rng(0))
+  resized = Preprocess("to_rgb|resize(160)").random_map({"image": image}, np.random.default_rng(0))
+  np.testing.assert_array_equal(out["image"], resized["image"][16:144, 16:144])
+
+
+@pytest.mark.parametrize("template,bad", [("resize({size*2})", "'{size*2}'"), ("resize({sise+32})", "'{sise+32}'"),
+                                          ("resize({size+32)", "unmatched brace"),
+                                          ("resize(size})", "unmatched brace")])
+def test_malformed_preprocessing_templates_are_config_errors(template, bad):
+  from cxflax.config import finalize
+  from cxflax.errors import ConfigError
+  c = load_config("sensemble.py:runlocal")
+  c.data.eval_pp = template
+  with pytest.raises(ConfigError, match=r"config\.data\.eval_pp: .*" + re.escape(bad)):
+    finalize(c)
+  c.data.eval_pp = "resize({ size - 8 })|center_crop({size})"
+  assert finalize(c).data.eval_pp == "resize(56)|center_crop(64)"
 
 
 def test_model_se_and_flannel_weights_match_their_formulas():

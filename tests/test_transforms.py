@@ -66,6 +66,52 @@ def test_geometric_ops_really_move_pixels():
     assert not np.allclose(out["image"], ex["image"]) and not np.array_equal(out["lung_mask"], ex["lung_mask"])
 
 
+def _reflect_101(i, n):
+  """OpenCV's BORDER_REFLECT_101 index: ... 2 1 | 0 1 ... n-1 | n-2 ..., however far out."""
+  period = 2 * (n - 1)
+  i = np.mod(i, period)
+  return np.where(i < n, i, period - i)
+
+
+def test_shift_scale_rotate_reflects_the_border_as_albumentations_default():
+  """A whole-pixel shift moves every pixel exactly; what enters at the border is the image
+  mirrored about its edge pixels (albumentations' default cv2.BORDER_REFLECT_101), for the
+  image and, nearest, for its masks; border='constant' fills zeros."""
+  rng = np.random.default_rng(0)
+  image = rng.uniform(0, 1, (40, 52, 3)).astype(np.float32)
+  mask = (rng.uniform(size=(40, 52, 1)) > 0.5).astype(np.uint8)
+  dx, dy = 13, -7  # pixels: 0.25 of the width, -0.175 of the height
+  out = transforms.shift_scale_rotate({"image": image, "lung_mask": mask}, 0.0, 1.0, (dx / 52, dy / 40))
+  rows, cols = _reflect_101(np.arange(40) - dy, 40), _reflect_101(np.arange(52) - dx, 52)
+  np.testing.assert_allclose(out["image"], image[rows][:, cols], atol=1e-6)
+  np.testing.assert_array_equal(out["lung_mask"], mask[rows][:, cols])
+  assert not np.allclose(out["image"][:, :dx], 0)  # the border is filled, not black
+  constant = transforms.shift_scale_rotate({"image": image}, 0.0, 1.0, (dx / 52, dy / 40), border="constant")
+  np.testing.assert_array_equal(constant["image"][:, :dx], 0)
+  np.testing.assert_allclose(constant["image"][:40 + dy, dx:], image[-dy:, :52 - dx], atol=1e-6)
+  # The registered op takes the border and defaults to reflect_101.
+  spec_out = transforms.Preprocess("shift_scale_rotate(0.1, 0.1, 30, p=1.0)").random_map(
+      {"image": image}, np.random.default_rng(5))
+  assert (spec_out["image"] == 0).mean() < 0.01
+  with pytest.raises(ConfigError, match="border"):
+    transforms.parse("shift_scale_rotate(border='wrap')")
+
+
+@pytest.mark.parametrize("angle,scale,dx,dy", [(0, 1.0, 0.25, -0.05), (20, 0.9, 0.0, 0.0),
+                                               (-30, 1.1, 0.25, -0.05), (25, 0.92, -1 / 13, 0.05)])
+def test_shift_scale_rotate_matches_albumentations(angle, scale, dx, dy):
+  """albumentations' ShiftScaleRotate at fixed parameters with the border the papers' version
+  defaulted to (reflect-101). Shifts are whole pixels (52 × 40 image): albumentations 2 rounds
+  them, 1.x did not. Its angle turns counter-clockwise as displayed, ours clockwise."""
+  import albumentations as A
+  import cv2
+  image = np.random.default_rng(1).uniform(0, 1, (40, 52, 3)).astype(np.float32)
+  ref = A.ShiftScaleRotate(shift_limit_x=(dx, dx), shift_limit_y=(dy, dy), scale_limit=(scale - 1, scale - 1),
+                           rotate_limit=(angle, angle), border_mode=cv2.BORDER_REFLECT_101, p=1.0)(image=image)["image"]
+  ours = transforms.shift_scale_rotate({"image": image}, -angle, scale, (dx, dy))["image"]
+  np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
 def test_rand_augment_has_seed_001_operations_and_keeps_masks_aligned():
   assert set(transforms.RAND_AUGMENT_OPS) == {"rotate", "color", "contrast", "brightness", "sharpness",
                                               "shear_x", "shear_y", "cutout", "translate_x", "translate_y"}

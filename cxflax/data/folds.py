@@ -9,29 +9,29 @@ import numpy as np
 from cxflax.errors import ConfigError, DataError
 
 
-def group_kfold(subjects: Sequence[str], num_folds: int, seed: int = 0) -> np.ndarray:
-  """Fold index (0..num_folds-1) of each example; all examples of a subject share a fold.
+def group_kfold(subjects: Sequence[str], num_folds: int) -> np.ndarray:
+  """Fold index (0..num_folds-1) of each example: fold k holds the examples scikit-learn's
+  GroupKFold(num_folds) tests in its k-th split, grouped by subject (seed 000's folds).
 
-  Like scikit-learn's GroupKFold, subjects go, largest first, to the fold with the fewest
-  examples so far, which balances fold sizes; ties between equal-sized subjects are broken by a
-  seeded shuffle so that different seeds give different folds.
+  GroupKFold is unshuffled, as the authors ran it (no seed changes the folds): subjects go,
+  largest first, to the fold with the fewest examples so far, and subjects of equal size are
+  taken in reverse order of their sorted ids. That order is why the subjects are compared as the
+  authors' pandas read their table: as integers when every id is one ('10' after '9').
   """
+  from sklearn.model_selection import GroupKFold  # imported here: only seed 000's folds need it
   if num_folds < 2:
     raise ConfigError(f"num_folds must be at least 2, got {num_folds}")
-  names, inverse, counts = np.unique(np.asarray(subjects, dtype=object).astype(str),
-                                     return_inverse=True, return_counts=True)
-  if len(names) < num_folds:
-    raise DataError(f"cannot make {num_folds} subject-grouped folds from {len(names)} subject(s)")
-  rng = np.random.default_rng(seed)
-  order = rng.permutation(len(names))
-  order = order[np.argsort(-counts[order], kind="stable")]
-  sizes = np.zeros(num_folds, np.int64)
-  subject_fold = np.empty(len(names), np.int64)
-  for g in order:
-    f = int(np.argmin(sizes))
-    subject_fold[g] = f
-    sizes[f] += counts[g]
-  return subject_fold[inverse]
+  groups = np.asarray(subjects, dtype=object).astype(str)
+  if len(np.unique(groups)) < num_folds:
+    raise DataError(f"cannot make {num_folds} subject-grouped folds from {len(np.unique(groups))} subject(s)")
+  if all(g.strip().lstrip("+-").isdigit() for g in groups):
+    as_int = groups.astype(np.int64)
+    if len(np.unique(as_int)) == len(np.unique(groups)):  # '07' and '7' stay two subjects
+      groups = as_int
+  fold_of = np.empty(len(groups), np.int64)
+  for k, (_, held_out) in enumerate(GroupKFold(n_splits=num_folds).split(groups, groups=groups)):
+    fold_of[held_out] = k
+  return fold_of
 
 
 def stratified_group_kfold(subjects: Sequence[str], strata: Sequence[int], num_folds: int,

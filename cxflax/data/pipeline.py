@@ -245,9 +245,10 @@ DATASET_NORM = "normalize('dataset')"
 
 
 def make_folds(source: Source, num_folds: int, seed: int, stratify: str) -> np.ndarray:
-  """Fold of each example: grouped by subject, stratified by class or severity unless 'none'."""
+  """Fold of each example: grouped by subject, stratified by class or severity (seeded), or with
+  'none' scikit-learn's GroupKFold, which no seed changes (seed 000's folds)."""
   if stratify == "none":
-    return folds_lib.group_kfold(source.subjects(), num_folds, seed=seed)
+    return folds_lib.group_kfold(source.subjects(), num_folds)
   if stratify != "auto":
     raise ConfigError(f"config.data.stratify must be 'auto' or 'none', got {stratify!r}")
   return folds_lib.stratified_group_kfold(source.subjects(), fold_strata(source), num_folds, seed=seed)

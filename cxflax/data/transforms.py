@@ -249,27 +249,46 @@ def _normalize(mean="imagenet", std=None) -> Op:
 # --- geometry -----------------------------------------------------------------------------------
 
 
+BORDERS = ("constant", "reflect_101")
+
+
 def _warp(arr: np.ndarray, inverse: np.ndarray, out_hw: tuple[int, int], nearest: bool,
-          fill: float = 0.0) -> np.ndarray:
+          fill: float = 0.0, border: str = "constant") -> np.ndarray:
   """Samples arr at inverse @ (x, y, 1) for every output pixel (x right, y down, pixel centres
-  at +0.5): PIL's affine transform per channel, bilinear or nearest."""
+  at +0.5): PIL's affine transform per channel, bilinear or nearest. Outside the image: `fill`
+  ('constant'), or the image mirrored about its edge pixels ('reflect_101', OpenCV's
+  BORDER_REFLECT_101: ... 2 1 | 0 1 2 ... n-1 | n-2 ...), which PIL lacks, so the image is
+  padded that way as far as any sample reaches and sampled there."""
   h, w = out_hw
+  if border == "reflect_101":
+    corners = inverse @ np.array([[0, w, 0, w], [0, 0, h, h], [1, 1, 1, 1]], np.float64)
+    reach = max(0.0, -corners[0].min(), -corners[1].min(), corners[0].max() - arr.shape[1],
+                corners[1].max() - arr.shape[0])
+    pad = int(math.ceil(reach)) + 2  # + the bilinear neighbours of the outermost samples
+    # numpy's 'reflect' (edge not repeated) is REFLECT_101, repeated for pads wider than the image.
+    arr_in = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    inverse = np.array([[1, 0, pad], [0, 1, pad], [0, 0, 1]], np.float64) @ inverse
+  elif border == "constant":
+    arr_in = arr
+  else:
+    raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
   coeffs = tuple(float(v) for v in inverse[:2].reshape(-1))
   method = Image.NEAREST if nearest else Image.BILINEAR
   chans = []
-  for c in range(arr.shape[-1]):
-    src = Image.fromarray(arr[..., c]) if nearest else Image.fromarray(arr[..., c].astype(np.float32), mode="F")
+  for c in range(arr_in.shape[-1]):
+    src = (Image.fromarray(arr_in[..., c]) if nearest
+           else Image.fromarray(arr_in[..., c].astype(np.float32), mode="F"))
     chans.append(np.asarray(src.transform((w, h), Image.AFFINE, coeffs, resample=method,
                                           fillcolor=0 if nearest else fill)))
   return np.stack(chans, axis=-1).astype(arr.dtype)
 
 
-def _affine(ex: Example, inverse: np.ndarray, out_hw=None) -> Example:
+def _affine(ex: Example, inverse: np.ndarray, out_hw=None, border: str = "constant") -> Example:
   out_hw = out_hw or ex["image"].shape[:2]
   ex = dict(ex)
-  ex["image"] = _warp(ex["image"], inverse, out_hw, nearest=False)
+  ex["image"] = _warp(ex["image"], inverse, out_hw, nearest=False, border=border)
   for k in _masks(ex):
-    ex[k] = _warp(ex[k], inverse, out_hw, nearest=True)
+    ex[k] = _warp(ex[k], inverse, out_hw, nearest=True, border=border)
   return ex
 
 
@@ -372,19 +391,31 @@ def _rotate(degrees: float = 15.0, p: float = 1.0) -> Op:
 
 @register("shift_scale_rotate")
 def _shift_scale_rotate(shift: float = 0.0625, scale: float = 0.1, rotate: float = 45.0,
-                        p: float = 0.5) -> Op:
+                        p: float = 0.5, border: str = "reflect_101") -> Op:
   """albumentations' ShiftScaleRotate: shift up to ±shift of the size, zoom by 1 ± scale, rotate
-  up to ±rotate degrees, with probability p (its defaults)."""
+  up to ±rotate degrees, with probability p (its defaults). border: 'reflect_101', the default
+  of the albumentations the papers used (cv2.BORDER_REFLECT_101; albumentations 2 changed it to
+  constant), or 'constant' (zeros)."""
   _prob(p)
+  if border not in BORDERS:
+    raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
 
   def apply(ex, rng):
     if rng.uniform() >= p:
       return ex
-    h, w = ex["image"].shape[:2]
-    return _affine(ex, _about_centre(
-        h, w, angle_deg=rng.uniform(-rotate, rotate), scale=1.0 + rng.uniform(-scale, scale),
-        shift=(rng.uniform(-shift, shift) * w, rng.uniform(-shift, shift) * h)))
+    return shift_scale_rotate(ex, angle_deg=rng.uniform(-rotate, rotate), scale=1.0 + rng.uniform(-scale, scale),
+                              shift=(rng.uniform(-shift, shift), rng.uniform(-shift, shift)), border=border)
   return apply
+
+
+def shift_scale_rotate(ex: Example, angle_deg: float, scale: float, shift: tuple[float, float],
+                       border: str = "reflect_101") -> Example:
+  """The image (and masks) rotated by angle_deg (clockwise as displayed), zoomed by `scale` about
+  the centre and shifted by shift = (dx, dy) fractions of the width and height; albumentations'
+  shift_scale_rotate(angle = -angle_deg, scale, dx, dy)."""
+  h, w = ex["image"].shape[:2]
+  return _affine(ex, _about_centre(h, w, angle_deg=angle_deg, scale=scale, shift=(shift[0] * w, shift[1] * h)),
+                 border=border)
 
 
 # --- colour ---------------------------------------------------------------------------------------

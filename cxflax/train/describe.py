@@ -56,7 +56,8 @@ def stage_settings(c: ml_collections.ConfigDict) -> dict:
   s["examples_per_update"] = c.batch_size * accum
   s["num_epochs"] = c.num_epochs
   s["train_examples"], s["steps_per_epoch"] = examples, steps
-  updates = None if steps is None else steps / accum
+  # Every epoch ends with an update (the batches left over make the last one): see optim.
+  updates = None if steps is None else optim.updates_per_epoch(steps, accum)
   s["updates_per_epoch"] = _number(updates)
   s["total_updates"] = None if updates is None else int(math.ceil(c.num_epochs * updates))
   s.update(_optimizer(c.optim))

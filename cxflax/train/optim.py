@@ -10,10 +10,16 @@ conv3/kernel'), each group with its own learning rate (seed 002's discriminative
 geometrically from the first group's to the last's as fastai does), and groups can be frozen
 (no updates; BatchNorm affine parameters stay trainable by default, as in fastai). SAM (seed 001)
 wraps the whole optimizer (optax.contrib.sam in opaque mode, see steps.py).
+
+Schedules count optimizer updates. With gradient accumulation (config.optim.grad_accum_steps = k)
+an update takes k batches, and the last update of each epoch takes the batches left over, as the
+authors' Lightning loop does; training_optimizer builds the schedule over the updates of an epoch
+so that periods given in epochs stay epochs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Callable
@@ -169,11 +175,54 @@ def _adamw(o, schedule):
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 
 
-def make_optimizer(o, params, schedule_of: Callable[[float], optax.Schedule]
+def updates_per_epoch(steps_per_epoch: int, accum: int) -> int:
+  """Optimizer updates in an epoch of steps_per_epoch batches accumulated `accum` at a time: the
+  epoch's last update takes the batches left over (the authors' Lightning loop steps when
+  (i + 1) % accum == 0 or at the loader's last batch)."""
+  return -(-max(1, steps_per_epoch) // accum)
+
+
+def _epoch_aligned_accumulation(steps_per_epoch: int, accum: int) -> Callable:
+  """MultiSteps' every_k_schedule (batches to accumulate for update number g) that ends every
+  epoch with an update: `accum` batches, and the remainder for the epoch's last update."""
+  per_epoch = updates_per_epoch(steps_per_epoch, accum)
+  last = steps_per_epoch - (per_epoch - 1) * accum
+  return lambda g: jnp.where(g % per_epoch == per_epoch - 1, last, accum)
+
+
+def update_index(step: int, steps_per_epoch: int, accum: int) -> int:
+  """The number of optimizer updates before the one that batch `step` (0-based, counted from the
+  optimizer's start) feeds: the step count its schedule is evaluated at."""
+  epoch, j = divmod(step, max(1, steps_per_epoch))
+  return epoch * updates_per_epoch(steps_per_epoch, accum) + j // accum
+
+
+def training_optimizer(config, params, steps_per_epoch: int
+                       ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+  """The optimizer of a training run (config: a finalized stage config) whose epochs have
+  steps_per_epoch batches, and rate_at(step): the head group's learning rate that batch `step`
+  (0-based, from the optimizer's start) is applied with.
+
+  With config.optim.grad_accum_steps = k, optax.MultiSteps feeds the inner optimizer, and with it
+  the schedule, one count per update, not per batch; so the schedule is built over
+  updates_per_epoch updates per epoch, which keeps cosine's T_max and warm restarts' T_0 in
+  epochs, and accumulation restarts at every epoch's start."""
+  k = config.optim.grad_accum_steps
+  tx, schedule = make_optimizer(config.optim, params, functools.partial(
+      make_schedule, config.schedule, num_epochs=config.num_epochs,
+      steps_per_epoch=updates_per_epoch(steps_per_epoch, k)), steps_per_epoch=steps_per_epoch)
+  return tx, lambda step: float(schedule(update_index(step, steps_per_epoch, k)))
+
+
+def make_optimizer(o, params, schedule_of: Callable[[float], optax.Schedule],
+                   steps_per_epoch: int | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule of the last — usually the head's — group) for `params`, by `o`
   (config.optim); schedule_of(lr) is the schedule of a group whose rate is lr (make_schedule
-  with the run's config.schedule, or the LR range test's sweep)."""
+  with the run's config.schedule, or the LR range test's sweep), evaluated at the number of
+  updates so far. With gradient accumulation and steps_per_epoch (batches per epoch), every
+  epoch ends with an update (see training_optimizer); without it, updates come every
+  grad_accum_steps batches regardless of epochs."""
   schedules = [schedule_of(lr) for lr in group_learning_rates(o)]
   labels = param_labels(o, params)
   used = set(jax.tree.leaves(labels))
@@ -190,5 +239,7 @@ def make_optimizer(o, params, schedule_of: Callable[[float], optax.Schedule]
   if o.grad_accum_steps > 1:
     if o.sam_rho:
       raise ConfigError("gradient accumulation with SAM is not supported")
-    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
+    every_k = (_epoch_aligned_accumulation(steps_per_epoch, o.grad_accum_steps) if steps_per_epoch
+               else o.grad_accum_steps)
+    tx = optax.MultiSteps(tx, every_k_schedule=every_k)
   return tx, schedules[-1]

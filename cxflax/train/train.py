@@ -8,7 +8,6 @@ with the right optimizer state and input position.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from typing import Any, Iterator
@@ -98,8 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if stage.index < resume_stage:
       continue
     resume = latest if stage.index == resume_stage else None
-    state, train_iter, schedule = _start_stage(run, stage, variables, resume)
-    state, metrics, result, halted = _train_stage(run, stage, state, train_iter, schedule)
+    state, train_iter, rate_at = _start_stage(run, stage, variables, resume)
+    state, metrics, result, halted = _train_stage(run, stage, state, train_iter, rate_at)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     if halted:
       ckpts.close()
@@ -144,11 +143,11 @@ def _stages(configs, first: Input, extra) -> Iterator[_Stage]:
 
 
 def _start_stage(run: _Run, stage: _Stage, variables: dict, resume_step: int | None):
-  """(train state, training input iterator, learning-rate schedule) of a stage: a fresh optimizer
-  at the stage's first step, or everything restored from checkpoint `resume_step`."""
+  """(train state, training input iterator, rate_at) of a stage: a fresh optimizer at the
+  stage's first step, or everything restored from checkpoint `resume_step`; rate_at(i) is the
+  learning rate the stage's batch i (0-based) is applied with."""
   c = stage.config
-  tx, schedule = optim.make_optimizer(c.optim, variables["params"], functools.partial(
-      optim.make_schedule, c.schedule, num_epochs=c.num_epochs, steps_per_epoch=stage.inp.steps_per_epoch))
+  tx, rate_at = optim.training_optimizer(c, variables["params"], stage.inp.steps_per_epoch)
   state = create_train_state(run.model, tx, variables, run.mesh, stage.start)
   train_iter = iter(stage.inp.train())
   if resume_step is not None:
@@ -166,7 +165,7 @@ def _start_stage(run: _Run, stage: _Stage, variables: dict, resume_step: int | N
                "%d px, %d steps per epoch, steps %d-%d", stage.index + 1, stage.count, len(inp.train_indices),
                len(inp.eval_indices), sc.data.source, held_out, sc.data.image_size, inp.steps_per_epoch,
                stage.start + 1, stage.end)
-  return state, train_iter, schedule
+  return state, train_iter, rate_at
 
 
 def _as_trained(config: ml_collections.ConfigDict, stage: _Stage) -> ml_collections.ConfigDict:
@@ -179,7 +178,7 @@ def _as_trained(config: ml_collections.ConfigDict, stage: _Stage) -> ml_collecti
   return c
 
 
-def _train_stage(run: _Run, stage: _Stage, state, train_iter, schedule):
+def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
   """The steps of one stage; returns (state, last metrics, last evaluation, halted)."""
   config, inp, stage_start, stage_end = stage.config, stage.inp, stage.start, stage.end
   steps_per_epoch = inp.steps_per_epoch
@@ -203,7 +202,9 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, schedule):
     report(step)
     if local % config.log_every_steps == 0 or step == stage_end:
       means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-      means["learning_rate"] = float(schedule(local - 1))
+      # The rate the update this batch feeds is applied with (the schedule counts updates, not
+      # batches, when gradients are accumulated).
+      means["learning_rate"] = rate_at(local - 1)
       if not all(map(np.isfinite, means.values())):
         raise FloatingPointError(f"non-finite training metrics at step {step}: {means}; lower "
                                  "config.optim.learning_rate or check the data")
