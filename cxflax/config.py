@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import re
 
 import ml_collections
 
@@ -19,6 +20,8 @@ from cxflax.data.images import parse_window
 from cxflax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
+# timm's pretrained weights on the Hugging Face Hub (cxflax/models/timm_weights.py fetches them).
+HUB_NAME = re.compile(r"timm/(?P<arch>[A-Za-z0-9_]+)\.(?P<tag>[A-Za-z0-9_]+)")
 TARGETS = ("label", "lung_mask")
 
 
@@ -38,7 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   # CPU) | on | off (plain flax/XLA). Same function and parameters either way; it holds for the
   # whole run (set when the run starts, not per stage).
   c.cpu_kernels = "auto"
-  c.init_from = ""               # orbax checkpoint of backbone variables (python -m cxflax.convert)
+  # Starting weights: timm's pretrained weights by name ('timm/resnest50d.in1k', fetched into the
+  # Hugging Face cache), a weights file (.safetensors, .pth), a converted checkpoint (python -m
+  # cxflax.convert) or a cxflax run's workdir; '' = from scratch.
+  c.init_from = ""
 
   # Loss (config.loss.*): smooth_l1 | mse | multitask | multitask_kl (regression); cross_entropy |
   # focal | triplet (classes; triplet trains an embedding).
@@ -295,6 +301,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "both preprocessing specs must end with ('...|append_mask(\'lung_mask\')')")
   for key in ("batch_size", "eval_batch_size"):
     need(config[key] > 0, f"config.{key} must be positive, got {config[key]}")
-  if config.init_from:
-    need(os.path.isdir(config.init_from), f"config.init_from={config.init_from!r} is not a directory")
+  if config.init_from and not os.path.exists(config.init_from):
+    need(HUB_NAME.fullmatch(config.init_from) is not None,
+         f"config.init_from={config.init_from!r}: no such file or folder, nor a timm weights name "
+         "such as 'timm/resnest50d.in1k'")
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxflax.errors import CheckpointError
+from cxflax.errors import CheckpointError, ConfigError
 from cxflax.models import create_model, list_models
 from cxflax.models.heads import create_network, with_backbone
 from cxflax.models.timm_weights import load_timm_weights
@@ -279,3 +279,49 @@ def test_convert_cli_and_init_from(tmp_path):
       np.testing.assert_array_equal(got[k], want[k])
   run = run_main(str(tmp_path / "run"), *TINY_RUN, f"--config.init_from={out}")
   assert f"backbone initialised from {out}" in run.log
+
+
+def _hub_cache(root, name: str, files: dict) -> None:
+  """A Hugging Face cache under `root` holding `files` for repository `name`, laid out as
+  huggingface_hub writes it (refs/main naming the snapshot)."""
+  from safetensors.numpy import save_file
+  repo = root / f"models--{name.replace('/', '--')}"
+  snapshot = repo / "snapshots" / ("0" * 40)
+  snapshot.mkdir(parents=True)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text("0" * 40)
+  for filename, sd in files.items():
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(snapshot / filename))
+
+
+def test_init_from_a_timm_weights_name_reads_the_hugging_face_cache_offline(tmp_path, monkeypatch):
+  from flax import traverse_util
+  from huggingface_hub import constants
+  from cxflax.config import finalize
+  from cxflax.train import build
+  from cxflax.train.tasks import TASKS
+  from tests.conftest import TINY, TINY_RUN, load_config
+  variables, sd = _random_state_dict("resnet10t", seed=3)
+  _hub_cache(tmp_path / "hub", "timm/resnet10t.c3_in1k", {"model.safetensors": sd})
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network here: the cached copy is used
+
+  def start(init_from, model="resnet10t"):
+    config = finalize(load_config("resnest.py:runlocal", *TINY, *TINY_RUN, f"--config.model={model}",
+                                  f"--config.init_from={init_from}"))
+    return build.initial_variables(config, build.build_model(config, TASKS.get("regression")), (32, 32, 3), 0)
+
+  got = start("timm/resnet10t.c3_in1k")
+  for col in ("params", "batch_stats"):
+    flat, want = (traverse_util.flatten_dict(dict(t)) for t in (got[col]["backbone"], variables[col]))
+    assert flat.keys() <= want.keys() and len(flat) > 20
+    for k in flat:
+      np.testing.assert_array_equal(flat[k], want[k])
+  with pytest.raises(CheckpointError, match=r"holds weights of 'resnet10t', but the config's model is 'resnet18'"):
+    start("timm/resnet10t.c3_in1k", model="resnet18")
+  # Not cached, and offline: the error says which file to place where.
+  with pytest.raises(CheckpointError, match=r"'timm/resnet10t.a1_in1k': model.safetensors is not in the Hugging "
+                     r"Face cache \(.*hub\) .*hf download timm/resnet10t.a1_in1k model.safetensors"):
+    start("timm/resnet10t.a1_in1k")
+  with pytest.raises(ConfigError, match="nor a timm weights name"):
+    start("timm/resnet10t")

@@ -18,6 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from cxflax import trees
+from cxflax.config import HUB_NAME
 from cxflax.errors import CheckpointError
 from cxflax.models.registry import create_model
 
@@ -168,3 +169,38 @@ def load_timm_weights(name: str, state_dict, num_classes: int | None = None, dty
       if p not in variables["params"]:
         variables["params"][p] = np.asarray(flat_init[p], dtype)
   return {col: traverse_util.unflatten_dict(v) for col, v in variables.items() if v}
+
+
+HUB_FILE = "model.safetensors"
+
+
+def is_hub_name(name: str) -> bool:
+  return bool(HUB_NAME.fullmatch(name))
+
+
+def hub_weights_file(name: str, model: str) -> str:
+  """The local path of the pretrained weights `name` ('timm/resnest50d.in1k') for the config's
+  `model`: fetched through huggingface_hub into its cache (HF_HUB_CACHE, by default
+  ~/.cache/huggingface/hub) the first time, the cached copy afterwards and offline
+  (HF_HUB_OFFLINE=1). Safetensors, so no PyTorch is needed to read it."""
+  match = HUB_NAME.fullmatch(name)
+  if not match:
+    raise CheckpointError(f"config.init_from={name!r} is not a timm weights name such as "
+                          "'timm/resnest50d.in1k'")
+  if match["arch"] != model:
+    raise CheckpointError(f"config.init_from={name!r} holds weights of {match['arch']!r}, but the "
+                          f"config's model is {model!r}")
+  import huggingface_hub
+  from huggingface_hub import constants
+  try:
+    return huggingface_hub.hf_hub_download(name, HUB_FILE)
+  except Exception as e:  # offline, unreachable, or no such repository
+    cached = huggingface_hub.try_to_load_from_cache(name, HUB_FILE)
+    if isinstance(cached, str):
+      return cached
+    raise CheckpointError(
+        f"config.init_from={name!r}: {HUB_FILE} is not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) and could not be fetched ({type(e).__name__}). Where there is "
+        f"a network, run `hf download {name} {HUB_FILE}` (it fills that cache), or download "
+        f"https://huggingface.co/{name}/resolve/main/{HUB_FILE} and set "
+        f"--config.init_from=/path/to/{HUB_FILE}") from None

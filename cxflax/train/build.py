@@ -19,7 +19,7 @@ from absl import logging
 from cxflax import parallel, trees
 from cxflax.errors import CheckpointError, ConfigError
 from cxflax.models.ensembles import FeatureEnsemble, NeuralWeightEnsemble
-from cxflax.models import create_model
+from cxflax.models import create_model, timm_weights
 from cxflax.models.fc_densenet import SEGMENTATION_MODELS
 from cxflax.models.heads import MLPHead, Network, create_network, with_backbone
 from cxflax.models.patches import PatchClassifier
@@ -144,12 +144,19 @@ def _fitted(want, got, what: str):
 
 
 def warm_start(variables: dict, path: str, model_name: str) -> dict:
-  """Variables started from `path`: a converted timm checkpoint (python -m cxflax.convert) for
-  the backbone, or a cxflax run, whose variables are copied wherever name and shape agree
-  (seed 004 builds each training phase on the previous one)."""
+  """Variables started from `path`: timm's pretrained weights for the backbone — by name
+  ('timm/resnest50d.in1k', fetched into the Hugging Face cache), as a weights file (.safetensors,
+  .pth) or converted (python -m cxflax.convert) —, or a cxflax run, whose variables are copied
+  wherever name and shape agree (seed 004 builds each training phase on the previous one)."""
   from cxflax.convert import META, load_converted
-  if os.path.isfile(os.path.join(path, META)):
+  if timm_weights.is_hub_name(path) and not os.path.exists(path):
+    path = timm_weights.hub_weights_file(path, model_name)
+  pretrained = None
+  if os.path.isfile(path):
+    pretrained = timm_weights.load_timm_weights(model_name, path)
+  elif os.path.isfile(os.path.join(path, META)):
     pretrained = load_converted(path, model_name)
+  if pretrained is not None:
     if "network" in variables["params"]:  # a patch classifier: the backbone is inside its network
       inner = with_backbone({col: tree["network"] for col, tree in variables.items()}, pretrained)
       out = {col: {**tree, "network": inner[col]} for col, tree in variables.items()}
