@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Learning-rate schedule (config.schedule.*), peaking at config.optim.learning_rate.
   c.schedule = ml_collections.ConfigDict()
-  # constant | cosine (torch CosineAnnealingLR, periodic) | warmup_cosine | cosine_restarts | step
+  # constant | cosine (torch CosineAnnealingLR, periodic) | warmup_cosine | cosine_restarts | step |
+  # one_cycle (fastai v1's fit_one_cycle, seed 002)
   c.schedule.name = "warmup_cosine"
   c.schedule.unit = "step"       # step | epoch (the rate changes once per epoch)
   c.schedule.warmup_epochs = 1.0
@@ -83,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.restart_mult = 1
   c.schedule.step_decay_epochs = 0.0
   c.schedule.step_decay_factor = 0.5
+  # one_cycle: warm-up fraction and the start / end rates as divisors (torch's OneCycleLR names;
+  # fastai v1's defaults): from lr / div_factor up to lr, then down to lr / (div_factor ·
+  # final_div_factor).
+  c.schedule.pct_start = 0.3
+  c.schedule.div_factor = 25.0
+  c.schedule.final_div_factor = 1e4
 
   # Training stages run one after another (seed 002's progressive resizing): each a dict of
   # overrides keyed by field paths, e.g. {"image_size": 128, "num_epochs": 3,
