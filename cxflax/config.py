@@ -149,11 +149,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.pseudo_label.last_n = 1
   c.pseudo_label.round = False
 
-  # --mode=lr_find: learning rate swept exponentially, one step each.
+  # --mode=lr_find: fastai v1's range test, the learning rate swept exponentially from start
+  # towards end, one step each; the suggestion skips the first skip_start and last skip_end steps.
   c.lr_find = ml_collections.ConfigDict()
   c.lr_find.start = 1e-7
   c.lr_find.end = 10.0
   c.lr_find.steps = 100
+  c.lr_find.skip_start = 10
+  c.lr_find.skip_end = 5
 
   c.data = ml_collections.ConfigDict()
   # phantom | per_covid19 | covidx | covid_ct | flannel | folder | csv | tfds (see data/sources/)
@@ -266,6 +269,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     parse_window(config.data.window)
   except ValueError as e:
     raise ConfigError(f"config.data.window: {e}") from None
+  f = config.lr_find
+  need(0 < f.start < f.end, f"config.lr_find.start and config.lr_find.end must satisfy 0 < start < end, got "
+       f"{f.start} and {f.end}")
+  need(f.steps >= 2, f"config.lr_find.steps must be at least 2, got {f.steps}")
+  for key in ("skip_start", "skip_end"):
+    need(f[key] >= 0, f"config.lr_find.{key} must be >= 0, got {f[key]}")
   p = config.patches
   need(p.num >= 0, f"config.patches.num must be >= 0, got {p.num}")
   need(p.aggregate in ("mean", "vote"), f"config.patches.aggregate must be 'mean' or 'vote', got {p.aggregate!r}")

@@ -271,21 +271,35 @@ def test_cross_validation_of_finished_regression_folds(tiny_run, tmp_path):
 
 
 def test_lr_find_writes_csv_png_and_a_rate(tmp_path):
-  wd = str(tmp_path / "lr")
-  run = run_main(wd, "--config.lr_find.steps=20", mode="lr_find", config="covid_resnet.py:runlocal")
+  """A real sweep of 24 steps follows fastai v1's LRFinder: its rates, its smoothed loss, its stop
+  rule, and a suggestion at the steepest descent of the smoothed loss outside the first 10 and
+  last 5 steps (recorder.plot(skip_start=10, skip_end=5, suggestion=True))."""
+  wd, n = str(tmp_path / "lr"), 24
+  run = run_main(wd, f"--config.lr_find.steps={n}", mode="lr_find", config="covid_resnet.py:runlocal")
   with open(os.path.join(wd, "lr_find.csv")) as f:
     rows = list(csv.DictReader(f))
   rates = np.array([float(r["learning_rate"]) for r in rows])
+  loss = np.array([float(r["loss"]) for r in rows])
   smoothed = np.array([float(r["smoothed_loss"]) for r in rows])
-  # 20 rates from 1e-7 to 10, exponentially spaced (until the loss blows up)
-  np.testing.assert_allclose(rates, 1e-7 * (1e8 ** (1 / 19)) ** np.arange(len(rates)), rtol=1e-5)
+  # step i at 1e-7 · (1e8)^(i / n): fastai's Scheduler never reaches `end` itself
+  np.testing.assert_allclose(rates, 1e-7 * (1e8 ** (1 / n)) ** np.arange(len(rates)), rtol=1e-5)
+  ema = np.zeros(len(loss))
+  for i, value in enumerate(loss):  # SmoothenValue(0.98): moving average, bias-corrected
+    ema[i] = 0.98 * (ema[i - 1] if i else 0.0) + 0.02 * value
+  np.testing.assert_allclose(smoothed, ema / (1 - 0.98 ** np.arange(1, len(loss) + 1)), rtol=1e-6)
+  best = np.minimum.accumulate(smoothed)
+  assert np.all(smoothed[:-1] <= 4 * best[:-1])  # no earlier stop ...
+  assert len(rows) == n or smoothed[-1] > 4 * best[-1]  # ... and the sweep ends by fastai's rule
+  assert len(rows) - 15 >= 2, "the sweep stopped too early for a suggestion by gradient"
   assert os.path.getsize(os.path.join(wd, "lr_find.png")) > 1000
   plot = read_image(os.path.join(wd, "lr_find.png"))  # a real PNG, of the plot's 640x420 pixels
   assert plot.shape == (420, 640, 3) and len(np.unique(plot.reshape(-1, 3), axis=0)) > 10
   suggested = float(run.stdout.split("suggested learning rate ")[1].split()[0])
   i = int(np.argmin(np.abs(np.log(rates / suggested))))
   assert abs(np.log10(rates[i] / suggested)) < 0.01  # one of the swept rates (printed to 3 digits)
-  assert smoothed[min(i + 1, len(rates) - 1)] < smoothed[max(i - 1, 0)]  # where the loss falls
+  assert 10 <= i < len(rows) - 5  # not one of the skipped steps
+  kept = np.gradient(smoothed[10:len(rows) - 5])
+  assert kept[i - 10] == kept.min()  # where the smoothed loss falls fastest
 
 
 def test_suggested_rate_is_the_steepest_descent():
@@ -293,6 +307,17 @@ def test_suggested_rate_is_the_steepest_descent():
   rates = np.logspace(-6, 0, 61)
   loss = 2.0 - np.tanh((np.log10(rates) + 3.0) * 2) + np.where(rates > 0.1, 50 * (rates - 0.1), 0)
   assert suggest_learning_rate(rates, loss) == pytest.approx(1e-3, rel=0.25)
+  # A steeper dip among the first 10 steps (the noise of the first batches) is skipped.
+  dipped = loss.copy()
+  dipped[3:10] -= 1.0
+  assert suggest_learning_rate(rates, dipped) == pytest.approx(1e-3, rel=0.25)
+  assert suggest_learning_rate(rates, dipped, skip_start=0) == pytest.approx(rates[3], rel=1e-6)
+  # So is the blow-up of the last 5 steps, however it falls there.
+  tail = loss.copy()
+  tail[-5:] = [9.0, 1.0, 9.0, 1.0, 9.0]
+  assert suggest_learning_rate(rates, tail) == pytest.approx(1e-3, rel=0.25)
+  # Too short a sweep for a gradient: fastai's other figure, the rate at the lowest loss / 10.
+  assert suggest_learning_rate(rates[:16], loss[:16]) == pytest.approx(rates[15] / 10)
 
 
 def _val_split():
