@@ -138,7 +138,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict.runs = ()            # workdirs (default: --workdir)
   c.predict.last_n = 1           # checkpoints per run (seed 001: the last 5 epochs)
   c.predict.split = "val"
+  # Regression: round every checkpoint's values and their mean to integers (seed 001, Sec. 3.2).
   c.predict.round = False
+  # Regression: every checkpoint's values clipped below at this value before averaging (seed 000's
+  # authors set negative predictions to 0: clip_min=0.0); None: no clipping.
+  c.predict.clip_min = ml_collections.FieldReference(None, field_type=float)
   c.predict.images = ""          # a folder of images to predict (segmentation: masks written as PNG)
 
   # Pseudo-labelling (seed 001): examples of another split, labelled by trained runs, join the
@@ -269,6 +273,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     parse_window(config.data.window)
   except ValueError as e:
     raise ConfigError(f"config.data.window: {e}") from None
+  need(config.predict.last_n >= 1, f"config.predict.last_n must be >= 1, got {config.predict.last_n}")
   f = config.lr_find
   need(0 < f.start < f.end, f"config.lr_find.start and config.lr_find.end must satisfy 0 < start < end, got "
        f"{f.start} and {f.end}")

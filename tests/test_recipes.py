@@ -326,7 +326,8 @@ def _val_split():
 
 def test_predict_averages_the_last_checkpoints(tiny_run):
   """--mode=predict with last_n=2: each value is the mean of the two checkpoints' predictions
-  (recomputed here), the metrics are those of the mean, and round=True rounds that mean."""
+  (recomputed here), the metrics are those of the mean; round=True rounds each checkpoint's values
+  and then their mean, clip_min clips each checkpoint's values before the mean."""
   from tests.conftest import TINY_RUN
   wd, _ = tiny_run
   run = run_main(wd, *TINY_RUN, "--config.predict.last_n=2", mode="predict")
@@ -344,9 +345,50 @@ def test_predict_averages_the_last_checkpoints(tiny_run):
   assert [s for _, s in metrics["runs"]] == steps
   assert metrics["metrics"]["mae"] == pytest.approx(np.mean(np.abs(mean - val.labels())), rel=1e-4)
   assert f"Predictions of 2 checkpoint(s) for {len(val)} val examples" in run.stdout
+  # round=True (seed 001): each checkpoint's values rounded, then their mean
   run_main(wd, *TINY_RUN, "--config.predict.last_n=2", "--config.predict.round=True", mode="predict")
   with open(os.path.join(wd, "predictions_val.csv")) as f:
-    np.testing.assert_array_equal([float(r[1]) for r in csv.reader(f)], np.round(mean))
+    rounded = [float(r[1]) for r in csv.reader(f)]
+  np.testing.assert_array_equal(rounded, np.round(np.mean(np.round(each), axis=0)))
+  # clip_min (seed 000): each checkpoint's values clipped before averaging
+  floor = float(np.median(each[0]))
+  run_main(wd, *TINY_RUN, "--config.predict.last_n=2", f"--config.predict.clip_min={floor}", mode="predict")
+  with open(os.path.join(wd, "predictions_val.csv")) as f:
+    clipped = np.array([float(r[1]) for r in csv.reader(f)])
+  np.testing.assert_allclose(clipped, np.mean(np.maximum(each, floor), axis=0), atol=1e-3)
+  assert clipped.min() >= floor - 1e-4 and np.abs(clipped - np.maximum(mean, floor)).max() > 1e-2
+
+
+def test_predict_rounds_and_clips_each_checkpoint_before_the_mean(tiny_run, monkeypatch):
+  """predict_source over the tiny run's two checkpoints, their values set to ones where the order
+  matters: rounding each (seed 001) then the mean differs from rounding the mean alone, and
+  clipping each at 0 (seed 000's authors) differs from clipping the mean."""
+  from cxflax import parallel
+  from cxflax.errors import ConfigError
+  from cxflax.train import checkpoint as ckpt_lib
+  from cxflax.train import predict as predict_lib
+  wd, _ = tiny_run
+  val = _val_split()
+  runs = [(wd, s) for s in ckpt_lib.find_steps(wd, last_n=2)[1]]
+  assert len(runs) == 2
+
+  def predict(first, second, **kw):
+    """predict_source with the two checkpoints' evaluations giving `first` and `second` for
+    every example."""
+    outputs = iter([first, second])
+    monkeypatch.setattr(predict_lib, "run_evaluation", lambda *a, **k: {
+        "pred": np.tile(next(outputs), (len(val),) + (1,) * np.ndim(first)), "index": np.arange(len(val))})
+    return predict_lib.predict_source(runs, val, 8, parallel.make_mesh(), **kw)
+
+  each = (np.array([1.6, -3.0, 2.4]), np.array([1.2, 1.0, 2.4]))
+  for i in range(3):
+    assert predict(each[0][i], each[1][i])[0] == pytest.approx([1.4, -1.0, 2.4][i])
+    # rounded each: 2 and 1 → 1.5 (then 2 in the CSV; the mean alone would round to 1)
+    assert predict(each[0][i], each[1][i], round_each=True)[0] == pytest.approx([1.5, -1.0, 2.0][i])
+    # clipped each at 0: 0 and 1 → 0.5 (clipping the mean -1 would give 0)
+    assert predict(each[0][i], each[1][i], clip_min=0.0)[0] == pytest.approx([1.4, 0.5, 2.4][i])
+  with pytest.raises(ConfigError, match="config.predict.clip_min"):  # class probabilities
+    predict(np.full(4, 0.25), np.full(4, 0.25), clip_min=0.0)
 
 
 def test_pseudo_labels_extend_training_with_those_labels(tiny_run, tmp_path):
