@@ -122,8 +122,7 @@ def _short_stages(config):
   network, whole network at the third size) with one or two one-step epochs each (two in the
   first: in its first step no gradient reaches a block's first BatchNorm, behind the block's
   zero-initialised last one)."""
-  config.stages = tuple(dict(stage, num_epochs=n, **{"schedule.warmup_epochs": 0.25 * n})  # the recipe's warm-up share
-                        for stage, n in zip(config.stages, (2, 1, 1, 1, 2)))
+  config.stages = tuple(dict(stage, num_epochs=n) for stage, n in zip(config.stages, (2, 1, 1, 1, 2)))
 
 
 def test_stages_freeze_the_backbone_and_resume_across_stages(tmp_path):
