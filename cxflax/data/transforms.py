@@ -8,9 +8,9 @@ Each op maps an example dict to a new one, given a numpy Generator that grain se
 using nearest-neighbour sampling so masks stay binary.
 
 Ops: resize, center_crop, random_resized_crop, flip_lr, flip_ud, dihedral, rotate, zoom,
-shift_scale_rotate, rand_augment, color_jitter, lighting, to_rgb, to_gray, equalize, gamma, normalize ('imagenet',
-'dataset' — the training split's statistics, filled in at start-up — 'xrv', or explicit mean and
-std), mask_image and append_mask (for patch classifiers).
+shift_scale_rotate, rand_augment, color_jitter, lighting, to_rgb, to_gray, equalize, gamma,
+normalize ('imagenet', 'dataset' — the training split's statistics, filled in at start-up —
+'xrv', or explicit mean and std), mask_image and append_mask (for patch classifiers).
 """
 
 from __future__ import annotations
