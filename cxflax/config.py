@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import re
 
 import ml_collections
 
@@ -81,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Learning-rate schedule (config.schedule.*), peaking at config.optim.learning_rate.
   c.schedule = ml_collections.ConfigDict()
-  # constant | cosine (torch CosineAnnealingLR, periodic) | warmup_cosine | cosine_restarts | step
+  # constant | cosine (torch CosineAnnealingLR, periodic) | warmup_cosine | cosine_restarts | step |
+  # one_cycle (fastai v1's fit_one_cycle, seed 002)
   c.schedule.name = "warmup_cosine"
   c.schedule.unit = "step"       # step | epoch (the rate changes once per epoch)
   c.schedule.warmup_epochs = 1.0
@@ -90,6 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.restart_mult = 1
   c.schedule.step_decay_epochs = 0.0
   c.schedule.step_decay_factor = 0.5
+  # one_cycle: warm-up fraction and the start / end rates as divisors (torch's OneCycleLR names;
+  # fastai v1's defaults): from lr / div_factor up to lr, then down to lr / (div_factor ·
+  # final_div_factor).
+  c.schedule.pct_start = 0.3
+  c.schedule.div_factor = 25.0
+  c.schedule.final_div_factor = 1e4
 
   # Training stages run one after another (seed 002's progressive resizing): each a dict of
   # overrides keyed by field paths, e.g. {"image_size": 128, "num_epochs": 3,
@@ -138,7 +144,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict.runs = ()            # workdirs (default: --workdir)
   c.predict.last_n = 1           # checkpoints per run (seed 001: the last 5 epochs)
   c.predict.split = "val"
+  # Regression: round every checkpoint's values and their mean to integers (seed 001, Sec. 3.2).
   c.predict.round = False
+  # Regression: every checkpoint's values clipped below at this value before averaging (seed 000's
+  # authors set negative predictions to 0: clip_min=0.0); None: no clipping.
+  c.predict.clip_min = ml_collections.FieldReference(None, field_type=float)
   c.predict.images = ""          # a folder of images to predict (segmentation: masks written as PNG)
 
   # Pseudo-labelling (seed 001): examples of another split, labelled by trained runs, join the
@@ -149,11 +159,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.pseudo_label.last_n = 1
   c.pseudo_label.round = False
 
-  # --mode=lr_find: learning rate swept exponentially, one step each.
+  # --mode=lr_find: fastai v1's range test, the learning rate swept exponentially from start
+  # towards end, one step each; the suggestion skips the first skip_start and last skip_end steps.
   c.lr_find = ml_collections.ConfigDict()
   c.lr_find.start = 1e-7
   c.lr_find.end = 10.0
   c.lr_find.steps = 100
+  c.lr_find.skip_start = 10
+  c.lr_find.skip_end = 5
 
   c.data = ml_collections.ConfigDict()
   # phantom | per_covid19 | covidx | covid_ct | flannel | folder | csv | tfds (see data/sources/)
@@ -290,6 +303,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     parse_window(config.data.window)
   except ValueError as e:
     raise ConfigError(f"config.data.window: {e}") from None
+  need(config.predict.last_n >= 1, f"config.predict.last_n must be >= 1, got {config.predict.last_n}")
+  f = config.lr_find
+  need(0 < f.start < f.end, f"config.lr_find.start and config.lr_find.end must satisfy 0 < start < end, got "
+       f"{f.start} and {f.end}")
+  need(f.steps >= 2, f"config.lr_find.steps must be at least 2, got {f.steps}")
+  for key in ("skip_start", "skip_end"):
+    need(f[key] >= 0, f"config.lr_find.{key} must be >= 0, got {f[key]}")
   p = config.patches
   need(p.num >= 0, f"config.patches.num must be >= 0, got {p.num}")
   need(p.aggregate in ("mean", "vote"), f"config.patches.aggregate must be 'mean' or 'vote', got {p.aggregate!r}")

@@ -165,6 +165,18 @@ def test_bad_config_values_are_config_errors(tmp_path):
     run_main(str(tmp_path / "w"), edit=lambda c: setattr(c, "stages", ({"cpu_kernels": "off"},)))
 
 
+@pytest.mark.parametrize("override,match", [
+    ("--config.lr_find.start=0", r"config.lr_find.start and config.lr_find.end must satisfy 0 < start < end"),
+    ("--config.lr_find.end=1e-8", r"config.lr_find.start and config.lr_find.end"),
+    ("--config.lr_find.steps=1", r"config.lr_find.steps must be at least 2, got 1"),
+    ("--config.lr_find.skip_start=-1", r"config.lr_find.skip_start must be >= 0, got -1"),
+    ("--config.predict.last_n=0", r"config.predict.last_n must be >= 1, got 0")])
+def test_bad_lr_find_and_predict_settings_are_config_errors(override, match):
+  from cxflax.config import finalize
+  with pytest.raises(ConfigError, match=match):
+    finalize(load_config("covid_resnet.py:runlocal", override))
+
+
 def test_nested_fields_on_the_command_line_and_in_stages():
   """Optimisation, schedule and loss fields are groups (--config.optim.learning_rate=...); a
   stage's keys are field paths, or a bare field of config.data."""

@@ -66,6 +66,71 @@ def _tiny_params():
           "head": {"fc": {"kernel": jnp.ones((4, 1)), "bias": jnp.zeros(1)}}}
 
 
+class _FastaiScheduler:
+  """fastai v1's callbacks.general_sched.Scheduler, as OneCycleScheduler drives it: `step()` is
+  called after each batch and gives the next batch's value."""
+
+  def __init__(self, start, end, n_iter):
+    self.start, self.end, self.n_iter, self.n = start, end, max(1, n_iter), 0
+
+  def step(self):
+    self.n += 1
+    return self.end + (self.start - self.end) / 2 * (1 + np.cos(np.pi * self.n / self.n_iter))
+
+  @property
+  def is_done(self):
+    return self.n >= self.n_iter
+
+
+def _fastai_one_cycle(lr_max, n, div_factor=25.0, pct_start=0.3, final_div=None):
+  """The rate of each of n batches under fastai v1's OneCycleScheduler.on_train_begin /
+  on_batch_end (final_div=None means div_factor · 1e4)."""
+  final_div = final_div or div_factor * 1e4
+  a1 = int(n * pct_start)
+  scheds = [_FastaiScheduler(lr_max / div_factor, lr_max, a1),
+            _FastaiScheduler(lr_max, lr_max / final_div, n - a1)]
+  rates, lr, idx = [], scheds[0].start, 0
+  for _ in range(n):
+    rates.append(lr)
+    lr = scheds[idx].step()
+    if scheds[idx].is_done:
+      idx += 1
+  return np.array(rates)
+
+
+@pytest.mark.parametrize("epochs,steps_per_epoch", [(3, 17), (25, 4), (1, 7)])
+def test_one_cycle_is_fastais_fit_one_cycle(epochs, steps_per_epoch):
+  s = _config(schedule=dict(name="one_cycle")).schedule
+  ours = optim.make_schedule(s, 2e-3, epochs, steps_per_epoch)
+  n = epochs * steps_per_epoch
+  got = np.array([float(ours(t)) for t in range(n)])
+  # float32 arithmetic: to 1e-5 of each value or 1e-6 of the peak near the floor
+  np.testing.assert_allclose(got, _fastai_one_cycle(2e-3, n), rtol=1e-5, atol=2e-9)
+  assert got[0] == pytest.approx(2e-3 / 25, rel=1e-5) and got.max() <= 2e-3 * (1 + 1e-6)
+
+
+def test_one_cycle_follows_torch_onecyclelr_and_checks_its_fields():
+  """torch's OneCycleLR(anneal_strategy='cos', div_factor=25, final_div_factor=1e4,
+  pct_start=0.3) places its phase ends one step earlier than fastai; over 1000 steps the two
+  agree to 0.5 % of the peak (one step of the rise)."""
+  import torch
+  n, lr = 1000, 0.01
+  opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+  sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n, pct_start=0.3,
+                                              anneal_strategy="cos", div_factor=25, final_div_factor=1e4,
+                                              cycle_momentum=False)
+  ref = []
+  for _ in range(n):
+    ref.append(opt.param_groups[0]["lr"])
+    opt.step()
+    sched.step()
+  ours = optim.make_schedule(_config(schedule=dict(name="one_cycle")).schedule, lr, n, 1)
+  np.testing.assert_allclose([float(ours(t)) for t in range(n)], ref, atol=5e-3 * lr)
+  for field, value in (("pct_start", 1.0), ("div_factor", 0.0), ("final_div_factor", -1.0)):
+    with pytest.raises(ConfigError, match=f"config.schedule.{field}"):
+      optim.make_schedule(_config(schedule=dict(name="one_cycle", **{field: value})).schedule, lr, 4, 5)
+
+
 def test_discriminative_rates_are_geometric_and_groups_are_regexes():
   c = _config(optim=dict(learning_rate=1e-3, param_groups=("^backbone/(conv|bn)", "^backbone/layer4", "^head/"),
                          group_lr_range=(1e-6, 1e-4)))

@@ -153,8 +153,7 @@ def _short_stages(config):
   network, whole network at the third size) with one or two one-step epochs each (two in the
   first: in its first step no gradient reaches a block's first BatchNorm, behind the block's
   zero-initialised last one)."""
-  config.stages = tuple(dict(stage, num_epochs=n, **{"schedule.warmup_epochs": 0.25 * n})  # the recipe's warm-up share
-                        for stage, n in zip(config.stages, (2, 1, 1, 1, 2)))
+  config.stages = tuple(dict(stage, num_epochs=n) for stage, n in zip(config.stages, (2, 1, 1, 1, 2)))
 
 
 def test_stages_freeze_the_backbone_and_resume_across_stages(tmp_path):
@@ -302,21 +301,35 @@ def test_cross_validation_of_finished_regression_folds(tiny_run, tmp_path):
 
 
 def test_lr_find_writes_csv_png_and_a_rate(tmp_path):
-  wd = str(tmp_path / "lr")
-  run = run_main(wd, "--config.lr_find.steps=20", mode="lr_find", config="covid_resnet.py:runlocal")
+  """A real sweep of 24 steps follows fastai v1's LRFinder: its rates, its smoothed loss, its stop
+  rule, and a suggestion at the steepest descent of the smoothed loss outside the first 10 and
+  last 5 steps (recorder.plot(skip_start=10, skip_end=5, suggestion=True))."""
+  wd, n = str(tmp_path / "lr"), 24
+  run = run_main(wd, f"--config.lr_find.steps={n}", mode="lr_find", config="covid_resnet.py:runlocal")
   with open(os.path.join(wd, "lr_find.csv")) as f:
     rows = list(csv.DictReader(f))
   rates = np.array([float(r["learning_rate"]) for r in rows])
+  loss = np.array([float(r["loss"]) for r in rows])
   smoothed = np.array([float(r["smoothed_loss"]) for r in rows])
-  # 20 rates from 1e-7 to 10, exponentially spaced (until the loss blows up)
-  np.testing.assert_allclose(rates, 1e-7 * (1e8 ** (1 / 19)) ** np.arange(len(rates)), rtol=1e-5)
+  # step i at 1e-7 · (1e8)^(i / n): fastai's Scheduler never reaches `end` itself
+  np.testing.assert_allclose(rates, 1e-7 * (1e8 ** (1 / n)) ** np.arange(len(rates)), rtol=1e-5)
+  ema = np.zeros(len(loss))
+  for i, value in enumerate(loss):  # SmoothenValue(0.98): moving average, bias-corrected
+    ema[i] = 0.98 * (ema[i - 1] if i else 0.0) + 0.02 * value
+  np.testing.assert_allclose(smoothed, ema / (1 - 0.98 ** np.arange(1, len(loss) + 1)), rtol=1e-6)
+  best = np.minimum.accumulate(smoothed)
+  assert np.all(smoothed[:-1] <= 4 * best[:-1])  # no earlier stop ...
+  assert len(rows) == n or smoothed[-1] > 4 * best[-1]  # ... and the sweep ends by fastai's rule
+  assert len(rows) - 15 >= 2, "the sweep stopped too early for a suggestion by gradient"
   assert os.path.getsize(os.path.join(wd, "lr_find.png")) > 1000
   plot = read_image(os.path.join(wd, "lr_find.png"))  # a real PNG, of the plot's 640x420 pixels
   assert plot.shape == (420, 640, 3) and len(np.unique(plot.reshape(-1, 3), axis=0)) > 10
   suggested = float(run.stdout.split("suggested learning rate ")[1].split()[0])
   i = int(np.argmin(np.abs(np.log(rates / suggested))))
   assert abs(np.log10(rates[i] / suggested)) < 0.01  # one of the swept rates (printed to 3 digits)
-  assert smoothed[min(i + 1, len(rates) - 1)] < smoothed[max(i - 1, 0)]  # where the loss falls
+  assert 10 <= i < len(rows) - 5  # not one of the skipped steps
+  kept = np.gradient(smoothed[10:len(rows) - 5])
+  assert kept[i - 10] == kept.min()  # where the smoothed loss falls fastest
 
 
 def test_suggested_rate_is_the_steepest_descent():
@@ -324,6 +337,17 @@ def test_suggested_rate_is_the_steepest_descent():
   rates = np.logspace(-6, 0, 61)
   loss = 2.0 - np.tanh((np.log10(rates) + 3.0) * 2) + np.where(rates > 0.1, 50 * (rates - 0.1), 0)
   assert suggest_learning_rate(rates, loss) == pytest.approx(1e-3, rel=0.25)
+  # A steeper dip among the first 10 steps (the noise of the first batches) is skipped.
+  dipped = loss.copy()
+  dipped[3:10] -= 1.0
+  assert suggest_learning_rate(rates, dipped) == pytest.approx(1e-3, rel=0.25)
+  assert suggest_learning_rate(rates, dipped, skip_start=0) == pytest.approx(rates[3], rel=1e-6)
+  # So is the blow-up of the last 5 steps, however it falls there.
+  tail = loss.copy()
+  tail[-5:] = [9.0, 1.0, 9.0, 1.0, 9.0]
+  assert suggest_learning_rate(rates, tail) == pytest.approx(1e-3, rel=0.25)
+  # Too short a sweep for a gradient: fastai's other figure, the rate at the lowest loss / 10.
+  assert suggest_learning_rate(rates[:16], loss[:16]) == pytest.approx(rates[15] / 10)
 
 
 def _val_split():
@@ -332,7 +356,8 @@ def _val_split():
 
 def test_predict_averages_the_last_checkpoints(tiny_run):
   """--mode=predict with last_n=2: each value is the mean of the two checkpoints' predictions
-  (recomputed here), the metrics are those of the mean, and round=True rounds that mean."""
+  (recomputed here), the metrics are those of the mean; round=True rounds each checkpoint's values
+  and then their mean, clip_min clips each checkpoint's values before the mean."""
   from tests.conftest import TINY_RUN
   wd, _ = tiny_run
   run = run_main(wd, *TINY_RUN, "--config.predict.last_n=2", mode="predict")
@@ -350,9 +375,50 @@ def test_predict_averages_the_last_checkpoints(tiny_run):
   assert [s for _, s in metrics["runs"]] == steps
   assert metrics["metrics"]["mae"] == pytest.approx(np.mean(np.abs(mean - val.labels())), rel=1e-4)
   assert f"Predictions of 2 checkpoint(s) for {len(val)} val examples" in run.stdout
+  # round=True (seed 001): each checkpoint's values rounded, then their mean
   run_main(wd, *TINY_RUN, "--config.predict.last_n=2", "--config.predict.round=True", mode="predict")
   with open(os.path.join(wd, "predictions_val.csv")) as f:
-    np.testing.assert_array_equal([float(r[1]) for r in csv.reader(f)], np.round(mean))
+    rounded = [float(r[1]) for r in csv.reader(f)]
+  np.testing.assert_array_equal(rounded, np.round(np.mean(np.round(each), axis=0)))
+  # clip_min (seed 000): each checkpoint's values clipped before averaging
+  floor = float(np.median(each[0]))
+  run_main(wd, *TINY_RUN, "--config.predict.last_n=2", f"--config.predict.clip_min={floor}", mode="predict")
+  with open(os.path.join(wd, "predictions_val.csv")) as f:
+    clipped = np.array([float(r[1]) for r in csv.reader(f)])
+  np.testing.assert_allclose(clipped, np.mean(np.maximum(each, floor), axis=0), atol=1e-3)
+  assert clipped.min() >= floor - 1e-4 and np.abs(clipped - np.maximum(mean, floor)).max() > 1e-2
+
+
+def test_predict_rounds_and_clips_each_checkpoint_before_the_mean(tiny_run, monkeypatch):
+  """predict_source over the tiny run's two checkpoints, their values set to ones where the order
+  matters: rounding each (seed 001) then the mean differs from rounding the mean alone, and
+  clipping each at 0 (seed 000's authors) differs from clipping the mean."""
+  from cxflax import parallel
+  from cxflax.errors import ConfigError
+  from cxflax.train import checkpoint as ckpt_lib
+  from cxflax.train import predict as predict_lib
+  wd, _ = tiny_run
+  val = _val_split()
+  runs = [(wd, s) for s in ckpt_lib.find_steps(wd, last_n=2)[1]]
+  assert len(runs) == 2
+
+  def predict(first, second, **kw):
+    """predict_source with the two checkpoints' evaluations giving `first` and `second` for
+    every example."""
+    outputs = iter([first, second])
+    monkeypatch.setattr(predict_lib, "run_evaluation", lambda *a, **k: {
+        "pred": np.tile(next(outputs), (len(val),) + (1,) * np.ndim(first)), "index": np.arange(len(val))})
+    return predict_lib.predict_source(runs, val, 8, parallel.make_mesh(), **kw)
+
+  each = (np.array([1.6, -3.0, 2.4]), np.array([1.2, 1.0, 2.4]))
+  for i in range(3):
+    assert predict(each[0][i], each[1][i])[0] == pytest.approx([1.4, -1.0, 2.4][i])
+    # rounded each: 2 and 1 → 1.5 (then 2 in the CSV; the mean alone would round to 1)
+    assert predict(each[0][i], each[1][i], round_each=True)[0] == pytest.approx([1.5, -1.0, 2.0][i])
+    # clipped each at 0: 0 and 1 → 0.5 (clipping the mean -1 would give 0)
+    assert predict(each[0][i], each[1][i], clip_min=0.0)[0] == pytest.approx([1.4, 0.5, 2.4][i])
+  with pytest.raises(ConfigError, match="config.predict.clip_min"):  # class probabilities
+    predict(np.full(4, 0.25), np.full(4, 0.25), clip_min=0.0)
 
 
 def test_pseudo_labels_extend_training_with_those_labels(tiny_run, tmp_path):

@@ -48,7 +48,7 @@ def _iou(a, b):
 
 @pytest.mark.parametrize("spec", ["rotate(40)", "shift_scale_rotate(0.1, 0.2, 30, p=1.0)",
                                   "random_resized_crop(40, scale=(0.3, 0.8))", "center_crop(30)",
-                                  "resize(20, 36)", "flip_lr(1.0)|flip_ud(1.0)"])
+                                  "resize(20, 36)", "flip_lr(1.0)|flip_ud(1.0)", "zoom(1.5, p=1.0)"])
 def test_masks_follow_the_image(spec):
   """Transform an image whose content *is* its mask: the warped image and warped mask agree."""
   ex = _example()
@@ -119,14 +119,76 @@ def test_rand_augment_has_seed_001_operations_and_keeps_masks_aligned():
   ex["image"] = ex["image"] * np.array([1.0, 0.8, 0.6], np.float32)  # tinted: colour ops act
   mask = ex["lung_mask"].astype(np.float32)
   for op in transforms.RAND_AUGMENT_OPS:
-    out = _apply(f"rand_augment(1, 20, ops=('{op}',))", ex, seed=5)
+    # 48 px: translation and cutout scaled from a 512-px image (the paper's size)
+    out = _apply(f"rand_augment(1, 20, ops=('{op}',), ref_size=512)", ex, seed=5)
     assert not np.allclose(out["image"], ex["image"]), op
     geometric = op in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
     assert (not np.array_equal(out["lung_mask"], ex["lung_mask"])) == geometric, op
     if geometric:
-      moved = _apply(f"rand_augment(1, 20, ops=('{op}',))", {"image": mask, "lung_mask": ex["lung_mask"]}, seed=5)
+      moved = _apply(f"rand_augment(1, 20, ops=('{op}',), ref_size=512)",
+                     {"image": mask, "lung_mask": ex["lung_mask"]}, seed=5)
       assert _iou(moved["image"][..., 0], moved["lung_mask"][..., 0]) > 0.9, op
   assert np.array_equal(_apply("rand_augment(2, 0, ops=('rotate',))", ex)["image"], ex["image"])
+
+
+def _x_ramp(h, w):
+  """An image whose value is each pixel centre's x / w: bilinear sampling reads off coordinates."""
+  return np.broadcast_to(((np.arange(w) + 0.5) / w)[None, :, None], (h, w, 1)).astype(np.float32).copy()
+
+
+@pytest.mark.parametrize("ref_size,shift", [(None, 100.0), (600, 50.0)])
+def test_rand_augment_translation_and_cutout_are_ildoonets_pixels(ref_size, shift):
+  """At m = 30, TranslateXabs moves the image by 100 px and CutoutAbs paints a 40-px square of
+  (125, 123, 114); with ref_size=600 a 300-px image gets half of each."""
+  extra = f", ref_size={ref_size}" if ref_size else ""
+  img = _x_ramp(300, 300)
+  out = _apply(f"rand_augment(1, 30, ops=('translate_x',){extra})", {"image": img}, seed=2)["image"]
+  inside = out[150, 120:180, 0]  # away from the uncovered border either way
+  moved = (inside - img[150, 120:180, 0]) * 300  # pixels the content came from, signed
+  np.testing.assert_allclose(np.abs(moved), shift, atol=1e-3)
+  side = int(round(40 * shift / 100))
+  for seed in range(6):
+    rgb = np.zeros((300, 300, 3), np.float32)
+    cut = _apply(f"rand_augment(1, 30, ops=('cutout',){extra})", {"image": rgb}, seed=seed)["image"]
+    painted = np.all(cut == np.array([125, 123, 114], np.float32) / 255, axis=-1)
+    rows, cols = np.nonzero(painted.any(1))[0], np.nonzero(painted.any(0))[0]
+    assert painted.sum() == len(rows) * len(cols)  # one rectangle
+    for idx in (rows, cols):  # `side` long, or cut by the far border
+      assert len(idx) == side or (idx[-1] == 299 and len(idx) < side)
+
+
+def test_dihedral_draws_the_eight_symmetries_of_the_square():
+  ex = _example()
+  img, mask = ex["image"][..., 0], ex["lung_mask"][..., 0]
+  d4 = lambda a: [np.rot90(f, k) for f in (a, a.T) for k in range(4)]  # built another way
+  expected, expected_mask = d4(img), d4(mask)
+  seen = set()
+  for seed in range(60):
+    out = _apply("dihedral()", ex, seed=seed)
+    match = [i for i, e in enumerate(expected) if np.array_equal(out["image"][..., 0], e)]
+    assert len(match) == 1
+    seen.add(match[0])
+    assert np.array_equal(out["lung_mask"][..., 0], expected_mask[match[0]])  # the mask follows
+  assert seen == set(range(8))
+  with pytest.raises(ValueError, match="square"):
+    _apply("dihedral()", {"image": np.zeros((4, 6, 1), np.float32)})
+
+
+def test_zoom_is_fastais_rand_zoom():
+  """zoom(1.5, p=1): the output samples input = output / scale + c in fastai's [-1, 1]
+  coordinates, c = (1 - 1/scale)(2 pct - 1), with scale, row_pct, col_pct drawn in that order."""
+  img = _x_ramp(40, 40)
+  for seed in range(4):
+    out = _apply("zoom(1.5, p=1.0)", {"image": img}, seed=seed)["image"][..., 0]
+    rng = _rng(seed)
+    rng.uniform()  # p
+    scale, _, col_pct = rng.uniform(1.0, 1.5), rng.uniform(), rng.uniform()
+    x_out = 2 * (np.arange(40) + 0.5) / 40 - 1
+    x_in = x_out / scale + (1 - 1 / scale) * (2 * col_pct - 1)
+    # rows are all the same ramp; the edge columns may read the ramp's clamped border
+    np.testing.assert_allclose(out[20, 1:-1], ((x_in + 1) / 2)[1:-1], atol=2e-3)
+    assert 1.0 <= scale <= 1.5 and np.abs(x_in).max() <= 1
+  assert np.array_equal(_apply("zoom(1.5, p=0.0)", {"image": img})["image"], img)
 
 
 def test_random_resized_crop_sizes_and_color_ops():

@@ -7,10 +7,10 @@ Each op maps an example dict to a new one, given a numpy Generator that grain se
 [0, 1] when the first op sees it. Geometric ops move every mask ('*_mask' keys) with the image,
 using nearest-neighbour sampling so masks stay binary.
 
-Ops: resize, center_crop, random_resized_crop, flip_lr, flip_ud, rotate, shift_scale_rotate,
-rand_augment, color_jitter, lighting, to_rgb, to_gray, equalize, gamma, normalize ('imagenet',
-'dataset' — the training split's statistics, filled in at start-up — 'xrv', or explicit mean and
-std), mask_image and append_mask (for patch classifiers).
+Ops: resize, center_crop, random_resized_crop, flip_lr, flip_ud, dihedral, rotate, zoom,
+shift_scale_rotate, rand_augment, color_jitter, lighting, to_rgb, to_gray, equalize, gamma,
+normalize ('imagenet', 'dataset' — the training split's statistics, filled in at start-up —
+'xrv', or explicit mean and std), mask_image and append_mask (for patch classifiers).
 """
 
 from __future__ import annotations
@@ -140,6 +140,34 @@ def _flip_lr(p: float = 0.5) -> Op:
 def _flip_ud(p: float = 0.5) -> Op:
   """Vertical flip with probability p."""
   return _flip(0, p)
+
+
+@register("dihedral")
+def _dihedral(p: float = 1.0) -> Op:
+  """fastai v1's dihedral_affine (what get_transforms(flip_vert=True) uses for its flips): one of
+  the 8 symmetries of the square, uniformly: horizontal flip, vertical flip and transposition
+  each on or off. Square images only (a transposition would change the shape)."""
+  _prob(p)
+
+  def apply(ex, rng):
+    if rng.uniform() >= p:
+      return ex
+    h, w = ex["image"].shape[:2]
+    if h != w:
+      raise ValueError(f"dihedral: the image is {h}x{w}; transposing needs a square image (resize first)")
+    k = int(rng.integers(0, 8))
+    ex = dict(ex)
+    for key in ["image"] + _masks(ex):
+      a = ex[key]
+      if k & 1:
+        a = np.flip(a, axis=1)
+      if k & 2:
+        a = np.flip(a, axis=0)
+      if k & 4:
+        a = np.swapaxes(a, 0, 1)
+      ex[key] = np.ascontiguousarray(a)
+    return ex
+  return apply
 
 
 @register("to_rgb")
@@ -389,6 +417,29 @@ def _rotate(degrees: float = 15.0, p: float = 1.0) -> Op:
   return apply
 
 
+@register("zoom")
+def _zoom(max_zoom: float = 1.1, p: float = 0.75) -> Op:
+  """fastai v1's rand_zoom (get_transforms' max_zoom): zoom in by a factor drawn from
+  [1, max_zoom] about a random point placed so the view stays inside the image, with probability
+  p."""
+  _prob(p)
+  if max_zoom < 1:
+    raise ValueError(f"max_zoom must be >= 1, got {max_zoom}")
+
+  def apply(ex, rng):
+    if rng.uniform() >= p:
+      return ex
+    h, w = ex["image"].shape[:2]
+    scale = rng.uniform(1.0, max_zoom)
+    row_pct, col_pct = rng.uniform(), rng.uniform()
+    # fastai samples input = output / scale + c in [-1, 1] coordinates, c = (1 - 1/scale)(2 pct - 1):
+    # in pixels a shift of -scale · c · size / 2 after zooming about the centre.
+    c = (1 - 1 / scale) * (2 * np.array([col_pct, row_pct]) - 1)
+    shift = (-scale * c[0] * w / 2, -scale * c[1] * h / 2)
+    return _affine(ex, _about_centre(h, w, scale=scale, shift=shift))
+  return apply
+
+
 @register("shift_scale_rotate")
 def _shift_scale_rotate(shift: float = 0.0625, scale: float = 0.1, rotate: float = 45.0,
                         p: float = 0.5, border: str = "reflect_101") -> Op:
@@ -505,13 +556,17 @@ def _lighting(max_lighting: float = 0.2, p: float = 0.75) -> Op:
 # --- RandAugment ------------------------------------------------------------------------------------
 
 # Seed 001's RandAugment operations, with the magnitude ranges of the RandAugment implementation
-# its authors used (ildoonet/pytorch-randaugment): level = m / 30 maps linearly onto each range.
+# its authors used (ildoonet/pytorch-randaugment, augment_list): level = m / 30 maps linearly onto
+# each range. Translation and cutout are its absolute-pixel ops (TranslateXabs / TranslateYabs up
+# to 100 px, CutoutAbs up to 40 px), not the fractional TranslateX / Cutout it leaves unused.
 RAND_AUGMENT_OPS = ("rotate", "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
                     "cutout", "translate_x", "translate_y")
 _RANGES = {"rotate": (0.0, 30.0), "shear_x": (0.0, 0.3), "shear_y": (0.0, 0.3),
-           "translate_x": (0.0, 0.45), "translate_y": (0.0, 0.45), "cutout": (0.0, 0.2),
+           "translate_x": (0.0, 100.0), "translate_y": (0.0, 100.0), "cutout": (0.0, 40.0),
            "color": (0.1, 1.9), "contrast": (0.1, 1.9), "brightness": (0.1, 1.9),
            "sharpness": (0.1, 1.9)}
+_PIXEL_OPS = ("translate_x", "translate_y", "cutout")
+_CUTOUT_FILL = np.array([125, 123, 114], np.float32) / 255.0  # CutoutAbs's colour
 
 
 def _rand_augment_op(name: str, ex: Example, v: float, rng) -> Example:
@@ -523,15 +578,17 @@ def _rand_augment_op(name: str, ex: Example, v: float, rng) -> Example:
     shear = (sign * v, 0.0) if name == "shear_x" else (0.0, sign * v)
     return _affine(ex, _about_centre(h, w, shear=shear))
   if name in ("translate_x", "translate_y"):
-    shift = (sign * v * w, 0.0) if name == "translate_x" else (0.0, sign * v * h)
+    shift = (sign * v, 0.0) if name == "translate_x" else (0.0, sign * v)
     return _affine(ex, _about_centre(h, w, shift=shift))
-  if name == "cutout":  # a grey square over the image only; masks keep the anatomy
-    side = int(round(v * min(h, w)))
+  if name == "cutout":  # a v-pixel square over the image only; masks keep the anatomy
+    side = int(round(v))
     if side <= 0:
       return ex
-    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    # CutoutAbs: a centre drawn over the image, the top-left corner kept inside it
+    top, left = max(0, int(rng.uniform(0, h) - side / 2)), max(0, int(rng.uniform(0, w) - side / 2))
     img = ex["image"].copy()
-    img[max(0, cy - side // 2):cy + (side + 1) // 2, max(0, cx - side // 2):cx + (side + 1) // 2] = 0.5
+    c = img.shape[-1]
+    img[top:top + side, left:left + side] = _CUTOUT_FILL if c == 3 else _CUTOUT_FILL.mean()
     return {**ex, "image": img}
   fn = {"color": adjust_saturation, "contrast": adjust_contrast, "brightness": adjust_brightness,
         "sharpness": adjust_sharpness}[name]
@@ -539,11 +596,16 @@ def _rand_augment_op(name: str, ex: Example, v: float, rng) -> Example:
 
 
 @register("rand_augment")
-def _rand_augment(n: int = 2, m: float = 9.0, ops=RAND_AUGMENT_OPS) -> Op:
+def _rand_augment(n: int = 2, m: float = 9.0, ops=RAND_AUGMENT_OPS, ref_size=None) -> Op:
   """RandAugment(n, m): n operations drawn uniformly (with replacement) from `ops`, each at
-  magnitude m on a 0–30 scale (rotation, shear and translation take a random sign)."""
+  magnitude m on a 0–30 scale (rotation, shear and translation take a random sign). Translation
+  and cutout are in pixels, as in ildoonet's implementation; with ref_size they are pixels of a
+  ref_size-pixel image, scaled to the image's size (a small image then moves as much, relatively,
+  as a ref_size one)."""
   if n < 0 or not 0 <= m <= 30:
     raise ValueError(f"rand_augment needs n >= 0 and 0 <= m <= 30, got n={n}, m={m}")
+  if ref_size is not None and ref_size <= 0:
+    raise ValueError(f"rand_augment ref_size must be positive, got {ref_size}")
   unknown = [o for o in ops if o not in _RANGES]
   if unknown:
     raise ValueError(f"unknown RandAugment op(s) {unknown}; known: {sorted(_RANGES)}")
@@ -551,6 +613,9 @@ def _rand_augment(n: int = 2, m: float = 9.0, ops=RAND_AUGMENT_OPS) -> Op:
   def apply(ex, rng):
     for k in rng.integers(0, len(ops), n):
       lo, hi = _RANGES[ops[k]]
-      ex = _rand_augment_op(ops[k], ex, lo + (m / 30.0) * (hi - lo), rng)
+      v = lo + (m / 30.0) * (hi - lo)
+      if ref_size and ops[k] in _PIXEL_OPS:
+        v *= min(ex["image"].shape[:2]) / ref_size
+      ex = _rand_augment_op(ops[k], ex, v, rng)
     return ex
   return apply

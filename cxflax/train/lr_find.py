@@ -1,4 +1,5 @@
-"""--mode=lr_find: fastai's learning-rate range test, written as CSV and a plot, with a
+"""--mode=lr_find: fastai v1's learning-rate range test (Learner.lr_find, then
+recorder.plot(skip_start=10, skip_end=5, suggestion=True)), written as CSV and a plot, with the
 suggested rate."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from cxflax import config as config_lib
 from cxflax import parallel
@@ -22,9 +24,11 @@ from cxflax.train.workdir import announce, prepare_workdir
 
 
 def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
-  """fastai's learning-rate range test: one step per rate, rates growing exponentially from
-  lr_find.start to lr_find.end, stopping when the smoothed loss exceeds 4x its minimum. Writes
-  lr_find.csv and lr_find.png and returns the suggested rate (steepest descent of the loss)."""
+  """fastai v1's LRFinder: one step per rate, step i at lr_find.start · (end / start) ^ (i / steps)
+  (so the sweep stops one step short of `end`), the loss smoothed as fastai's SmoothenValue(0.98)
+  (moving average with bias correction), stopping once the smoothed loss exceeds 4x its best or is
+  not finite. Writes lr_find.csv and lr_find.png and returns the suggested rate
+  (suggest_learning_rate)."""
   config = config_lib.finalize(config)
   workdir = prepare_workdir(workdir)
   mesh = parallel.make_mesh()
@@ -33,8 +37,8 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
   model = build.build_model(config, task, inp.class_names)
   variables = build.initial_variables(config, model, inp.image_shape(), config.seed)
   f = config.lr_find
-  n = max(2, int(f.steps))
-  rates = f.start * (f.end / f.start) ** (np.arange(n) / (n - 1))
+  n = int(f.steps)
+  rates = f.start * (f.end / f.start) ** (np.arange(n) / n)
   table = jax.numpy.asarray(rates, jax.numpy.float32)
   # The head's group sweeps the rates; the other groups keep their ratio to it.
   head_lr = optim.group_learning_rates(config.optim)[-1]
@@ -52,9 +56,9 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
     smoothed = smooth / (1 - 0.98 ** (i + 1))
     rows.append((float(rates[i]), loss, smoothed))
     best = min(best, smoothed)
-    if not np.isfinite(loss) or (i > 5 and smoothed > 4 * best):
+    if not np.isfinite(smoothed) or smoothed > 4 * best:  # fastai's stop_div
       break
-  suggested = suggest_learning_rate([r[0] for r in rows], [r[2] for r in rows])
+  suggested = suggest_learning_rate([r[0] for r in rows], [r[2] for r in rows], f.skip_start, f.skip_end)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "lr_find.csv"), "w", newline="") as fh:
       w = csv.writer(fh)
@@ -62,21 +66,25 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
       w.writerows(rows)
     _plot_lr_find(os.path.join(workdir, "lr_find.png"), rows, suggested)
   announce(f"LR range test over {len(rows)} steps: suggested learning rate {suggested:.3g} "
-           f"(steepest descent of the smoothed loss); see {os.path.join(workdir, 'lr_find.png')}")
+           f"(steepest descent of the smoothed loss, first {f.skip_start} and last {f.skip_end} "
+           f"steps skipped); see {os.path.join(workdir, 'lr_find.png')}")
   return suggested
 
 
-def suggest_learning_rate(rates, smoothed) -> float:
-  """The rate where the smoothed loss falls fastest (per decade), before its minimum, ignoring
-  the first tenth of the sweep (fastai's skip_start); a tenth of the rate at the minimum if the
-  loss never falls."""
-  lrs, sm = np.log10(np.asarray(rates)), np.asarray(smoothed, np.float64)
-  start = max(1, len(sm) // 10)
-  end = start + int(np.argmin(sm[start:])) + 1
-  if end - start < 3:
-    return float(rates[end - 1]) / 10
-  slopes = np.gradient(sm[start:end], lrs[start:end])
-  return float(rates[start + int(np.argmin(slopes))])
+def suggest_learning_rate(rates, smoothed, skip_start: int = 10, skip_end: int = 5) -> float:
+  """fastai v1's recorder.plot(skip_start, skip_end, suggestion=True): the rate at the minimum of
+  np.gradient of the smoothed losses, the first skip_start and last skip_end steps left out (the
+  first steps' losses are noise around the initial loss; the last ones are the blow-up). Where
+  fewer than two steps remain, fastai gives up on the gradient; we return its other printed
+  figure, the rate at the lowest smoothed loss divided by 10, and say so."""
+  end = len(smoothed) - skip_end
+  rates, sm = np.asarray(rates, np.float64), np.asarray(smoothed, np.float64)
+  if end - skip_start < 2:
+    rate = float(rates[int(np.nanargmin(sm))]) / 10
+    logging.warning("LR range test: %d steps leave fewer than 2 after skipping the first %d and last %d; "
+                    "suggesting the rate at the lowest loss / 10 (%.3g)", len(sm), skip_start, skip_end, rate)
+    return rate
+  return float(rates[skip_start + int(np.argmin(np.gradient(sm[skip_start:end])))])
 
 
 def _plot_lr_find(path: str, rows, suggested: float) -> None:

@@ -2,7 +2,8 @@
 
 Schedules follow the papers' PyTorch schedulers: linear warm-up then cosine decay (seed 001),
 cosine annealing with period T_max and its warm-restart variant (seed 000's CosineAnnealingLR /
-CosineAnnealingWarmRestarts), step decay (seed 004's StepLR), constant. With
+CosineAnnealingWarmRestarts), step decay (seed 004's StepLR), constant, and fastai v1's
+one-cycle policy (seed 002's fit_one_cycle). With
 config.schedule.unit='epoch' the rate changes once per epoch, as a scheduler stepped per epoch does.
 
 Parameters can be split into groups by regular expressions on their paths ('backbone/layer4_2/
@@ -67,6 +68,31 @@ def _warmup_cosine(s, lr, total, epoch_steps):
     raise ConfigError(f"config.schedule.warmup_epochs ({s.warmup_epochs}) must be shorter than "
                       f"num_epochs ({total / epoch_steps:g})")
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=s.min_learning_rate)
+
+
+@SCHEDULES.register("one_cycle", fields=("pct_start", "div_factor", "final_div_factor"))
+def _one_cycle(s, lr, total, epoch_steps):
+  """fastai v1's fit_one_cycle (OneCycleScheduler): the first int(pct_start · total) steps rise
+  from lr / div_factor to lr by a half cosine, the rest fall by a half cosine towards
+  lr / (div_factor · final_div_factor), each step taking the value at its own position (the
+  last step stops one step short of the floor, as fastai's scheduler does)."""
+  for name, ok in (("pct_start", 0 < s.pct_start < 1), ("div_factor", s.div_factor > 0),
+                   ("final_div_factor", s.final_div_factor > 0)):
+    if not ok:
+      raise ConfigError(f"config.schedule.{name} must be {'in (0, 1)' if name == 'pct_start' else '> 0'} "
+                        f"for schedule 'one_cycle', got {s[name]}")
+  up = int(total * s.pct_start)
+  down = total - up
+  low, floor = lr / s.div_factor, lr / (s.div_factor * s.final_div_factor)
+
+  def cos(start, end, pct):  # fastai's annealing_cos
+    return end + (start - end) / 2 * (1 + jnp.cos(jnp.pi * pct))
+
+  def fn(t):
+    rising = cos(low, lr, t / max(up, 1))
+    falling = cos(lr, floor, jnp.minimum(t - up, down) / down)
+    return jnp.where(t < up, rising, falling)
+  return fn
 
 
 def _period(s, total, epoch_steps):

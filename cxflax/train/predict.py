@@ -29,7 +29,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Averages the predictions of config.predict.runs (default: workdir) over their last
   config.predict.last_n checkpoints for config.predict.split; writes workdir/predictions_<split>.csv
   (header-less 'name,prediction' for regression, as the Per-COVID-19 challenge takes them) and,
-  where the split is labelled, its metrics."""
+  where the split is labelled, its metrics. For regression, predict.clip_min clips and
+  predict.round rounds every checkpoint's values, and predict.round rounds their mean too."""
   config = config_lib.finalize(config)
   workdir = prepare_workdir(workdir)
   mesh = parallel.make_mesh()
@@ -43,7 +44,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
       raise ConfigError(f"segmentation predicts from one checkpoint; got {len(runs)} (set "
                         "config.predict.last_n=1 and at most one of config.predict.runs)")
     return predict_masks(first, source, config.eval_batch_size, mesh, os.path.join(workdir, "masks"))
-  preds = predict_source(runs, source, config.eval_batch_size, mesh)
+  preds = predict_source(runs, source, config.eval_batch_size, mesh, round_each=p.round, clip_min=p.clip_min)
   split = "images" if p.images else p.split
   out = os.path.join(workdir, f"predictions_{split}.csv")
   if jax.process_index() == 0:
@@ -58,9 +59,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   return out
 
 
-def predict_source(runs: list[tuple[str, int]], source, batch_size: int, mesh) -> np.ndarray:
+def predict_source(runs: list[tuple[str, int]], source, batch_size: int, mesh, round_each: bool = False,
+                   clip_min: float | None = None) -> np.ndarray:
   """The average over (run, step) checkpoints of their predictions (regressed values or class
-  probabilities) for every example of `source`, each run preprocessing as it was trained."""
+  probabilities) for every example of `source`, each run preprocessing as it was trained.
+  Regressed values of each checkpoint are clipped below at clip_min (seed 000's authors set each
+  fold's negative predictions to 0 before averaging) and rounded with round_each (seed 001: "the
+  output is always rounded to the closest integer", then the models' mean is rounded again)."""
   total = None
   for path, step in runs:
     run = build.load_run(path, step)
@@ -71,6 +76,13 @@ def predict_source(runs: list[tuple[str, int]], source, batch_size: int, mesh) -
     result = run_evaluation(step, run.variables, batches, mesh)
     pred = np.empty((len(source),) + result["pred"].shape[1:], np.float64)
     pred[result["index"]] = result["pred"]
+    if clip_min is not None:
+      if pred.ndim != 1:
+        raise ConfigError(f"config.predict.clip_min={clip_min} clips regressed values; {path} predicts "
+                          f"{pred.shape[1:]} values per example (leave clip_min None)")
+      pred = np.maximum(pred, clip_min)
+    if round_each and pred.ndim == 1:  # regressed values; class probabilities are left alone
+      pred = np.round(pred)
     total = pred if total is None else total + pred
   return total / len(runs)
 
