@@ -1,5 +1,5 @@
-"""What the recipes share: reading the config argument (`--config=configs/X.py:a,b`) and naming
-a departure from the paper."""
+"""What the recipes share: reading the config argument (`--config=configs/X.py:a,b`), naming a
+departure from the paper, and the ImageNet weights the papers start from."""
 
 from __future__ import annotations
 
@@ -28,3 +28,10 @@ def depart(config, path: str, reason: str) -> None:
   """Records that `path` (a field path, e.g. 'optim.weight_decay') knowingly differs from the
   paper, and why; the recipe's docstring names the path in backticks."""
   config.departures = tuple(config.departures) + ((path, reason),)
+
+
+def imagenet_weights(model: str, tag: str) -> str:
+  """timm's pretrained weights `model.tag` by their Hugging Face name, as config.init_from takes
+  it ('timm/resnest50d.in1k'; fetched into the Hugging Face cache on first use). The tag picks
+  the weights the paper's authors used: 'tv_in1k' for torchvision's, timm's default otherwise."""
+  return f"timm/{model}.{tag}"

@@ -26,6 +26,9 @@ dihedral flips (flip_vert=True turns fastai's horizontal flip into the 8 symmetr
 square), rotation up to 15° (p = 0.75), zoom up to 1.1 about a random point (p = 0.75) and
 lighting 0.2 (brightness and contrast in logit space, p = 0.75 each).
 
+Starts from torchvision's ImageNet weights, as fastai v1's resnet50 does
+(config.init_from='timm/resnet50.tv_in1k', fetched into the Hugging Face cache on first use).
+
 Departs from the paper: `optim.group_lr_range`: the paper gives no rates for the whole-network
 steps of stages I and II ("discriminative learning rate ... as before"); we use stage III's
 1e-6…1e-4.
@@ -39,7 +42,7 @@ resnet10t, 2/6/1/4/6 epochs, and, as it trains from scratch, rates 5e-4…2e-3 f
 network.
 """
 
-from configs.common import depart, parse_arg
+from configs.common import depart, imagenet_weights, parse_arg
 from cxflax.config import base_config
 
 HEAD_ONLY = ("^backbone/",)
@@ -60,6 +63,7 @@ def get_config(arg: str | None = None):
   _, args = parse_arg(arg, flags=("runlocal",))
   c = base_config()
   c.model = "resnet50"
+  c.init_from = imagenet_weights("resnet50", "tv_in1k")  # fastai v1's resnet50 is torchvision's
   c.head, c.head_kwargs.hidden, c.head_kwargs.ps = "fastai", 512, 0.5
   c.loss.name = "cross_entropy"
   # fastai v1's Learner: opt_func=partial(Adam, betas=(0.9, 0.99)), wd=1e-2, true_wd=True
@@ -83,6 +87,7 @@ def get_config(arg: str | None = None):
   sizes, epochs = (128, 224, 229), (3, 5, 3, 5, 25)
   if arg == "runlocal":
     c.model = "resnet10t"
+    c.init_from = ""  # from scratch: no download, and phantom X-rays are no ImageNet
     c.data.source, c.data.eval_split = "phantom", "fold"
     c.data.phantom.num_subjects, c.data.phantom.slices_per_subject = 480, (1, 1)
     c.data.workers = 0

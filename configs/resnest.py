@@ -21,9 +21,9 @@ config.predict.runs (one workdir per fold, default --workdir); evaluation during
 too (config.round_predictions). Pseudo-labelling is config.pseudo_label.runs (the trained runs
 that label the Val split).
 
-Start from ImageNet weights as the paper does: convert timm's resnest50d checkpoint with
-`python -m cxflax.convert --model resnest50d --checkpoint resnest50d.pth --out DIR` and pass
-`--config.init_from=DIR` (nothing is downloaded by cxflax).
+Starts from ImageNet weights as the paper does: config.init_from='timm/resnest50d.in1k', timm's
+weights fetched into the Hugging Face cache on first use (offline: the cached copy; or a
+converted checkpoint, `python -m cxflax.convert`, as --config.init_from=DIR).
 
 Augmentation (Sec. 3.1): RandAugment over the paper's ten operations (rotation 0–30°, color,
 contrast, brightness, sharpness, shear x/y, cutout, translate x/y) and horizontal and vertical
@@ -44,7 +44,7 @@ cutout are scaled from 512 px (rand_augment(..., ref_size=512)) so that they mov
 as much, relatively, as the paper's; predict averages its 2 kept checkpoints and does not round.
 """
 
-from configs.common import parse_arg
+from configs.common import imagenet_weights, parse_arg
 from cxflax.config import base_config
 
 
@@ -52,6 +52,7 @@ def get_config(arg: str | None = None):
   _, args = parse_arg(arg, flags=("runlocal", "multitask", "kl"))
   c = base_config()
   c.model = "resnest50d"
+  c.init_from = imagenet_weights("resnest50d", "in1k")
   c.head = "linear"
   c.loss.name, c.loss.beta = "smooth_l1", 1.0
   c.optim.name, c.optim.momentum, c.optim.weight_decay, c.optim.sam_rho = "sgd", 0.9, 5e-3, 0.05
@@ -76,6 +77,7 @@ def get_config(arg: str | None = None):
 
   if "runlocal" in args:
     c.model = "resnest14d"
+    c.init_from = ""  # from scratch: no download, and phantom slices are no ImageNet
     c.data.image_size = 64
     c.data.workers = 0
     c.data.phantom.num_subjects = 100

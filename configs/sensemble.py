@@ -21,6 +21,11 @@ are frozen, their 1000-d outputs stacked, weighted per member by the SE block (L
 Linear 3→6 → sigmoid) or not ('average'), averaged over members, and fed to a new 500 → 250 → 1
 head trained like a member (batch 224).
 
+Members start from timm's ImageNet weights as the authors' timm.create_model(pretrained=True)
+does (config.init_from='timm/resnest50d.in1k' and the like, fetched into the Hugging Face cache on
+first use); predict clips negative predictions at 0 as the authors' code does
+(config.predict.clip_min=0).
+
 Departs from the paper and the authors' code: `steps_per_epoch` — each epoch's last partial
 batch is dropped (the authors' DataLoader keeps it, drop_last=False), so that every train step
 has one shape; `data.eval_pp` — evaluation is the deterministic resize and centre crop (the authors'
@@ -32,10 +37,14 @@ accumulation the gradient is the mean over its batches, where Lightning divides 
 `:runlocal` (with a member or `ensemble`) shrinks everything to 64-px phantom slices.
 """
 
-from configs.common import depart, parse_arg
+from configs.common import depart, imagenet_weights, parse_arg
 from cxflax.config import base_config
 
 MEMBERS = ("resnest50d", "resnetrs50", "seresnext50_32x4d", "ecaresnet50t", "skresnext50_32x4d", "seresnet50")
+# timm.create_model(name, pretrained=True) in early 2021: timm's default ImageNet weights then
+# (seresnet50's were ra2; today's default is a1).
+WEIGHT_TAGS = {"resnest50d": "in1k", "resnetrs50": "tf_in1k", "seresnext50_32x4d": "racm_in1k",
+               "ecaresnet50t": "ra2_in1k", "skresnext50_32x4d": "ra_in1k", "seresnet50": "ra2_in1k"}
 
 
 def get_config(arg: str | None = None):
@@ -43,6 +52,7 @@ def get_config(arg: str | None = None):
                            choices=MEMBERS + ("resnest14d", "resnet10t"), default="resnest50d")
   c = base_config()
   c.model = model
+  c.init_from = imagenet_weights(model, WEIGHT_TAGS[model]) if model in WEIGHT_TAGS else ""
   c.backbone_classes = 1000
   c.head, c.head_kwargs.hidden = "mlp", (500, 250)
   c.loss.name, c.loss.beta = "smooth_l1", 1.0
@@ -61,6 +71,7 @@ def get_config(arg: str | None = None):
                      "shift_scale_rotate(0.0625, 0.1, 30, p=0.5)|normalize('imagenet')")
   c.data.eval_pp = "to_rgb|resize({size+32})|center_crop({size})|normalize('imagenet')"
   c.data.workers = 2
+  c.predict.clip_min = 0.0  # the authors' train.py: pred = np.where(pred < 0, 0, pred)
   # Named by describe's steps_per_epoch (batches per epoch: floor here, ceil for the authors), not
   # by batch_size, whose value does follow the paper.
   depart(c, "steps_per_epoch", "each epoch's last partial batch is dropped (the authors' DataLoader "
@@ -71,12 +82,14 @@ def get_config(arg: str | None = None):
          "precision=16); --config.dtype=bfloat16 on GPUs")
   if "ensemble" in flags or "average" in flags:
     c.ensemble.kind = "average" if "average" in flags else "se"
+    c.init_from = ""  # the members bring their trained weights
     c.ensemble.head_hidden = (500, 250)
     c.optim.freeze = ("^backbone/members_",)
     c.optim.train_frozen_bn = False
     c.batch_size = c.eval_batch_size = 224
   if "runlocal" in flags:
     c.model = c.model if c.model in ("resnest14d", "resnet10t") else "resnest14d"
+    c.init_from = ""  # from scratch: no download, and phantom slices are no ImageNet
     c.data.image_size = 64
     c.data.workers = 0
     c.data.phantom.num_subjects = 100

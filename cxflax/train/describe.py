@@ -72,7 +72,8 @@ def stage_settings(c: ml_collections.ConfigDict) -> dict:
   if c.ensemble.kind:
     s.update({f"ensemble.{k}": _plain(v) for k, v in c.ensemble.items()})
   s.update({f"predict.{k}": _plain(v) for k, v in c.predict.items()})
-  s["round_predictions"] = c.round_predictions
+  s["round_predictions"], s["keep_checkpoints"] = c.round_predictions, c.keep_checkpoints
+  s.update({f"lr_find.{k}": _plain(v) for k, v in c.lr_find.items()})
   if c.pseudo_label.runs:
     s.update({f"pseudo_label.{k}": _plain(v) for k, v in c.pseudo_label.items()})
   return s
@@ -90,6 +91,8 @@ def _optimizer(o) -> dict:
       s[f"optim.{f}"] = o[f]
   if o.sam_rho:
     s["optim.sam_per_device"] = o.sam_per_device
+  if o.param_groups:
+    s["optim.param_groups"], s["optim.group_lr_range"] = list(o.param_groups), list(o.group_lr_range)
   rates = optim.group_learning_rates(o)
   patterns = list(o.param_groups) or [".*"]
   s["optim.groups"] = [{"params": p, "learning_rate": _number(r)} for p, r in zip(patterns, rates)]

@@ -43,6 +43,9 @@ _COMMON = {
 _MEMBER = {
     **_COMMON,
     "model": ("resnest50d", "Sec. 2.2 Table 1; model_dict"),
+    "init_from": ("timm/resnest50d.in1k", f"Sec. 2.2 ImageNet-pretrained models; {_TRAIN}: "
+                                          "timm.create_model(model_name, pretrained=True)"),
+    "predict.clip_min": (0.0, f"{_TRAIN}: pred=np.where(pred<0,0,pred) before the folds are averaged"),
     "backbone_classes": (1000, f"{_TRAIN}: timm.create_model(model_name, pretrained=True) keeps its 1000-way "
                                "classifier, then nn.Linear(1000, 500)"),
     "pool": ("avg", "timm's resnest50d pools by global average before its classifier"),

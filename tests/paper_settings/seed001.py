@@ -9,6 +9,7 @@ _DESIGN = "DESIGN.md seed 001 row (the authors' code)"
 # Every approach shares the training and inference procedure of Sec. 3.1 / 3.2 / 4.1.
 _COMMON = {
     "model": ("resnest50d", f"{_PAPER} Sec. 3.1: 'We stick with ResNeSt for final architecture'; Table 1 ResNeSt50"),
+    "init_from": ("timm/resnest50d.in1k", f"{_PAPER} Sec. 3.1: networks pretrained on ImageNet (timm's weights)"),
     "optim.name": ("sgd", f"{_PAPER} Sec. 3.1: 'we use SAM + SGD [23] as optimizer'"),
     "optim.sam_rho": (0.05, f"{_DESIGN}: SAM over SGD (rho 0.05)"),
     "optim.momentum": (0.9, f"{_DESIGN}: momentum 0.9"),

@@ -44,6 +44,8 @@ def _stage(size, epochs, frozen, size_src, epochs_src, lr_range=None, lr_src="")
 SETTINGS = {
     "covid_resnet.py": {
         "model": ("resnet50", f"{_PAPER} Sec. II-C: 'ResNet50 [10]', pretrained on ImageNet"),
+        "init_from": ("timm/resnet50.tv_in1k", f"{_PAPER} Sec. II-C: pretrained on ImageNet; fastai v1's "
+                                               "cnn_learner(models.resnet50) loads torchvision's weights"),
         "head": ("fastai", f"{_PAPER} Sec. II-C: 'Adaptive average/max pooling, batch normalization, drop out and "
                            f"linear layers as proposed in [11]' (fastai's create_head)"),
         "batch_size": (32, f"{_PAPER} Sec. II-D: 'Adam optimizer with batch size of 32'"),
