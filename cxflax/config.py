@@ -119,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (("schedule.unit", "the report steps per iteration; ..."),). `--mode=describe` lists them and
   # tests/test_paper_settings.py accepts a difference from the paper only when listed here.
   c.departures = ()
+  # A non-finite loss or gradient: 'error' stops the run naming the step (nothing non-finite is
+  # saved); 'skip' leaves that update out and counts it (train/skipped_updates).
+  c.on_nonfinite = "error"
   c.halt_after_steps = 0         # >0: checkpoint and stop once this step is reached (as if preempted)
   c.round_predictions = False    # regression: round to integers when evaluating (seed 001)
 
@@ -296,6 +299,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.keep_checkpoints >= 1, f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
   need(o.sam_rho >= 0, f"config.optim.sam_rho must be >= 0, got {o.sam_rho}")
   need(o.grad_accum_steps >= 1, f"config.optim.grad_accum_steps must be >= 1, got {o.grad_accum_steps}")
+  need(config.on_nonfinite in ("error", "skip"),
+       f"config.on_nonfinite must be 'error' or 'skip', got {config.on_nonfinite!r}")
   need(config.halt_after_steps >= 0, f"config.halt_after_steps must be >= 0, got {config.halt_after_steps}")
   need(config.log_every_steps >= 1, f"config.log_every_steps must be >= 1, got {config.log_every_steps}")
   need(config.data.target in TARGETS, f"config.data.target must be one of {TARGETS}, got {config.data.target!r}")

@@ -15,3 +15,7 @@ class DataError(CxflaxError, ValueError):
 
 class CheckpointError(CxflaxError, ValueError):
   """A checkpoint is missing or does not fit the model and config being run."""
+
+
+class DivergenceError(CxflaxError, FloatingPointError):
+  """Training produced a non-finite loss, gradient or prediction."""

@@ -88,9 +88,17 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
                                                grad_fn=adversarial)
     else:
       opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, opt_updates),
-                              opt_state=opt_state, batch_stats=updates["batch_stats"])
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient leaves parameters, optimizer state and BatchNorm statistics
+    # as they were (only the step advances) and says so in 'finite'; the loop stops the run, or
+    # counts the skip (config.on_nonfinite), without a host sync per step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(step=state.step + 1,
+                              params=keep(optax.apply_updates(state.params, opt_updates), state.params),
+                              opt_state=keep(opt_state, state.opt_state),
+                              batch_stats=keep(updates["batch_stats"], state.batch_stats))
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
 
   return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 

@@ -23,6 +23,7 @@ from cxflax import config as config_lib
 from cxflax import parallel
 from cxflax.data.pipeline import Input, create_input
 from cxflax.data.sources import RelabeledSource, make_source
+from cxflax.errors import DivergenceError
 from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import metrics as metrics_lib
@@ -47,6 +48,7 @@ class _Run:
   eval_step: EvalStep
   writer: Any  # clu metric writer
   ckpts: ckpt_lib.Checkpoints
+  skipped: int = 0  # updates skipped for non-finite values (config.on_nonfinite='skip') in this process
 
 
 @dataclasses.dataclass
@@ -192,25 +194,32 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
   ckpt_every = max(1, int(config.checkpoint_every_epochs * steps_per_epoch))
   halt = config.halt_after_steps or stage_end
   step = int(state.step)
-  pending: list[dict] = []
+  pending: list[tuple[int, dict]] = []  # (step, metrics) since the last log line
+  unchecked: list[tuple[int, dict]] = []  # (step, metrics) not yet checked for non-finite values
   metrics, result = {}, None
   while step < min(stage_end, halt):
     state, step_metrics = train_step(state, parallel.shard_batch(next(train_iter), run.mesh))
     step += 1
     local = step - stage_start
-    pending.append(step_metrics)
+    pending.append((step, step_metrics))
+    unchecked.append((step, step_metrics))
     report(step)
-    if local % config.log_every_steps == 0 or step == stage_end:
-      means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+    log_now = local % config.log_every_steps == 0 or step == stage_end
+    eval_now = local % eval_every == 0 or step == stage_end
+    save_now = local % ckpt_every == 0 or step in (stage_end, halt)
+    if log_now or eval_now or save_now:  # nothing non-finite is logged, evaluated or saved
+      run.skipped += _check_finite(unchecked, config.on_nonfinite)
+      unchecked = []
+    if log_now:
+      means = _mean_metrics(pending)
       # The rate the update this batch feeds is applied with (the schedule counts updates, not
       # batches, when gradients are accumulated).
       means["learning_rate"] = rate_at(local - 1)
-      if not all(map(np.isfinite, means.values())):
-        raise FloatingPointError(f"non-finite training metrics at step {step}: {means}; lower "
-                                 "config.optim.learning_rate or check the data")
+      if config.on_nonfinite == "skip":
+        means["skipped_updates"] = run.skipped
       writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
       pending = []
-    if local % eval_every == 0 or step == stage_end:
+    if eval_now:
       with report.timed("eval"):
         result = run_evaluation(run.eval_step, {"params": state.params, "batch_stats": state.batch_stats},
                                 inp.eval(), run.mesh)
@@ -219,7 +228,7 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
       logging.info("epoch %.2f, step %d: %s", local / steps_per_epoch, step,
                    ", ".join(f"{k}={v:.4f}" for k, v in scalars.items() if "/" not in k))
-    if local % ckpt_every == 0 or step in (stage_end, halt):
+    if save_now:
       with report.timed("checkpoint"):
         run.ckpts.save(step, state, train_iter, meta)
   if step < stage_end:
@@ -228,6 +237,32 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     logging.info("halted at step %d (config.halt_after_steps); run again to resume", step)
     return state, metrics, result, True
   return state, metrics, result, False
+
+
+def _check_finite(steps: list[tuple[int, dict]], policy: str) -> int:
+  """The number of (step, metrics) whose update was skipped for a non-finite loss or gradient
+  (the train step keeps the state then); with policy 'error' the first one stops the run."""
+  skipped = 0
+  for step, m in steps:
+    if float(jax.device_get(m["finite"])):
+      continue
+    if policy != "skip":
+      values = {k: float(jax.device_get(m[k])) for k in ("loss", "grad_norm")}
+      bad = ", ".join(f"{k}={v}" for k, v in values.items() if not np.isfinite(v))
+      raise DivergenceError(
+          f"training diverged at step {step}: non-finite {bad}; the parameters before that step "
+          "are kept and nothing non-finite was saved. Lower config.optim.learning_rate (or set "
+          "config.optim.grad_clip_norm), check the data, or set config.on_nonfinite='skip' to "
+          "skip such updates")
+    skipped += 1
+    logging.warning("step %d: non-finite loss or gradient, update skipped (config.on_nonfinite='skip')", step)
+  return skipped
+
+
+def _mean_metrics(steps: list[tuple[int, dict]]) -> dict:
+  """Each training metric's mean over the steps whose update was applied."""
+  kept = [m for _, m in steps if float(jax.device_get(m["finite"]))] or [m for _, m in steps]
+  return {k: float(np.mean([jax.device_get(m[k]) for m in kept])) for k in kept[0] if k != "finite"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -1,0 +1,102 @@
+"""Faults end in clear errors and lose nothing: divergence stops the run at the step where it
+happens, before anything non-finite is saved, logged or scored."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cxflax import parallel
+from cxflax.config import base_config, finalize
+from cxflax.errors import DivergenceError
+from cxflax.train import checkpoint as ckpt_lib
+from cxflax.train.steps import create_train_state, make_train_step
+from tests.conftest import TINY_RUN, main_args, run_main, run_python, run_variables
+
+
+class _Net(nn.Module):  # conv, BatchNorm, linear: every kind of state a train step changes
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    return nn.Dense(1)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_a_non_finite_step_leaves_the_state_as_it_was():
+  c = base_config()
+  c.optim.name, c.optim.learning_rate, c.batch_size = "adam", 0.1, 4
+  c = finalize(c)
+  model, mesh = _Net(), parallel.make_mesh(jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(4, 6, 6, 1)).astype(np.float32)
+  variables = model.init(jax.random.key(0), images)
+  tx = optax.adam(0.1)
+  state = create_train_state(model, tx, variables, mesh)
+  step = make_train_step(model, c, mesh)
+  before = jax.device_get(state)
+  poisoned = {"image": np.where(np.arange(4)[:, None, None, None] == 2, np.nan, images), "label": np.ones(4, np.float32)}
+  state, m = step(state, parallel.shard_batch(poisoned, mesh))
+  after = jax.device_get(state)
+  assert float(m["finite"]) == 0.0 and not np.isfinite(float(m["loss"]))
+  assert int(after.step) == int(before.step) + 1
+  for a, b in zip(jax.tree.leaves((after.params, after.batch_stats, after.opt_state)),
+                  jax.tree.leaves((before.params, before.batch_stats, before.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  state, m = step(state, parallel.shard_batch({"image": images, "label": np.ones(4, np.float32)}, mesh))
+  assert float(m["finite"]) == 1.0
+  assert not np.array_equal(jax.device_get(state.params)["Dense_0"]["kernel"], after.params["Dense_0"]["kernel"])
+
+
+def _diverging(tmp_path, *overrides):
+  """The TINY run at a learning rate it cannot survive: the step it diverges at, and its workdir."""
+  wd = tmp_path / "w"
+  with pytest.raises(DivergenceError, match=r"training diverged at step (\d+): non-finite") as e:
+    run_main(wd, *TINY_RUN, "--config.optim.name=sgd", "--config.optim.learning_rate=1e6",
+             "--config.optim.momentum=0.0", "--config.schedule.name=constant", *overrides)
+  return int(e.value.args[0].split("step ")[1].split(":")[0]), wd
+
+
+def test_divergence_stops_the_run_at_its_step_whatever_the_log_interval(tmp_path):
+  first, wd = _diverging(tmp_path / "a", "--config.log_every_steps=1000")
+  assert first == _diverging(tmp_path / "b", "--config.log_every_steps=1")[0]
+  # Whatever was saved before holds finite values only.
+  directory = ckpt_lib.checkpoint_dir(str(wd))
+  steps = ckpt_lib.Checkpoints(directory, create=False).all_steps() if os.path.isdir(directory) else []
+  for s in steps:
+    assert s < first
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(run_variables(str(wd), s)))
+
+
+def test_divergence_is_an_error_line_and_exit_code_2(tmp_path):
+  proc = run_python("", args=main_args(tmp_path / "w", *TINY_RUN, "--config.optim.name=sgd",
+                                       "--config.optim.learning_rate=1e6", "--config.schedule.name=constant"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "error: training diverged at step" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_on_nonfinite_skip_counts_what_it_skips():
+  from cxflax.train.train import _check_finite, _mean_metrics
+  steps = [(1, {"finite": 1.0, "loss": 2.0, "grad_norm": 1.0}), (2, {"finite": 0.0, "loss": np.nan, "grad_norm": 1.0}),
+           (3, {"finite": 1.0, "loss": 4.0, "grad_norm": 3.0})]
+  assert _check_finite(steps, "skip") == 1
+  assert _mean_metrics(steps) == {"loss": 3.0, "grad_norm": 2.0}  # over the applied updates
+  with pytest.raises(DivergenceError, match=r"step 2: non-finite loss=nan;"):
+    _check_finite(steps, "error")
+
+
+def test_non_finite_predictions_are_an_error_not_a_metric():
+  from cxflax.train.scoring import run_evaluation
+
+  class Step:  # an eval step whose second example's prediction is NaN
+    def outputs(self, variables, batches, mesh):
+      for b in batches:
+        yield b
+
+  batch = {"pred": np.array([[0.1, 0.9], [np.nan, np.nan]]), "label": np.array([1, 0]),
+           "index": np.array([7, 8]), "valid": np.array([1.0, 1.0])}
+  with pytest.raises(DivergenceError, match=r"non-finite values for 1 of 2 examples \(e.g. example 8\)"):
+    run_evaluation(Step(), None, [batch], parallel.make_mesh(jax.devices()[:1]))
