@@ -125,7 +125,7 @@ def test_bfloat16_trains_evaluates_and_predicts(tmp_path):
   assert {np.asarray(v).dtype for v in jax.tree.leaves(run_variables(workdir))} == {np.dtype("float32")}
   run_main(workdir, "--config.model=resnet10t", mode="eval")  # the float32 default
   assert mae == pytest.approx(read_json(workdir, "eval_metrics.json")["metrics"]["mae"], rel=0.05)
-  run_main(workdir, *bf16, mode="predict")
+  run_main(workdir, *bf16, "--config.predict.last_n=1", mode="predict")  # the latest checkpoint alone
   rows = [r.split(",") for r in open(os.path.join(workdir, "predictions_val.csv")).read().splitlines()]
   val = make_source(load_config("resnest.py:runlocal", *TINY).data, "val", unlabeled_ok=True)
   assert [r[0] for r in rows] == [val.example_name(i) for i in range(len(val))]
@@ -292,7 +292,8 @@ def test_classification_on_a_real_layout(tmp_path):
   np.testing.assert_array_equal(m["confusion_matrix"], cm)
   assert "trivial baseline (majority class)" in run.stdout
   # --mode=predict writes each example's predicted class and every class's probability.
-  run_main(workdir, *data, "--config.model=resnet10t", "--config.predict.split=test", mode="predict")
+  run_main(workdir, *data, "--config.model=resnet10t", "--config.predict.split=test", "--config.predict.last_n=1",
+           mode="predict")
   rows = [r.split(",") for r in open(os.path.join(workdir, "predictions_test.csv")).read().splitlines()]
   assert [r[0] for r in rows] == [test.example_name(i) for i in range(len(test))]
   assert [r[1] for r in rows] == [test.class_names[k] for k in probs.argmax(1)]
