@@ -218,8 +218,16 @@ def test_densenet_ct_phases_build_on_each_other(tmp_path):
   labels = source.labels()[held_out]
   assert read_json(trip, "final_metrics.json")["metrics"]["accuracy"] == pytest.approx(
       np.mean(labels[d.argmin(1)] == labels), abs=1e-9)
+  # The classify phase adds one linear layer on the 512-d embedding; the backbone stays as the
+  # triplet phase left it, the embedding layers it started from train on.
   trip_params, cls = run_variables(trip)["params"], run_variables(str(tmp_path / "classify"))["params"]
-  np.testing.assert_array_equal(trip_params["head"]["fc3"]["kernel"], cls["head"]["fc3"]["kernel"])  # frozen
+  assert set(cls["head"]) == set(trip_params["head"]) | {"cls1"}
+  assert cls["head"]["cls1"]["kernel"].shape == (512, 2)
+  assert_same_variables(cls["backbone"], trip_params["backbone"], rtol=0, what="frozen backbone")
+  for layer in ("fc1", "fc3"):
+    kernel, start = cls["head"][layer]["kernel"], trip_params["head"][layer]["kernel"]
+    assert not np.array_equal(kernel, start)  # trained ...
+    assert np.abs(kernel - start).max() < 0.1 * np.abs(start).max()  # ... from the triplet's
 
 
 # --- modes -------------------------------------------------------------------------------------------
