@@ -39,18 +39,49 @@ def _accuracy_and_confusion(workdir, n):
 
 def test_config_arguments_take_one_choice_and_any_flags():
   from configs.common import parse_arg
+  from cxflax.errors import ConfigError
   assert parse_arg("b,x", flags=("x", "y"), choices=("a", "b"), default="a") == ("b", {"x"})
   assert parse_arg(None, flags=("x",), choices=("a", "b"), default="a") == ("a", set())
   assert parse_arg(" y , x ,", flags=("x", "y")) == (None, {"x", "y"})
-  with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['z'\]; this recipe takes one of a, b "
-                     r"and x, y$"):
+  with pytest.raises(ConfigError, match=r"unknown config argument\(s\) \['z'\]; this recipe takes one of a, b "
+                     r"and any of x, y; for a model it does not list, add --config.model=NAME$"):
     parse_arg("a,z", flags=("x", "y"), choices=("a", "b"))
-  with pytest.raises(ValueError, match=r"give one of a, b, not \['a', 'b'\]"):
+  with pytest.raises(ConfigError, match=r"give one of a, b, not \['a', 'b'\]"):
     parse_arg("a,b", choices=("a", "b"))
-  with pytest.raises(ValueError, match="this recipe takes no argument$"):
+  with pytest.raises(ConfigError, match="this recipe takes no argument; for a model it does not list"):
     parse_arg("x")
   # A recipe built on another imports it as a module: patched FLANNEL takes FLANNEL's arguments.
   assert load_config("patched_flannel.py:resnet18,ensemble").ensemble.kind == "flannel"
+
+
+# Every word each recipe takes: its model (or phase) choices, small models included, then its flags.
+RECIPE_ARGUMENTS = {
+    "sensemble.py": ("resnest50d, resnetrs50, seresnext50_32x4d, ecaresnet50t, skresnext50_32x4d, seresnet50, "
+                     "resnest14d, resnet10t", "ensemble, average, warm, runlocal"),
+    "flannel.py": ("densenet161, inception_v3, resnet152, resnext101_32x8d, vgg19_bn, resnet10t, resnet18",
+                   "ensemble, softmax, runlocal"),
+    "patched_flannel.py": ("densenet161, inception_v3, resnet152, resnext101_32x8d, vgg19_bn, resnet10t, resnet18",
+                           "ensemble, softmax, runlocal"),
+    "densenet_ct.py": ("finetune, triplet, classify", "runlocal"),
+    "resnest.py": ("", "runlocal, multitask, kl"),
+    "covid_resnet.py": ("", "runlocal"),
+    "lung_seg.py": ("", "runlocal"),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_ARGUMENTS))
+def test_each_recipe_refuses_an_unknown_argument_listing_all_it_takes(recipe):
+  """The error of a real --config=RECIPE:resnet50x (a model no recipe lists) as the flag parser
+  reports it: every accepted word, and how to run a model the recipe does not list."""
+  from absl import flags
+  choices, flag_words = RECIPE_ARGUMENTS[recipe]
+  takes = " and ".join(([f"one of {choices}"] if choices else []) + [f"any of {flag_words}"])
+  with pytest.raises(flags.IllegalFlagValueError) as e:
+    load_config(f"{recipe}:resnet50x,runlocal")
+  assert (f"unknown config argument(s) ['resnet50x']; this recipe takes {takes}; for a model it does not "
+          "list, add --config.model=NAME") in str(e.value)
+  config = load_config(f"{recipe}:runlocal", "--config.model=resnet18")  # ... which it then runs
+  assert config.model == "resnet18"
 
 
 def test_model_se_and_flannel_weights_match_their_formulas():
