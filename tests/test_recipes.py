@@ -120,6 +120,33 @@ def test_model_se_and_flannel_weights_match_their_formulas():
 
 
 @pytest.mark.optimized
+def test_flannel_vgg19_bn_keeps_torchvisions_two_classifier_dropouts():
+  """torchvision's vgg19_bn classifier, which the authors keep but for its last layer: fc →
+  ReLU → Dropout(0.5) → fc → ReLU → Dropout(0.5) → fc. The first dropout is inside the backbone
+  (timm's pre-logits), the second the head's: both act in training only."""
+  from cxflax.config import finalize
+  from cxflax.train.build import build_model
+  from cxflax.train.tasks import TASKS
+  config = finalize(load_config("flannel.py:vgg19_bn"))
+  net = build_model(config, TASKS.get("classification"), ["covid", "viral", "bacterial", "normal"])
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  v = jax.jit(net.init)(jax.random.key(1), x)
+  backbone = {"params": v["params"]["backbone"], "batch_stats": v["batch_stats"]["backbone"]}
+
+  def features(key, train):
+    return net.backbone.apply(backbone, x, train=train, rngs={"dropout": key}, mutable=["batch_stats"])[0]
+
+  def logits(f, key, train):
+    return net.head.apply({"params": v["params"]["head"]}, f, train=train, rngs={"dropout": key})
+
+  f = features(jax.random.key(2), False)
+  assert f.shape == (2, 1, 1, 4096)  # the pre-logits map: fc2's output, after its ReLU
+  assert not np.allclose(features(jax.random.key(2), True), features(jax.random.key(3), True))
+  np.testing.assert_array_equal(f, features(jax.random.key(3), False))
+  assert not np.allclose(logits(f, jax.random.key(2), True), logits(f, jax.random.key(3), True))
+  np.testing.assert_array_equal(logits(f, jax.random.key(2), False), logits(f, jax.random.key(3), False))
+
+
 def test_resnest_recipe_learns(tmp_path):
   """configs/resnest.py:runlocal at its own model and image size (resnest14d, 64 px), shortened
   to 8 of its 12 epochs on half its phantom subjects, beats the training-mean baseline clearly.
