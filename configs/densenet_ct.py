@@ -20,8 +20,8 @@ better than ImageNet's). Evaluated on the official test split: accuracy, F1, AUC
 Departs from the report (config.departures): it names SGD without a momentum; cxflax uses 0.9
 (`optim.momentum`). Its triplets are random (or an augmented anchor as positive); we mine them
 within each batch, batch-hard (`loss.mining`), which needs no extra pass over the data. It does
-not give the widths of its embedding layers: we use 1024, 1024, 512 (`head_kwargs.hidden`; in
-the classify phase `head_kwargs.embedding_hidden`). Its
+not give the widths of its embedding layers: we use 1024, 1024, 512 (`head_kwargs`: hidden, in
+the classify phase embedding_hidden). Its
 rotation and jitter ranges are not given: we use 15° and 0.2 (`data.train_pp`). In the classify
 phase it fine-tunes "some of the bottom layers" (its word, in phase 1, for the layers nearest the
 output) besides the new one without naming them: cxflax trains the embedding's linear layers and
@@ -72,8 +72,8 @@ def get_config(arg: str | None = None):
     c.optim.freeze = ("^backbone/features/(conv0|norm0|denseblock[123]|transition[123])",)
     depart(c, "loss.mining", "the report's triplets are random (or an augmented anchor as the "
            "positive); cxflax mines them within each batch, which needs no extra pass over the data")
-    depart(c, "head_kwargs.hidden", "the report does not give the widths of its three embedding "
-           "layers: 1024, 1024, then the 512-d embedding")
+    depart(c, "head_kwargs", "the report does not give the widths of its three embedding layers "
+           "(hidden): 1024, 1024, then the 512-d embedding it states")
   else:
     c.optim.learning_rate, c.num_epochs, c.schedule.name = 3e-4, 220, "constant"
     # the embedding network of the triplet phase (same parameter names) and one new linear
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None):
     c.head, c.loss.name = "embedding_classifier", "cross_entropy"
     c.head_kwargs.embedding_hidden, c.head_kwargs.embedding_dim = (1024, 1024), 512
     c.head_kwargs.hidden = ()
-    depart(c, "head_kwargs.embedding_hidden", "the triplet phase's embedding widths (which the "
+    depart(c, "head_kwargs", "embedding_hidden: the triplet phase's embedding widths (which the "
            "report does not give), so that its layers load")
     c.batch_size = c.eval_batch_size = 64
     c.optim.freeze = ("^backbone/",)
