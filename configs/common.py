@@ -5,22 +5,27 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from cxflax.errors import ConfigError
+
 
 def parse_arg(arg: str | None, flags: Sequence[str] = (), choices: Sequence[str] = (),
               default: str | None = None) -> tuple[str | None, set[str]]:
   """(choice, flags) of a comma-separated config argument: at most one word of `choices`
-  (`default` when none is given) and any of `flags`. Any other word, or two choices, raises
-  ValueError naming what the recipe takes (ml_collections reports it as the --config error)."""
+  (`default` when none is given) and any of `flags`. Any other word, or two choices, raises a
+  ConfigError (a ValueError; ml_collections reports it as the --config error) that lists every
+  word the recipe takes and says how to choose a model it does not list."""
   words = [w.strip() for w in (arg or "").split(",") if w.strip()]
   unknown = sorted(set(words) - set(flags) - set(choices))
   picked = [w for w in words if w in choices]
+  takes = ([f"one of {', '.join(choices)}"] if choices else []) + ([f"any of {', '.join(flags)}"] if flags else [])
+  # An argument is often a model name the recipe does not list (sensemble.py:resnet18): any model
+  # runs by overriding the field, so the message says how.
+  hint = "; for a model it does not list, add --config.model=NAME"
   if unknown:
-    takes = [f"one of {', '.join(choices)}"] if choices else []
-    takes += [", ".join(flags)] if flags else []
-    raise ValueError(f"unknown config argument(s) {unknown}; this recipe takes "
-                     f"{' and '.join(takes) or 'no argument'}")
+    raise ConfigError(f"unknown config argument(s) {unknown}; this recipe takes "
+                      f"{' and '.join(takes) or 'no argument'}{hint}")
   if len(picked) > 1:
-    raise ValueError(f"config argument {arg!r}: give one of {', '.join(choices)}, not {picked}")
+    raise ConfigError(f"config argument {arg!r}: give one of {', '.join(choices)}, not {picked}")
   return (picked[0] if picked else default), set(words) - set(picked)
 
 

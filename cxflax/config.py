@@ -31,7 +31,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.head = "linear"              # linear | mlp | multitask | fastai | embedding | embedding_classifier
   c.head_kwargs = ml_collections.ConfigDict()  # the head's own fields, e.g. hidden=(500, 250)
   c.pool = "avg"                 # avg | max | avgmax | catavgmax | hybrid (seed 001)
-  c.head_dropout = 0.0
+  c.head_dropout = 0.0            # dropout before the head's (last) linear layer
+  # timm's drop_rate inside the backbone, where it has one before its pooled features: VGG's
+  # pre-logits (fc1 → ReLU → dropout → fc2), so that drop_rate and head_dropout of 0.5 give
+  # torchvision vgg19_bn's two classifier dropouts (seed 003). Other backbones drop out only
+  # before timm's own classifier, i.e. with config.backbone_classes > 0.
+  c.drop_rate = 0.0
   c.backbone_classes = 0         # >0 keeps timm's classifier under the head (seed 000: 1000)
   c.drop_path_rate = 0.0
   c.dtype = "float32"            # computation dtype; parameters stay float32
@@ -291,6 +296,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   o = config.optim
   need(o.learning_rate > 0, f"config.optim.learning_rate must be positive, got {o.learning_rate}")
   need(o.weight_decay >= 0, f"config.optim.weight_decay must be >= 0, got {o.weight_decay}")
+  for key in ("head_dropout", "drop_rate", "drop_path_rate"):
+    need(0 <= config[key] < 1, f"config.{key} must be in [0, 1), got {config[key]}")
   need(config.num_folds >= 2, f"config.num_folds must be at least 2, got {config.num_folds}")
   need(0 <= config.fold < config.num_folds,
        f"config.fold must be in 0..{config.num_folds - 1}, got {config.fold}")

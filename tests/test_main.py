@@ -163,6 +163,10 @@ def test_bad_config_values_are_config_errors(tmp_path):
     run_main(str(tmp_path / "w"), "--config.cpu_kernels=fast")
   with pytest.raises(ConfigError, match=r"config.stages\[0\]: cpu_kernels holds for the whole run"):
     run_main(str(tmp_path / "w"), edit=lambda c: setattr(c, "stages", ({"cpu_kernels": "off"},)))
+  with pytest.raises(ConfigError, match=r"config.drop_rate must be in \[0, 1\), got 1.0"):
+    run_main(str(tmp_path / "w"), "--config.drop_rate=1.0")
+  with pytest.raises(ConfigError, match=r"config.head_dropout must be in \[0, 1\), got -0.1"):
+    run_main(str(tmp_path / "w"), "--config.head_dropout=-0.1")
 
 
 @pytest.mark.parametrize("override,match", [

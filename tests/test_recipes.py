@@ -40,15 +40,16 @@ def _accuracy_and_confusion(workdir, n):
 
 def test_config_arguments_take_one_choice_and_any_flags():
   from configs.common import parse_arg
+  from cxflax.errors import ConfigError
   assert parse_arg("b,x", flags=("x", "y"), choices=("a", "b"), default="a") == ("b", {"x"})
   assert parse_arg(None, flags=("x",), choices=("a", "b"), default="a") == ("a", set())
   assert parse_arg(" y , x ,", flags=("x", "y")) == (None, {"x", "y"})
-  with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['z'\]; this recipe takes one of a, b "
-                     r"and x, y$"):
+  with pytest.raises(ConfigError, match=r"unknown config argument\(s\) \['z'\]; this recipe takes one of a, b "
+                     r"and any of x, y; for a model it does not list, add --config.model=NAME$"):
     parse_arg("a,z", flags=("x", "y"), choices=("a", "b"))
-  with pytest.raises(ValueError, match=r"give one of a, b, not \['a', 'b'\]"):
+  with pytest.raises(ConfigError, match=r"give one of a, b, not \['a', 'b'\]"):
     parse_arg("a,b", choices=("a", "b"))
-  with pytest.raises(ValueError, match="this recipe takes no argument$"):
+  with pytest.raises(ConfigError, match="this recipe takes no argument; for a model it does not list"):
     parse_arg("x")
   # A recipe built on another imports it as a module: patched FLANNEL takes FLANNEL's arguments.
   assert load_config("patched_flannel.py:resnet18,ensemble").ensemble.kind == "flannel"
@@ -82,6 +83,36 @@ def test_malformed_preprocessing_templates_are_config_errors(template, bad):
     finalize(c)
   c.data.eval_pp = "resize({ size - 8 })|center_crop({size})"
   assert finalize(c).data.eval_pp == "resize(56)|center_crop(64)"
+
+
+# Every word each recipe takes: its model (or phase) choices, small models included, then its flags.
+RECIPE_ARGUMENTS = {
+    "sensemble.py": ("resnest50d, resnetrs50, seresnext50_32x4d, ecaresnet50t, skresnext50_32x4d, seresnet50, "
+                     "resnest14d, resnet10t", "ensemble, average, warm, runlocal"),
+    "flannel.py": ("densenet161, inception_v3, resnet152, resnext101_32x8d, vgg19_bn, resnet10t, resnet18",
+                   "ensemble, softmax, runlocal"),
+    "patched_flannel.py": ("densenet161, inception_v3, resnet152, resnext101_32x8d, vgg19_bn, resnet10t, resnet18",
+                           "ensemble, softmax, runlocal"),
+    "densenet_ct.py": ("finetune, triplet, classify", "runlocal"),
+    "resnest.py": ("", "runlocal, multitask, kl"),
+    "covid_resnet.py": ("", "runlocal"),
+    "lung_seg.py": ("", "runlocal"),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_ARGUMENTS))
+def test_each_recipe_refuses_an_unknown_argument_listing_all_it_takes(recipe):
+  """The error of a real --config=RECIPE:resnet50x (a model no recipe lists) as the flag parser
+  reports it: every accepted word, and how to run a model the recipe does not list."""
+  from absl import flags
+  choices, flag_words = RECIPE_ARGUMENTS[recipe]
+  takes = " and ".join(([f"one of {choices}"] if choices else []) + [f"any of {flag_words}"])
+  with pytest.raises(flags.IllegalFlagValueError) as e:
+    load_config(f"{recipe}:resnet50x,runlocal")
+  assert (f"unknown config argument(s) ['resnet50x']; this recipe takes {takes}; for a model it does not "
+          "list, add --config.model=NAME") in str(e.value)
+  config = load_config(f"{recipe}:runlocal", "--config.model=resnet18")  # ... which it then runs
+  assert config.model == "resnet18"
 
 
 def test_model_se_and_flannel_weights_match_their_formulas():
@@ -120,6 +151,33 @@ def test_model_se_and_flannel_weights_match_their_formulas():
 
 
 @pytest.mark.optimized
+def test_flannel_vgg19_bn_keeps_torchvisions_two_classifier_dropouts():
+  """torchvision's vgg19_bn classifier, which the authors keep but for its last layer: fc →
+  ReLU → Dropout(0.5) → fc → ReLU → Dropout(0.5) → fc. The first dropout is inside the backbone
+  (timm's pre-logits), the second the head's: both act in training only."""
+  from cxflax.config import finalize
+  from cxflax.train.build import build_model
+  from cxflax.train.tasks import TASKS
+  config = finalize(load_config("flannel.py:vgg19_bn"))
+  net = build_model(config, TASKS.get("classification"), ["covid", "viral", "bacterial", "normal"])
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  v = jax.jit(net.init)(jax.random.key(1), x)
+  backbone = {"params": v["params"]["backbone"], "batch_stats": v["batch_stats"]["backbone"]}
+
+  def features(key, train):
+    return net.backbone.apply(backbone, x, train=train, rngs={"dropout": key}, mutable=["batch_stats"])[0]
+
+  def logits(f, key, train):
+    return net.head.apply({"params": v["params"]["head"]}, f, train=train, rngs={"dropout": key})
+
+  f = features(jax.random.key(2), False)
+  assert f.shape == (2, 1, 1, 4096)  # the pre-logits map: fc2's output, after its ReLU
+  assert not np.allclose(features(jax.random.key(2), True), features(jax.random.key(3), True))
+  np.testing.assert_array_equal(f, features(jax.random.key(3), False))
+  assert not np.allclose(logits(f, jax.random.key(2), True), logits(f, jax.random.key(3), True))
+  np.testing.assert_array_equal(logits(f, jax.random.key(2), False), logits(f, jax.random.key(3), False))
+
+
 def test_resnest_recipe_learns(tmp_path):
   """configs/resnest.py:runlocal at its own model and image size (resnest14d, 64 px), shortened
   to 8 of its 12 epochs on half its phantom subjects, beats the training-mean baseline clearly.
@@ -248,8 +306,16 @@ def test_densenet_ct_phases_build_on_each_other(tmp_path):
   labels = source.labels()[held_out]
   assert read_json(trip, "final_metrics.json")["metrics"]["accuracy"] == pytest.approx(
       np.mean(labels[d.argmin(1)] == labels), abs=1e-9)
+  # The classify phase adds one linear layer on the 512-d embedding; the backbone stays as the
+  # triplet phase left it, the embedding layers it started from train on.
   trip_params, cls = run_variables(trip)["params"], run_variables(str(tmp_path / "classify"))["params"]
-  np.testing.assert_array_equal(trip_params["head"]["fc3"]["kernel"], cls["head"]["fc3"]["kernel"])  # frozen
+  assert set(cls["head"]) == set(trip_params["head"]) | {"cls1"}
+  assert cls["head"]["cls1"]["kernel"].shape == (512, 2)
+  assert_same_variables(cls["backbone"], trip_params["backbone"], rtol=0, what="frozen backbone")
+  for layer in ("fc1", "fc3"):
+    kernel, start = cls["head"][layer]["kernel"], trip_params["head"][layer]["kernel"]
+    assert not np.array_equal(kernel, start)  # trained ...
+    assert np.abs(kernel - start).max() < 0.1 * np.abs(start).max()  # ... from the triplet's
 
 
 # --- modes -------------------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ def _iou(a, b):
 
 @pytest.mark.parametrize("spec", ["rotate(40)", "shift_scale_rotate(0.1, 0.2, 30, p=1.0)",
                                   "random_resized_crop(40, scale=(0.3, 0.8))", "center_crop(30)",
-                                  "resize(20, 36)", "flip_lr(1.0)|flip_ud(1.0)", "zoom(1.5, p=1.0)"])
+                                  "random_crop(30, 36)", "resize(20, 36)", "resize(20, interpolation='bicubic')",
+                                  "flip_lr(1.0)|flip_ud(1.0)", "zoom(1.5, p=1.0)"])
 def test_masks_follow_the_image(spec):
   """Transform an image whose content *is* its mask: the warped image and warped mask agree."""
   ex = _example()
@@ -201,10 +202,47 @@ def test_random_resized_crop_sizes_and_color_ops():
 def test_normalizations():
   ex = {"image": np.array([[[0.0], [1.0]]], np.float32)}
   np.testing.assert_allclose(_apply("normalize('xrv')", ex)["image"].ravel(), [-1024, 1024])
+  # FLANNEL's Normalize((0.5,), (0.5,)), timm's Inception statistics: [0, 1] → [-1, 1] per channel
+  ramp = {"image": np.linspace(0, 1, 6, dtype=np.float32).reshape(1, 2, 3)}
+  np.testing.assert_allclose(_apply("normalize('inception')", ramp)["image"].ravel(),
+                             np.linspace(-1, 1, 6), atol=1e-6)
+  with pytest.raises(ConfigError, match="unknown statistics 'imagenett'.*'inception'"):
+    transforms.parse("normalize('imagenett')")
   rgb = _apply("to_rgb|normalize('imagenet')", {"image": np.full((1, 1, 1), 0.5, np.float32)})["image"]
   np.testing.assert_allclose(rgb.ravel(), (0.5 - np.array(transforms.IMAGENET_MEAN)) / transforms.IMAGENET_STD, rtol=1e-6)
   with pytest.raises(ConfigError, match="resolved by the input pipeline"):
     transforms.parse("normalize('dataset')")
+
+
+def test_resize_interpolation_is_pils_filter_on_float_pixels():
+  rng = np.random.default_rng(2)
+  img = rng.uniform(size=(17, 23, 2)).astype(np.float32)
+  mask = (rng.uniform(size=(17, 23, 1)) > 0.5).astype(np.uint8)
+  for name, method in [("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC), ("nearest", Image.NEAREST)]:
+    out = _apply(f"resize(9, 31, interpolation='{name}')", {"image": img, "lung_mask": mask})
+    ref = np.stack([np.asarray(Image.fromarray(img[..., c], mode="F").resize((31, 9), method))
+                    for c in range(2)], -1)
+    np.testing.assert_array_equal(out["image"], ref)
+    assert out["image"].shape == (9, 31, 2) and set(np.unique(out["lung_mask"])) <= {0, 1}
+  assert np.array_equal(_apply("resize(9, 31)", {"image": img})["image"],  # bilinear by default
+                        _apply("resize(9, 31, interpolation='bilinear')", {"image": img})["image"])
+  assert not np.allclose(_apply("resize(9, 31, interpolation='bicubic')", {"image": img})["image"],
+                         _apply("resize(9, 31)", {"image": img})["image"])
+  with pytest.raises(ConfigError, match="interpolation must be one of bilinear, bicubic, nearest, got 'cubic'"):
+    transforms.parse("resize(8, interpolation='cubic')")
+
+
+def test_random_crop_takes_an_unscaled_window_at_every_position():
+  img = np.arange(8 * 10, dtype=np.float32).reshape(8, 10, 1)
+  corners = set()
+  for seed in range(200):
+    out = _apply("random_crop(5, 7)", {"image": img}, seed=seed)["image"]
+    top, left = divmod(int(out[0, 0, 0]), 10)
+    np.testing.assert_array_equal(out, img[top:top + 5, left:left + 7])  # a window, not resampled
+    corners.add((top, left))
+  assert corners == {(t, l) for t in range(4) for l in range(4)}  # uniform over all 4 × 4 positions
+  small = _apply("random_crop(6)", {"image": np.ones((4, 6, 1), np.float32)})["image"]
+  np.testing.assert_array_equal(small[..., 0].sum(1), [0, 6, 6, 6, 6, 0])  # zero-padded, centred
 
 
 def test_preprocess_is_deterministic_per_element():

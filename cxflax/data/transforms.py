@@ -7,10 +7,11 @@ Each op maps an example dict to a new one, given a numpy Generator that grain se
 [0, 1] when the first op sees it. Geometric ops move every mask ('*_mask' keys) with the image,
 using nearest-neighbour sampling so masks stay binary.
 
-Ops: resize, center_crop, random_resized_crop, flip_lr, flip_ud, dihedral, rotate, zoom,
-shift_scale_rotate, rand_augment, color_jitter, lighting, to_rgb, to_gray, equalize, gamma,
-normalize ('imagenet', 'dataset' — the training split's statistics, filled in at start-up —
-'xrv', or explicit mean and std), mask_image and append_mask (for patch classifiers).
+Ops: resize, center_crop, random_crop, random_resized_crop, flip_lr, flip_ud, dihedral, rotate,
+zoom, shift_scale_rotate, rand_augment, color_jitter, lighting, to_rgb, to_gray, equalize, gamma,
+normalize ('imagenet', 'inception' — mean 0.5, std 0.5 — 'dataset' — the training split's
+statistics, filled in at start-up — 'xrv', or explicit mean and std), mask_image and append_mask
+(for patch classifiers).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ register = OPS.register
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's IMAGENET_INCEPTION_MEAN / _STD: what its Inception-v3 weights expect, and FLANNEL's
+# Normalize((0.5,), (0.5,)) for every base learner (seed 003).
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+# resize's interpolation names → PIL filters (images; masks are always resized nearest)
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
 def parse(spec: str) -> list[Op]:
@@ -90,10 +97,12 @@ def _masks(example: Example) -> list[str]:
   return [k for k in example if k.endswith("_mask")]
 
 
-def _resize_array(arr: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
+def _resize_array(arr: np.ndarray, height: int, width: int, nearest: bool,
+                  method: int = Image.BILINEAR) -> np.ndarray:
+  """arr resized per channel: nearest (masks) or with PIL filter `method` on float32 pixels."""
   if arr.shape[:2] == (height, width):
     return arr
-  method = Image.NEAREST if nearest else Image.BILINEAR
+  method = Image.NEAREST if nearest else method
   if nearest:
     chans = [np.asarray(Image.fromarray(arr[..., c]).resize((width, height), method))
              for c in range(arr.shape[-1])]
@@ -104,13 +113,19 @@ def _resize_array(arr: np.ndarray, height: int, width: int, nearest: bool) -> np
 
 
 @register("resize")
-def _resize(size, width=None) -> Op:
-  """resize(s) → s×s; resize(h, w). Bilinear (antialiased) for images, nearest for masks."""
+def _resize(size, width=None, interpolation: str = "bilinear") -> Op:
+  """resize(s) → s×s; resize(h, w). Images with PIL's antialiased `interpolation` (bilinear,
+  bicubic — torchvision's Resize(..., Image.BICUBIC), as FLANNEL loads its X-rays — or
+  nearest); masks always nearest, so they stay binary."""
   h, w = _hw(size, width)
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"resize interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                     f"got {interpolation!r}")
+  method = INTERPOLATIONS[interpolation]
 
   def apply(ex, rng):
     ex = dict(ex)
-    ex["image"] = _resize_array(ex["image"], h, w, nearest=False)
+    ex["image"] = _resize_array(ex["image"], h, w, nearest=False, method=method)
     for k in _masks(ex):
       ex[k] = _resize_array(ex[k], h, w, nearest=True)
     return ex
@@ -249,8 +264,9 @@ def _append_mask(key: str = "lung_mask") -> Op:
 @register("normalize")
 def _normalize(mean="imagenet", std=None) -> Op:
   """(x - mean) / std per channel. normalize('imagenet'): ImageNet's statistics;
-  normalize('xrv'): torchxrayvision's [-1024, 1024] range; normalize('dataset'): the training
-  split's statistics, which the pipeline computes at start-up and writes into the spec."""
+  normalize('inception'): mean 0.5, std 0.5 ([0, 1] → [-1, 1]); normalize('xrv'):
+  torchxrayvision's [-1024, 1024] range; normalize('dataset'): the training split's statistics,
+  which the pipeline computes at start-up and writes into the spec."""
   if mean == "dataset":
     raise ValueError("normalize('dataset') is resolved by the input pipeline from the training "
                      "split; it cannot be used on its own")
@@ -258,8 +274,13 @@ def _normalize(mean="imagenet", std=None) -> Op:
     mean, std = (0.5,), (1.0 / 2048.0,)
   elif mean == "imagenet":
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+  elif mean == "inception":
+    mean, std = INCEPTION_MEAN, INCEPTION_STD
+  elif isinstance(mean, str):
+    raise ValueError(f"normalize: unknown statistics {mean!r}; named ones are 'imagenet', "
+                     "'inception', 'xrv' and 'dataset'")
   if std is None:
-    raise ValueError("normalize needs std (or mean='imagenet', 'xrv' or 'dataset')")
+    raise ValueError("normalize needs std (or mean='imagenet', 'inception', 'xrv' or 'dataset')")
   mean = np.asarray(mean, np.float32).reshape(-1)
   std = np.asarray(std, np.float32).reshape(-1)
   if np.any(std <= 0):
@@ -346,6 +367,15 @@ def _crop(ex: Example, top: int, left: int, h: int, w: int, out_hw=None) -> Exam
   return ex
 
 
+def _pad_to(ex: Example, h: int, w: int) -> Example:
+  """The image and its masks padded with zeros on both sides to at least h×w (for crops)."""
+  ih, iw = ex["image"].shape[:2]
+  if ih >= h and iw >= w:
+    return ex
+  pad = ((max(0, (h - ih + 1) // 2),) * 2, (max(0, (w - iw + 1) // 2),) * 2, (0, 0))
+  return {k: (np.pad(v, pad) if k == "image" or k.endswith("_mask") else v) for k, v in ex.items()}
+
+
 def _hw(size, width=None) -> tuple[int, int]:
   h, w = (size, width if width is not None else size) if isinstance(size, int) else tuple(size)
   if h < 1 or w < 1:
@@ -365,12 +395,24 @@ def _center_crop(size, width=None) -> Op:
   h, w = _hw(size, width)
 
   def apply(ex, rng):
+    ex = _pad_to(ex, h, w)
     ih, iw = ex["image"].shape[:2]
-    if ih < h or iw < w:
-      pad = ((max(0, (h - ih + 1) // 2),) * 2, (max(0, (w - iw + 1) // 2),) * 2, (0, 0))
-      ex = {k: (np.pad(v, pad) if k == "image" or k.endswith("_mask") else v) for k, v in ex.items()}
-      ih, iw = ex["image"].shape[:2]
     return _crop(ex, (ih - h) // 2, (iw - w) // 2, h, w)
+  return apply
+
+
+@register("random_crop")
+def _random_crop(size, width=None) -> Op:
+  """torchvision's RandomCrop(size): a size×size (or h×w) window at a uniformly drawn position,
+  not rescaled (FLANNEL's 224-px crop of its 336-px image). An image smaller than the window
+  (which torchvision refuses) is first padded with zeros on both sides, as center_crop does."""
+  h, w = _hw(size, width)
+
+  def apply(ex, rng):
+    ex = _pad_to(ex, h, w)
+    ih, iw = ex["image"].shape[:2]
+    top, left = int(rng.integers(0, ih - h + 1)), int(rng.integers(0, iw - w + 1))
+    return _crop(ex, top, left, h, w)
   return apply
 
 

@@ -128,9 +128,10 @@ class EmbeddingHead(nn.Module):
 
 class EmbeddingClassifierHead(nn.Module):
   """Seed 004's third phase: classification layers (cls1..) on the embedding (fc1..), whose
-  parameters keep the embedding head's names so they load from the triplet phase's run."""
+  parameters keep the embedding head's names so they load from the triplet phase's run. By
+  default one linear layer (cls1), as the report adds; `hidden` widths put ReLU layers before it."""
   num_outputs: int
-  hidden: tuple[int, ...] = (256,)
+  hidden: tuple[int, ...] = ()
   embedding_hidden: tuple[int, ...] = (1024, 1024)
   embedding_dim: int = 512
   pool: str = "avg"

@@ -45,7 +45,8 @@ def build_model(config, task: Task, class_names=None) -> nn.Module:
     return create_model(config.model, num_classes=task.num_outputs(class_names), dtype=dtype)
   if config.model in SEGMENTATION_MODELS:
     raise ConfigError(f"{config.model} is a segmentation model: set config.data.target='lung_mask'")
-  backbone_kwargs = {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate else {}
+  # Only the rates set are passed; .get: a checkpoint written before drop_rate existed still loads.
+  backbone_kwargs = {k: config.get(k, 0.0) for k in ("drop_rate", "drop_path_rate") if config.get(k, 0.0)}
   head_kwargs = dict(config.head_kwargs)
   network = create_network(config.model, config.head, task.num_outputs(class_names), pool=config.pool,
                            head_dropout=config.head_dropout, dtype=dtype, backbone_kwargs=backbone_kwargs,

@@ -24,7 +24,7 @@ from cxflax.train import optim
 from cxflax.train.losses import LOSSES
 from cxflax.train.workdir import announce, prepare_workdir, write_json
 
-MODEL_FIELDS = ("model", "head", "head_kwargs", "pool", "head_dropout", "backbone_classes",
+MODEL_FIELDS = ("model", "head", "head_kwargs", "pool", "head_dropout", "drop_rate", "backbone_classes",
                 "drop_path_rate", "dtype", "init_from")
 DATA_FIELDS = ("data.source", "data.image_size", "data.train_pp", "data.eval_pp", "data.eval_split",
                "num_folds", "fold", "data.stratify", "seed")
@@ -65,8 +65,6 @@ def stage_settings(c: ml_collections.ConfigDict) -> dict:
   s["loss.name"] = c.loss.name
   for f in LOSSES.info(c.loss.name).get("fields", ()):
     s[f"loss.{f}"] = _plain(c.loss[f])
-  if c.loss.name == "focal" and not c.loss.alpha:
-    s["loss.alpha"] = "inverse class frequency of the training split"
   if c.patches.num:
     s.update({f"patches.{k}": _plain(v) for k, v in c.patches.items()})
   if c.ensemble.kind:
