@@ -248,3 +248,70 @@ def test_to_gray_equalize_gamma_and_mask_image_pixel_values():
   assert masked.shape == (2, 3, 3)
   with pytest.raises(ValueError, match="no 'lesion_mask'"):
     _apply("mask_image('lesion_mask')", ex)
+
+
+# --- agreement with the libraries the papers used, at fixed parameters --------------------------
+
+
+def _test_images(h=48, w=64):
+  """A random uint8 RGB image (every pixel differs from its neighbours: interpolation shows at
+  full strength) and a smooth gradient (interpolation differences stay small)."""
+  noise = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+  smooth = np.stack([x, y, 0.5 + 0.4 * np.sin(3 * x + 2 * y)], -1)
+  return {"noise": noise, "smooth": np.round(255 * smooth).astype(np.uint8)}
+
+
+class _TorchDraws:
+  """A stand-in for cxflax's numpy rng whose draws are torch's, in the calls torchvision makes:
+  the same torch seed then gives cxflax's sampler the very numbers torchvision's gets."""
+
+  def uniform(self, lo, hi):
+    import torch
+    return torch.empty(1).uniform_(lo, hi).item()
+
+  def integers(self, lo, hi):
+    import torch
+    return torch.randint(lo, hi, size=(1,)).item()
+
+
+@pytest.mark.parametrize("hw,scale,ratio", [((48, 64), (0.08, 1.0), (3 / 4, 4 / 3)),
+                                            ((64, 48), (0.5, 0.9), (0.5, 2.0)),
+                                            ((30, 90), (0.44, 0.44), (1.0, 1.0)),  # flannel's square crops
+                                            ((20, 80), (0.9, 1.0), (2 / 3, 1.5))])  # mostly the fallback
+def test_random_resized_crop_box_is_torchvisions_get_params(hw, scale, ratio):
+  """Fed torch's draws, cxflax's box sampler returns torchvision's box, including the fallback to
+  the central crop when ten tries fail (a 20 × 80 image with near-square crops of ≥ 90% area)."""
+  import torch
+  from torchvision.transforms import RandomResizedCrop
+  fallbacks = 0
+  for seed in range(200):
+    torch.manual_seed(seed)
+    ref = RandomResizedCrop.get_params(torch.empty(3, *hw), list(scale), list(ratio))
+    torch.manual_seed(seed)
+    ours = transforms.random_resized_crop_box(*hw, scale, ratio, _TorchDraws())
+    assert ours == tuple(ref), seed
+    fallbacks += ours[:2] == ((hw[0] - ours[2]) // 2, (hw[1] - ours[3]) // 2)
+  if hw == (20, 80):
+    assert fallbacks > 100  # the fallback was exercised
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("box,size", [((5, 7, 30, 40), (24, 24)),  # shrink
+                                      ((10, 3, 20, 18), (56, 40))])  # enlarge
+def test_resized_crop_matches_torchvision(kind, box, size):
+  """The crop and bilinear resize at a fixed box against torchvision's resized_crop on the PIL
+  image (what the papers' ImageFolder loaders gave it: resized by PIL in 8 bits), and on a float
+  tensor (torch's antialiased bilinear, which imitates PIL's)."""
+  import torch
+  import torchvision.transforms.functional as TF
+  img = _test_images()[kind]
+  ours = transforms._crop({"image": img.astype(np.float32) / 255}, *box, out_hw=size)["image"]
+  ref_pil = np.asarray(TF.resized_crop(Image.fromarray(img), *box, list(size), TF.InterpolationMode.BILINEAR),
+                       np.float32) / 255
+  assert ours.shape == ref_pil.shape
+  # PIL's 8-bit resampling rounds its result (and its fixed-point weights): within a grey level.
+  assert np.abs(ours - ref_pil).max() <= 1.01 / 255
+  tensor = torch.from_numpy(img.astype(np.float32) / 255).permute(2, 0, 1)
+  ref_t = TF.resized_crop(tensor, *box, list(size), TF.InterpolationMode.BILINEAR, antialias=True)
+  np.testing.assert_allclose(ours, ref_t.permute(1, 2, 0).numpy(), atol=1e-5)

@@ -377,31 +377,37 @@ def _center_crop(size, width=None) -> Op:
 @register("random_resized_crop")
 def _random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Op:
   """torchvision's RandomResizedCrop: a random area fraction `scale` and aspect `ratio` (log-
-  uniform), ten tries, else the central crop of the closest aspect; resized to size."""
+  uniform), ten tries, else the central crop of the closest aspect; resized to size (bilinear,
+  as torchvision resizes the PIL images the papers loaded)."""
   h, w = _hw(size)
   if not 0 < scale[0] <= scale[1] <= 1:
     raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
   def apply(ex, rng):
-    ih, iw = ex["image"].shape[:2]
-    area = ih * iw
-    for _ in range(10):
-      target = area * rng.uniform(*scale)
-      aspect = math.exp(rng.uniform(*log_ratio))
-      cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-      if 0 < cw <= iw and 0 < ch <= ih:
-        top, left = int(rng.integers(0, ih - ch + 1)), int(rng.integers(0, iw - cw + 1))
-        return _crop(ex, top, left, ch, cw, (h, w))
-    aspect = iw / ih
-    if aspect < ratio[0]:
-      cw, ch = iw, int(round(iw / ratio[0]))
-    elif aspect > ratio[1]:
-      ch, cw = ih, int(round(ih * ratio[1]))
-    else:
-      cw, ch = iw, ih
-    return _crop(ex, (ih - ch) // 2, (iw - cw) // 2, ch, cw, (h, w))
+    return _crop(ex, *random_resized_crop_box(*ex["image"].shape[:2], scale, ratio, rng), (h, w))
   return apply
+
+
+def random_resized_crop_box(ih: int, iw: int, scale, ratio, rng) -> tuple[int, int, int, int]:
+  """(top, left, height, width) of a crop of an ih × iw image, drawn by the rule of torchvision's
+  RandomResizedCrop.get_params, draw for draw: rng.uniform(lo, hi) for the area fraction then the
+  log aspect, per try, and rng.integers(lo, hi) for the top then the left of an accepted box."""
+  area = ih * iw
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+    if 0 < cw <= iw and 0 < ch <= ih:
+      return int(rng.integers(0, ih - ch + 1)), int(rng.integers(0, iw - cw + 1)), ch, cw
+  aspect = iw / ih
+  if aspect < min(ratio):
+    cw, ch = iw, int(round(iw / min(ratio)))
+  elif aspect > max(ratio):
+    ch, cw = ih, int(round(ih * max(ratio)))
+  else:
+    cw, ch = iw, ih
+  return (ih - ch) // 2, (iw - cw) // 2, ch, cw
 
 
 @register("rotate")
