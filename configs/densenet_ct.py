@@ -11,9 +11,9 @@ trained in three phases (Sec. 8 of the report), each a run started from the prev
   `:classify`   classification layers on the frozen embedding network.
 
 Augmentation: random resized crop to 224, horizontal and vertical flips with p = 0.7, rotation
-and colour jitter (brightness, contrast); normalisation by the training split's statistics (the
-report found them better than ImageNet's). Evaluated on the official test split: accuracy, F1,
-AUC.
+(torchvision's RandomRotation: nearest neighbour, zero fill) and colour jitter (brightness,
+contrast); normalisation by the training split's statistics (the report found them better than
+ImageNet's). Evaluated on the official test split: accuracy, F1, AUC.
 
 Departs from the report: its triplets are random (or an augmented anchor as positive); we mine
 them within each batch (batch-hard), which needs no extra pass over the data. The report does
@@ -38,8 +38,8 @@ def get_config(arg: str | None = None):
   c.model = "densenet169"
   c.data.source, c.data.eval_split = "covid_ct", "test"
   c.data.image_size = 224
-  c.data.train_pp = ("to_rgb|random_resized_crop({size})|flip_lr(0.7)|flip_ud(0.7)|rotate(15)|"
-                     "color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
+  c.data.train_pp = ("to_rgb|random_resized_crop({size})|flip_lr(0.7)|flip_ud(0.7)|"
+                     "rotate(15, interpolation='nearest')|color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
   c.data.eval_pp = "to_rgb|resize(256)|center_crop({size})|normalize('dataset')"
   c.data.workers = 2
   c.optim.name, c.optim.momentum, c.optim.learning_rate = "sgd", 0.9, 0.007
@@ -69,7 +69,7 @@ def get_config(arg: str | None = None):
     c.data.phantom.covid_min_percentage = 1.0
     c.data.image_size = 64
     c.data.train_pp = ("to_rgb|random_resized_crop({size}, scale=(0.85, 1.0))|flip_lr(0.7)|flip_ud(0.7)|"
-                       "rotate(15)|color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
+                       "rotate(15, interpolation='nearest')|color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
     c.data.eval_pp = "to_rgb|resize({size})|normalize('dataset')"
     c.data.workers = 0
     c.data.stats_images = 64

@@ -311,10 +311,12 @@ def _warp(arr: np.ndarray, inverse: np.ndarray, out_hw: tuple[int, int], nearest
   return np.stack(chans, axis=-1).astype(arr.dtype)
 
 
-def _affine(ex: Example, inverse: np.ndarray, out_hw=None, border: str = "constant") -> Example:
+def _affine(ex: Example, inverse: np.ndarray, out_hw=None, border: str = "constant",
+            nearest: bool = False) -> Example:
+  """The image (bilinear, or nearest) and its masks (nearest) sampled at inverse @ (x, y, 1)."""
   out_hw = out_hw or ex["image"].shape[:2]
   ex = dict(ex)
-  ex["image"] = _warp(ex["image"], inverse, out_hw, nearest=False, border=border)
+  ex["image"] = _warp(ex["image"], inverse, out_hw, nearest=nearest, border=border)
   for k in _masks(ex):
     ex[k] = _warp(ex[k], inverse, out_hw, nearest=True, border=border)
   return ex
@@ -410,17 +412,30 @@ def random_resized_crop_box(ih: int, iw: int, scale, ratio, rng) -> tuple[int, i
   return (ih - ch) // 2, (iw - cw) // 2, ch, cw
 
 
+INTERPOLATIONS = ("bilinear", "nearest")
+
+
 @register("rotate")
-def _rotate(degrees: float = 15.0, p: float = 1.0) -> Op:
-  """Rotation by an angle drawn uniformly from [-degrees, degrees], with probability p."""
+def _rotate(degrees: float = 15.0, p: float = 1.0, interpolation: str = "bilinear") -> Op:
+  """Rotation by an angle drawn uniformly from [-degrees, degrees], with probability p, corners
+  filled with zeros. interpolation='nearest' is torchvision's RandomRotation with its defaults
+  (nearest, fill 0); 'bilinear' is fastai's."""
   _prob(p)
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
 
   def apply(ex, rng):
     if rng.uniform() >= p:
       return ex
-    h, w = ex["image"].shape[:2]
-    return _affine(ex, _about_centre(h, w, angle_deg=rng.uniform(-degrees, degrees)))
+    return rotate(ex, rng.uniform(-degrees, degrees), nearest=interpolation == "nearest")
   return apply
+
+
+def rotate(ex: Example, angle_deg: float, nearest: bool = False) -> Example:
+  """The image (and masks) rotated counter-clockwise (as displayed) by angle_deg about the image
+  centre, zeros outside: torchvision's rotate(img, angle_deg) and PIL's Image.rotate."""
+  h, w = ex["image"].shape[:2]
+  return _affine(ex, _about_centre(h, w, angle_deg=-angle_deg), nearest=nearest)
 
 
 @register("zoom")
