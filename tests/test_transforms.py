@@ -346,3 +346,48 @@ def test_rotate_matches_torchvision(kind, angle):
   rng = _rng(3)
   rng.uniform()
   np.testing.assert_array_equal(drawn, transforms.rotate({"image": x}, rng.uniform(-15, 15), nearest=True)["image"])
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("factor", [0.8, 1.2, 0.35])
+def test_color_jitter_adjustments_match_torchvision(kind, factor):
+  """adjust_brightness / contrast / saturation at a fixed factor against torchvision's on the PIL
+  image (its ColorJitter on the papers' PIL images: ImageEnhance, 8-bit, contrast about the
+  rounded mean grey) and on a float tensor (contrast about the mean of the grayscale image, with
+  torchvision's 0.2989 red weight against PIL's 0.299)."""
+  import torch
+  import torchvision.transforms.functional as TF
+  img = _test_images()[kind]
+  x = img.astype(np.float32) / 255
+  tensor = torch.from_numpy(x).permute(2, 0, 1)
+  for name in ("brightness", "contrast", "saturation"):
+    ours = getattr(transforms, f"adjust_{name}")(x, factor)
+    ref_pil = np.asarray(getattr(TF, f"adjust_{name}")(Image.fromarray(img), factor), np.float32) / 255
+    assert np.abs(ours - ref_pil).max() <= 1.51 / 255, name  # 8-bit rounding, and of the mean
+    ref_t = getattr(TF, f"adjust_{name}")(tensor, factor).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ours, ref_t, atol=1e-4, err_msg=name)
+    assert np.abs(ours - x).mean() > 0.01, name  # the adjustment did something
+
+
+def test_color_jitter_op_chains_torchvisions_adjustments():
+  """color_jitter(b, c, s): each factor uniform in [1 - x, 1 + x], the adjustments in a random
+  order, as torchvision's ColorJitter; checked by composing torchvision's own adjustments with
+  the order and factors the rng gives."""
+  import torch
+  import torchvision.transforms.functional as TF
+  x = _test_images()["smooth"].astype(np.float32) / 255
+  fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+  widths = (0.2, 0.3, 0.4)
+  orders = set()
+  for seed in range(8):
+    out = transforms.parse("color_jitter(0.2, 0.3, 0.4)")[0]({"image": x}, _rng(seed))["image"]
+    rng = _rng(seed)
+    rng.uniform()  # p
+    ref = torch.from_numpy(x).permute(2, 0, 1)
+    order = rng.permutation(3)
+    for k in order:
+      f = rng.uniform(1 - widths[k], 1 + widths[k])
+      ref = fns[k](ref, f)
+    orders.add(tuple(order))
+    np.testing.assert_allclose(out, ref.permute(1, 2, 0).numpy(), atol=2e-4)
+  assert len(orders) > 2
