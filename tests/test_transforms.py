@@ -1,6 +1,8 @@
 """Augmentations: reference behaviour (PIL, torchvision semantics), masks following the image,
 and per-element determinism."""
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
@@ -391,3 +393,34 @@ def test_color_jitter_op_chains_torchvisions_adjustments():
     orders.add(tuple(order))
     np.testing.assert_allclose(out, ref.permute(1, 2, 0).numpy(), atol=2e-4)
   assert len(orders) > 2
+
+
+def _fastai_v1_lighting(x, change, scale):
+  """fastai v1's lighting written out from its source, in torch: Image.logit_px is logit_(px)
+  (clamp_(1e-7, 1 - 1e-7), then -(1/x - 1).log()), _brightness adds scipy.special.logit(change),
+  _contrast multiplies by scale (brightness first: both order 8, listed first), px is
+  logit_px.sigmoid_()."""
+  import torch
+  t = torch.from_numpy(np.array(x)).clamp_(1e-7, 1 - 1e-7)
+  t = t.reciprocal_().sub_(1).log_().neg_()
+  t.add_(math.log(change / (1 - change)))
+  t.mul_(scale)
+  return t.sigmoid_().numpy()
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("change,scale", [(0.4, 1.25), (0.6, 0.8), (0.45, 1.0), (0.5, 1.1)])
+def test_lighting_is_fastai_v1s_brightness_and_contrast(kind, change, scale):
+  x = _test_images()[kind].astype(np.float32) / 255
+  x[0, :4] = [[0, 0, 0], [1, 1, 1], [0, 1, 0], [1, 0, 1]]  # the clamped extremes
+  ours = transforms.lighting(x, change, scale)
+  np.testing.assert_allclose(ours, _fastai_v1_lighting(x, change, scale), atol=2e-6)
+  assert np.abs(ours - x).mean() > 0.005  # it changed the image
+  # The op draws each with probability p, change uniform and scale log-uniform, in that order.
+  out = transforms.parse("lighting(0.2, p=1.0)")[0]({"image": x}, _rng(4))["image"]
+  rng = _rng(4)
+  rng.uniform()
+  drawn_change = rng.uniform(0.4, 0.6)
+  rng.uniform()
+  drawn_scale = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
+  np.testing.assert_allclose(out, _fastai_v1_lighting(x, drawn_change, drawn_scale), atol=2e-6)

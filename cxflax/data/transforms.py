@@ -556,22 +556,28 @@ def _lighting(max_lighting: float = 0.2, p: float = 0.75) -> Op:
     raise ValueError(f"max_lighting must be in [0, 1), got {max_lighting}")
 
   def apply(ex, rng):
-    shift = scale = None
+    change = scale = None
     if rng.uniform() < p:
       change = rng.uniform(0.5 - max_lighting / 2, 0.5 + max_lighting / 2)
-      shift = math.log(change / (1 - change))
     if rng.uniform() < p:
       scale = math.exp(rng.uniform(math.log(1 - max_lighting), -math.log(1 - max_lighting)))
-    if shift is None and scale is None:
+    if change is None and scale is None:
       return ex
-    x = np.clip(ex["image"], 1e-6, 1 - 1e-6)
-    logit = np.log(x / (1 - x))
-    if shift is not None:
-      logit = logit + shift
-    if scale is not None:
-      logit = logit * scale
-    return {**ex, "image": (1 / (1 + np.exp(-logit))).astype(np.float32)}
+    return {**ex, "image": lighting(ex["image"], change, scale)}
   return apply
+
+
+def lighting(img: np.ndarray, change: float | None = None, scale: float | None = None) -> np.ndarray:
+  """fastai v1's brightness(change) then contrast(scale) (its order): on the logit of the pixels,
+  clamped to [1e-7, 1 - 1e-7] as fastai's logit_ does, add logit(change) and multiply by scale;
+  back through the sigmoid. change = 0.5 and scale = 1 leave the image (nearly) as it is."""
+  x = np.clip(img, 1e-7, 1 - 1e-7)
+  logit = np.log(x / (1 - x))
+  if change is not None:
+    logit = logit + math.log(change / (1 - change))
+  if scale is not None:
+    logit = logit * scale
+  return (1 / (1 + np.exp(-logit))).astype(np.float32)
 
 
 # --- RandAugment ------------------------------------------------------------------------------------
