@@ -140,15 +140,16 @@ def _x_ramp(h, w):
 
 @pytest.mark.parametrize("ref_size,shift", [(None, 100.0), (600, 50.0)])
 def test_rand_augment_translation_and_cutout_are_ildoonets_pixels(ref_size, shift):
-  """At m = 30, TranslateXabs moves the image by 100 px and CutoutAbs paints a 40-px square of
-  (125, 123, 114); with ref_size=600 a 300-px image gets half of each."""
+  """At m = 30, TranslateXabs moves the image by 100 px and CutoutAbs paints a 41-px square (PIL's
+  rectangle from x0 to x0 + 40, both included) of (125, 123, 114); with ref_size=600 a 300-px
+  image gets half of each (20 px: a 21-px square)."""
   extra = f", ref_size={ref_size}" if ref_size else ""
   img = _x_ramp(300, 300)
   out = _apply(f"rand_augment(1, 30, ops=('translate_x',){extra})", {"image": img}, seed=2)["image"]
   inside = out[150, 120:180, 0]  # away from the uncovered border either way
   moved = (inside - img[150, 120:180, 0]) * 300  # pixels the content came from, signed
   np.testing.assert_allclose(np.abs(moved), shift, atol=1e-3)
-  side = int(round(40 * shift / 100))
+  side = int(40 * shift / 100) + 1
   for seed in range(6):
     rgb = np.zeros((300, 300, 3), np.float32)
     cut = _apply(f"rand_augment(1, 30, ops=('cutout',){extra})", {"image": rgb}, seed=seed)["image"]
@@ -324,15 +325,15 @@ def test_resized_crop_matches_torchvision(kind, box, size):
 def test_rotate_matches_torchvision(kind, angle):
   """rotate at a fixed angle against torchvision's rotate with RandomRotation's defaults (nearest,
   fill 0: seed 004's rotation) on the PIL image, and bilinear against torchvision on a float
-  tensor. Nearest agrees pixel for pixel but where a sample falls within rounding of a pixel
-  edge; bilinear to float precision."""
+  tensor. Nearest: the same sample points, so the same pixels (a sample within rounding of a
+  pixel edge could pick the other neighbour; none does here); bilinear to float precision."""
   import torch
   import torchvision.transforms.functional as TF
   img = _test_images()[kind]
   x = img.astype(np.float32) / 255
   ours = transforms.rotate({"image": x}, angle, nearest=True)["image"]
   ref = np.asarray(TF.rotate(Image.fromarray(img), angle), np.float32) / 255
-  assert (np.abs(ours - ref) > 1e-6).mean() < 0.005
+  np.testing.assert_allclose(ours, ref, atol=1e-6)
   ours_bl = transforms.rotate({"image": x}, angle)["image"]
   ref_bl = TF.rotate(torch.from_numpy(x).permute(2, 0, 1), angle, TF.InterpolationMode.BILINEAR)
   ref_bl = ref_bl.permute(1, 2, 0).numpy()
@@ -424,3 +425,62 @@ def test_lighting_is_fastai_v1s_brightness_and_contrast(kind, change, scale):
   rng.uniform()
   drawn_scale = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
   np.testing.assert_allclose(out, _fastai_v1_lighting(x, drawn_change, drawn_scale), atol=2e-6)
+
+
+def _ildoonet_pil_op(img, name, v, centre=None):
+  """The PIL call each of ildoonet's RandAugment operations makes on a PIL image, at value v
+  (after its random sign flip), written here from its description."""
+  from PIL import ImageDraw
+  pil = Image.fromarray(img)
+  if name == "rotate":
+    return pil.rotate(v)
+  coeffs = {"shear_x": (1, v, 0, 0, 1, 0), "shear_y": (1, 0, 0, v, 1, 0),
+            "translate_x": (1, 0, v, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, v)}
+  if name in coeffs:
+    return pil.transform(pil.size, Image.AFFINE, coeffs[name])
+  if name == "cutout":
+    w, h = pil.size
+    x0, y0 = int(max(0, centre[0] - v / 2.0)), int(max(0, centre[1] - v / 2.0))
+    ImageDraw.Draw(pil).rectangle((x0, y0, min(w, x0 + v), min(h, y0 + v)), (125, 123, 114))
+    return pil
+  enhancer = {"color": ImageEnhance.Color, "contrast": ImageEnhance.Contrast,
+              "brightness": ImageEnhance.Brightness, "sharpness": ImageEnhance.Sharpness}[name]
+  return enhancer(pil).enhance(v)
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("name,v", [("rotate", 9.0), ("rotate", -27.5), ("shear_x", 0.09), ("shear_x", -0.3),
+                                    ("shear_y", 0.21), ("shear_y", -0.09), ("translate_x", 30.0),
+                                    ("translate_x", -12.5), ("translate_y", 30.0), ("translate_y", -7.25),
+                                    ("color", 0.64), ("color", 1.6), ("contrast", 0.64), ("contrast", 1.6),
+                                    ("brightness", 0.64), ("brightness", 1.6), ("sharpness", 0.64),
+                                    ("sharpness", 1.6)])
+def test_rand_augment_operations_match_ildoonets_pil_calls(kind, name, v):
+  """Each operation at a fixed signed value (m = 9 and others) against the PIL call ildoonet's
+  operation makes. Geometry is nearest neighbour in both, at the same sample points: the same
+  pixels (one within rounding of a pixel edge could pick the other neighbour; none does here).
+  The enhancements agree within PIL's 8-bit rounding (and its rounded mean grey for contrast)."""
+  img = _test_images()[kind]
+  x = img.astype(np.float32) / 255
+  ours = transforms.rand_augment_op({"image": x}, name, v)["image"]
+  ref = np.asarray(_ildoonet_pil_op(img, name, v), np.float32) / 255
+  assert ours.shape == ref.shape
+  diff = np.abs(ours - ref)
+  if name in ("color", "contrast", "brightness", "sharpness"):
+    assert diff.max() <= 1.51 / 255
+  else:
+    assert diff.max() <= 1e-6
+  if not (name == "sharpness" and kind == "smooth"):  # (a gradient is its own blur)
+    assert np.abs(ours - x).mean() > 0.005  # the operation did something
+
+
+@pytest.mark.parametrize("v,centre", [(12.0, (20.3, 30.9)), (12.5, (3.2, 1.5)), (40.0, (60.0, 47.5)),
+                                      (0.0, (10.0, 10.0))])
+def test_rand_augment_cutout_matches_ildoonets_rectangle(v, centre):
+  """CutoutAbs at a fixed size and centre: PIL's rectangle includes both corners (int(v) + 1 px a
+  side, one pixel at v = 0) and is clipped by the image."""
+  img = _test_images()["noise"]
+  ours = transforms.rand_augment_op({"image": img.astype(np.float32) / 255}, "cutout", v, centre)["image"]
+  ref = np.asarray(_ildoonet_pil_op(img, "cutout", v, centre), np.float32) / 255
+  np.testing.assert_allclose(ours, ref, atol=1e-6)
+  assert (np.abs(ours - img / 255) > 1e-6).any(axis=-1).sum() > 0

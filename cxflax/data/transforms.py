@@ -597,25 +597,41 @@ _CUTOUT_FILL = np.array([125, 123, 114], np.float32) / 255.0  # CutoutAbs's colo
 
 
 def _rand_augment_op(name: str, ex: Example, v: float, rng) -> Example:
-  h, w = ex["image"].shape[:2]
-  sign = 1.0 if rng.uniform() < 0.5 else -1.0
+  """ildoonet's operation at magnitude v, with its draws: a sign for the geometric ops (each flips
+  v with probability 1/2) and CutoutAbs's centre."""
+  centre = None
+  if name in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y"):
+    v = -v if rng.uniform() < 0.5 else v
+  elif name == "cutout":
+    h, w = ex["image"].shape[:2]
+    # CutoutAbs draws np.random.uniform(w), which numpy reads as uniform(low=w, high=1): x in
+    # (1, w], then y in (1, h].
+    centre = (rng.uniform(1, w), rng.uniform(1, h))
+  return rand_augment_op(ex, name, v, centre)
+
+
+def rand_augment_op(ex: Example, name: str, v: float, centre=None) -> Example:
+  """ildoonet's operation `name` at its signed value v, as its PIL call does it. Rotate:
+  img.rotate(v) (counter-clockwise about the centre); shears and translations: img.transform(
+  AFFINE, (1, v, 0, 0, 1, 0) and the like), so output (x, y) reads input (x + v y, y): shears
+  about the top-left corner, content moved by -v px; all nearest neighbour, black outside; masks
+  follow. CutoutAbs: the square from (int(cx - v/2), int(cy - v/2)), clipped at 0, to v px
+  further, both ends included as PIL's ImageDraw.rectangle draws them (int(v) + 1 px a side),
+  painted (125, 123, 114) on the image only: masks keep the anatomy. Color, Contrast,
+  Brightness, Sharpness: ImageEnhance with factor v."""
   if name == "rotate":
-    return _affine(ex, _about_centre(h, w, angle_deg=sign * v))
-  if name in ("shear_x", "shear_y"):
-    shear = (sign * v, 0.0) if name == "shear_x" else (0.0, sign * v)
-    return _affine(ex, _about_centre(h, w, shear=shear))
-  if name in ("translate_x", "translate_y"):
-    shift = (sign * v, 0.0) if name == "translate_x" else (0.0, sign * v)
-    return _affine(ex, _about_centre(h, w, shift=shift))
-  if name == "cutout":  # a v-pixel square over the image only; masks keep the anatomy
-    side = int(round(v))
-    if side <= 0:
+    return rotate(ex, v, nearest=True)
+  affine = {"shear_x": [[1, v, 0], [0, 1, 0]], "shear_y": [[1, 0, 0], [v, 1, 0]],
+            "translate_x": [[1, 0, v], [0, 1, 0]], "translate_y": [[1, 0, 0], [0, 1, v]]}
+  if name in affine:
+    return _affine(ex, np.array(affine[name] + [[0, 0, 1]], np.float64), nearest=True)
+  if name == "cutout":
+    if v < 0:
       return ex
-    # CutoutAbs: a centre drawn over the image, the top-left corner kept inside it
-    top, left = max(0, int(rng.uniform(0, h) - side / 2)), max(0, int(rng.uniform(0, w) - side / 2))
+    left, top = int(max(0.0, centre[0] - v / 2)), int(max(0.0, centre[1] - v / 2))
+    side = int(v) + 1
     img = ex["image"].copy()
-    c = img.shape[-1]
-    img[top:top + side, left:left + side] = _CUTOUT_FILL if c == 3 else _CUTOUT_FILL.mean()
+    img[top:top + side, left:left + side] = _CUTOUT_FILL if img.shape[-1] == 3 else _CUTOUT_FILL.mean()
     return {**ex, "image": img}
   fn = {"color": adjust_saturation, "contrast": adjust_contrast, "brightness": adjust_brightness,
         "sharpness": adjust_sharpness}[name]
