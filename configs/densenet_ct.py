@@ -13,9 +13,10 @@ trained in three phases (Sec. 8 of the report), each a run started from the prev
                 to the previously trained network"); learning rate 0.0003 for 220 epochs.
 
 The report gives no decay for the last two phases: their rate is constant. Augmentation: random
-resized crop to 224, horizontal and vertical flips with p = 0.7, rotation and colour jitter
-(brightness, contrast); normalisation by the training split's statistics (the report found them
-better than ImageNet's). Evaluated on the official test split: accuracy, F1, AUC.
+resized crop to 224, horizontal and vertical flips with p = 0.7, rotation (torchvision's
+RandomRotation: nearest neighbour, zero fill) and colour jitter (brightness, contrast);
+normalisation by the training split's statistics (the report found them better than ImageNet's).
+Evaluated on the official test split: accuracy, F1, AUC.
 
 Departs from the report (config.departures): it names SGD without a momentum; cxflax uses 0.9
 (`optim.momentum`). Its triplets are random (or an augmented anchor as positive); we mine them
@@ -36,7 +37,7 @@ percent vanish at 64 px), and its random crops keep at least 85% of the slice so
 cut a lesion away.
 """
 
-from configs.common import depart, parse_arg
+from configs.common import depart, imagenet_weights, parse_arg
 from cxflax.config import base_config
 
 PHASES = ("finetune", "triplet", "classify")
@@ -48,8 +49,8 @@ def get_config(arg: str | None = None):
   c.model = "densenet169"
   c.data.source, c.data.eval_split = "covid_ct", "test"
   c.data.image_size = 224
-  c.data.train_pp = ("to_rgb|random_resized_crop({size})|flip_lr(0.7)|flip_ud(0.7)|rotate(15)|"
-                     "color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
+  c.data.train_pp = ("to_rgb|random_resized_crop({size})|flip_lr(0.7)|flip_ud(0.7)|"
+                     "rotate(15, interpolation='nearest')|color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
   c.data.eval_pp = "to_rgb|resize(256)|center_crop({size})|normalize('dataset')"
   c.data.workers = 2
   c.optim.name, c.optim.momentum = "sgd", 0.9
@@ -58,6 +59,7 @@ def get_config(arg: str | None = None):
   c.optim.train_frozen_bn = False
   if phase == "finetune":
     c.head, c.loss.name = "linear", "cross_entropy"
+    c.init_from = imagenet_weights("densenet169", "tv_in1k")  # torchvision's, as the report's
     c.optim.learning_rate, c.num_epochs = 0.007, 3000
     c.schedule.name = "step"
     c.schedule.step_decay_epochs, c.schedule.step_decay_factor = 400, 0.5
@@ -93,12 +95,13 @@ def get_config(arg: str | None = None):
          "within 15°, brightness and contrast jitter 0.2")
   if "runlocal" in args:
     c.model = "densenet121"
+    c.init_from = ""  # from scratch (the later phases: --config.init_from=PREVIOUS_WORKDIR)
     c.data.source, c.data.eval_split = "phantom", "fold"
     c.data.phantom.kind, c.data.phantom.num_subjects, c.data.phantom.covid_labels = "ct", 150, True
     c.data.phantom.covid_min_percentage = 1.0
     c.data.image_size = 64
     c.data.train_pp = ("to_rgb|random_resized_crop({size}, scale=(0.85, 1.0))|flip_lr(0.7)|flip_ud(0.7)|"
-                       "rotate(15)|color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
+                       "rotate(15, interpolation='nearest')|color_jitter(0.2, 0.2, 0.0)|normalize('dataset')")
     c.data.eval_pp = "to_rgb|resize({size})|normalize('dataset')"
     c.data.workers = 0
     c.data.stats_images = 64

@@ -27,7 +27,7 @@ focal loss is averaged over the batch (the reference sums it, which only rescale
 resized to 72 before the 64-px crop.
 """
 
-from configs.common import parse_arg
+from configs.common import imagenet_weights, parse_arg
 from cxflax.config import base_config
 
 LEARNERS = ("densenet161", "inception_v3", "resnet152", "resnext101_32x8d", "vgg19_bn")
@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
   model, flags = parse_arg(arg, flags=FLAGS, choices=MODELS, default="densenet161")
   c = base_config()
   c.model = model
+  c.init_from = imagenet_weights(model, "tv_in1k") if model in LEARNERS else ""  # the authors' torchvision models
   c.head = "linear"
   c.loss.name = "cross_entropy"
   c.optim.name, c.optim.learning_rate, c.optim.weight_decay = "adam", 1e-3, 1e-4
@@ -57,6 +58,7 @@ def get_config(arg: str | None = None):
   c.data.workers = 2
   if "ensemble" in flags:
     c.ensemble.kind, c.ensemble.activation = "flannel", "softmax" if "softmax" in flags else "tanh"
+    c.init_from = ""  # the members bring their trained weights
     c.loss.name, c.loss.gamma = "focal", 10.0
     c.optim.freeze, c.optim.train_frozen_bn = ("^members_",), False
     c.optim.learning_rate = 1e-5  # weight decay 1e-4, as the learners'
@@ -64,6 +66,7 @@ def get_config(arg: str | None = None):
     c.batch_size = c.eval_batch_size = 20
   if "runlocal" in flags:
     c.model = c.model if c.model in ("resnet10t", "resnet18") else "resnet10t"
+    c.init_from = ""  # from scratch: no download, and phantom X-rays are no ImageNet
     c.data.source, c.data.image_size = "phantom", 64
     c.data.phantom.num_subjects, c.data.phantom.slices_per_subject = 240, (1, 1)
     c.data.train_pp = ("to_gray|resize(72, interpolation='bicubic')|random_crop({size})|flip_lr(0.5)|"

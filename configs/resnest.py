@@ -31,8 +31,8 @@ flips, with the ranges of ildoonet/pytorch-randaugment's augment_list: rotation 
 0–0.3, color / contrast / brightness / sharpness factors 0.1–1.9, and translation (TranslateXabs /
 TranslateYabs) 0–100 px and cutout (CutoutAbs, grey (125, 123, 114)) 0–40 px in absolute pixels,
 level m/30 of each range. The paper gives neither N nor M: we use RandAugment's common N=2, M=9
-(rotation 9°, translation 30 px, cutout 12 px at 512 px). Folds are grouped
-by subject and stratified by the severity categories of Per-COVID-19 (Sec. 4.1).
+(rotation 9°, translation 30 px, cutout 12 px at 512 px: a 13-px square, as PIL draws it). Folds
+are grouped by subject and stratified by the severity categories of Per-COVID-19 (Sec. 4.1).
 
 Departs from the paper: the paper does not say how the 101 → 1 regressor of approach 2 is fed;
 cxflax feeds it the softmax probabilities (the paper's "output of the previous step").

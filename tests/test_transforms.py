@@ -1,6 +1,8 @@
 """Augmentations: reference behaviour (PIL, torchvision semantics), masks following the image,
 and per-element determinism."""
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
@@ -139,15 +141,16 @@ def _x_ramp(h, w):
 
 @pytest.mark.parametrize("ref_size,shift", [(None, 100.0), (600, 50.0)])
 def test_rand_augment_translation_and_cutout_are_ildoonets_pixels(ref_size, shift):
-  """At m = 30, TranslateXabs moves the image by 100 px and CutoutAbs paints a 40-px square of
-  (125, 123, 114); with ref_size=600 a 300-px image gets half of each."""
+  """At m = 30, TranslateXabs moves the image by 100 px and CutoutAbs paints a 41-px square (PIL's
+  rectangle from x0 to x0 + 40, both included) of (125, 123, 114); with ref_size=600 a 300-px
+  image gets half of each (20 px: a 21-px square)."""
   extra = f", ref_size={ref_size}" if ref_size else ""
   img = _x_ramp(300, 300)
   out = _apply(f"rand_augment(1, 30, ops=('translate_x',){extra})", {"image": img}, seed=2)["image"]
   inside = out[150, 120:180, 0]  # away from the uncovered border either way
   moved = (inside - img[150, 120:180, 0]) * 300  # pixels the content came from, signed
   np.testing.assert_allclose(np.abs(moved), shift, atol=1e-3)
-  side = int(round(40 * shift / 100))
+  side = int(40 * shift / 100) + 1
   for seed in range(6):
     rgb = np.zeros((300, 300, 3), np.float32)
     cut = _apply(f"rand_augment(1, 30, ops=('cutout',){extra})", {"image": rgb}, seed=seed)["image"]
@@ -286,3 +289,236 @@ def test_to_gray_equalize_gamma_and_mask_image_pixel_values():
   assert masked.shape == (2, 3, 3)
   with pytest.raises(ValueError, match="no 'lesion_mask'"):
     _apply("mask_image('lesion_mask')", ex)
+
+
+# --- agreement with the libraries the papers used, at fixed parameters --------------------------
+
+
+def _test_images(h=48, w=64):
+  """A random uint8 RGB image (every pixel differs from its neighbours: interpolation shows at
+  full strength) and a smooth gradient (interpolation differences stay small)."""
+  noise = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+  smooth = np.stack([x, y, 0.5 + 0.4 * np.sin(3 * x + 2 * y)], -1)
+  return {"noise": noise, "smooth": np.round(255 * smooth).astype(np.uint8)}
+
+
+class _TorchDraws:
+  """A stand-in for cxflax's numpy rng whose draws are torch's, in the calls torchvision makes:
+  the same torch seed then gives cxflax's sampler the very numbers torchvision's gets."""
+
+  def uniform(self, lo, hi):
+    import torch
+    return torch.empty(1).uniform_(lo, hi).item()
+
+  def integers(self, lo, hi):
+    import torch
+    return torch.randint(lo, hi, size=(1,)).item()
+
+
+@pytest.mark.parametrize("hw,scale,ratio", [((48, 64), (0.08, 1.0), (3 / 4, 4 / 3)),
+                                            ((64, 48), (0.5, 0.9), (0.5, 2.0)),
+                                            ((60, 90), (0.44, 0.44), (1.0, 1.0)),  # flannel's square crops
+                                            ((20, 80), (0.9, 1.0), (2 / 3, 1.5))])  # mostly the fallback
+def test_random_resized_crop_box_is_torchvisions_get_params(hw, scale, ratio):
+  """Fed torch's draws, cxflax's box sampler returns torchvision's box, including the fallback to
+  the central crop when ten tries fail (a 20 × 80 image with near-square crops of ≥ 90% area)."""
+  import torch
+  from torchvision.transforms import RandomResizedCrop
+  fallbacks = 0
+  for seed in range(200):
+    torch.manual_seed(seed)
+    ref = RandomResizedCrop.get_params(torch.empty(3, *hw), list(scale), list(ratio))
+    torch.manual_seed(seed)
+    ours = transforms.random_resized_crop_box(*hw, scale, ratio, _TorchDraws())
+    assert ours == tuple(ref), seed
+    fallbacks += ours[:2] == ((hw[0] - ours[2]) // 2, (hw[1] - ours[3]) // 2)
+  if hw == (20, 80):
+    assert fallbacks > 100  # the fallback was exercised
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("box,size", [((5, 7, 30, 40), (24, 24)),  # shrink
+                                      ((10, 3, 20, 18), (56, 40))])  # enlarge
+def test_resized_crop_matches_torchvision(kind, box, size):
+  """The crop and bilinear resize at a fixed box against torchvision's resized_crop on the PIL
+  image (what the papers' ImageFolder loaders gave it: resized by PIL in 8 bits), and on a float
+  tensor (torch's antialiased bilinear, which imitates PIL's)."""
+  import torch
+  import torchvision.transforms.functional as TF
+  img = _test_images()[kind]
+  ours = transforms._crop({"image": img.astype(np.float32) / 255}, *box, out_hw=size)["image"]
+  ref_pil = np.asarray(TF.resized_crop(Image.fromarray(img), *box, list(size), TF.InterpolationMode.BILINEAR),
+                       np.float32) / 255
+  assert ours.shape == ref_pil.shape
+  # PIL's 8-bit resampling rounds its result (and its fixed-point weights): within a grey level.
+  assert np.abs(ours - ref_pil).max() <= 1.01 / 255
+  tensor = torch.from_numpy(img.astype(np.float32) / 255).permute(2, 0, 1)
+  ref_t = TF.resized_crop(tensor, *box, list(size), TF.InterpolationMode.BILINEAR, antialias=True)
+  np.testing.assert_allclose(ours, ref_t.permute(1, 2, 0).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("angle", [12.5, -15.0, 90.0])
+def test_rotate_matches_torchvision(kind, angle):
+  """rotate at a fixed angle against torchvision's rotate with RandomRotation's defaults (nearest,
+  fill 0: seed 004's rotation) on the PIL image, and bilinear against torchvision on a float
+  tensor. Nearest: the same sample points, so the same pixels (a sample within rounding of a
+  pixel edge could pick the other neighbour; none does here); bilinear to float precision."""
+  import torch
+  import torchvision.transforms.functional as TF
+  img = _test_images()[kind]
+  x = img.astype(np.float32) / 255
+  ours = transforms.rotate({"image": x}, angle, nearest=True)["image"]
+  ref = np.asarray(TF.rotate(Image.fromarray(img), angle), np.float32) / 255
+  np.testing.assert_allclose(ours, ref, atol=1e-6)
+  ours_bl = transforms.rotate({"image": x}, angle)["image"]
+  ref_bl = TF.rotate(torch.from_numpy(x).permute(2, 0, 1), angle, TF.InterpolationMode.BILINEAR)
+  ref_bl = ref_bl.permute(1, 2, 0).numpy()
+  # Where every bilinear neighbour lies inside the image (torch's rotation of ones is 1 there), to
+  # float precision; along the rotated image's edges torch blends the zero fill in where PIL
+  # gives the fill outright: a one-pixel seam.
+  inside = TF.rotate(torch.ones(1, *img.shape[:2]), angle, TF.InterpolationMode.BILINEAR)[0].numpy() > 1 - 1e-6
+  assert inside.mean() > 0.5
+  np.testing.assert_allclose(ours_bl[inside], ref_bl[inside], atol=1e-5)
+  assert np.abs(ours_bl - ref_bl).mean() < 0.01
+  # The registered op draws the angle and defaults to p = 1.
+  drawn = transforms.parse("rotate(15, interpolation='nearest')")[0]({"image": x}, _rng(3))["image"]
+  rng = _rng(3)
+  rng.uniform()
+  np.testing.assert_array_equal(drawn, transforms.rotate({"image": x}, rng.uniform(-15, 15), nearest=True)["image"])
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("factor", [0.8, 1.2, 0.35])
+def test_color_jitter_adjustments_match_torchvision(kind, factor):
+  """adjust_brightness / contrast / saturation at a fixed factor against torchvision's on the PIL
+  image (its ColorJitter on the papers' PIL images: ImageEnhance, 8-bit, contrast about the
+  rounded mean grey) and on a float tensor (contrast about the mean of the grayscale image, with
+  torchvision's 0.2989 red weight against PIL's 0.299)."""
+  import torch
+  import torchvision.transforms.functional as TF
+  img = _test_images()[kind]
+  x = img.astype(np.float32) / 255
+  tensor = torch.from_numpy(x).permute(2, 0, 1)
+  for name in ("brightness", "contrast", "saturation"):
+    ours = getattr(transforms, f"adjust_{name}")(x, factor)
+    ref_pil = np.asarray(getattr(TF, f"adjust_{name}")(Image.fromarray(img), factor), np.float32) / 255
+    assert np.abs(ours - ref_pil).max() <= 1.51 / 255, name  # 8-bit rounding, and of the mean
+    ref_t = getattr(TF, f"adjust_{name}")(tensor, factor).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ours, ref_t, atol=1e-4, err_msg=name)
+    assert np.abs(ours - x).mean() > 0.01, name  # the adjustment did something
+
+
+def test_color_jitter_op_chains_torchvisions_adjustments():
+  """color_jitter(b, c, s): each factor uniform in [1 - x, 1 + x], the adjustments in a random
+  order, as torchvision's ColorJitter; checked by composing torchvision's own adjustments with
+  the order and factors the rng gives."""
+  import torch
+  import torchvision.transforms.functional as TF
+  x = _test_images()["smooth"].astype(np.float32) / 255
+  fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+  widths = (0.2, 0.3, 0.4)
+  orders = set()
+  for seed in range(8):
+    out = transforms.parse("color_jitter(0.2, 0.3, 0.4)")[0]({"image": x}, _rng(seed))["image"]
+    rng = _rng(seed)
+    rng.uniform()  # p
+    ref = torch.from_numpy(x).permute(2, 0, 1)
+    order = rng.permutation(3)
+    for k in order:
+      f = rng.uniform(1 - widths[k], 1 + widths[k])
+      ref = fns[k](ref, f)
+    orders.add(tuple(order))
+    np.testing.assert_allclose(out, ref.permute(1, 2, 0).numpy(), atol=2e-4)
+  assert len(orders) > 2
+
+
+def _fastai_v1_lighting(x, change, scale):
+  """fastai v1's lighting written out from its source, in torch: Image.logit_px is logit_(px)
+  (clamp_(1e-7, 1 - 1e-7), then -(1/x - 1).log()), _brightness adds scipy.special.logit(change),
+  _contrast multiplies by scale (brightness first: both order 8, listed first), px is
+  logit_px.sigmoid_()."""
+  import torch
+  t = torch.from_numpy(np.array(x)).clamp_(1e-7, 1 - 1e-7)
+  t = t.reciprocal_().sub_(1).log_().neg_()
+  t.add_(math.log(change / (1 - change)))
+  t.mul_(scale)
+  return t.sigmoid_().numpy()
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("change,scale", [(0.4, 1.25), (0.6, 0.8), (0.45, 1.0), (0.5, 1.1)])
+def test_lighting_is_fastai_v1s_brightness_and_contrast(kind, change, scale):
+  x = _test_images()[kind].astype(np.float32) / 255
+  x[0, :4] = [[0, 0, 0], [1, 1, 1], [0, 1, 0], [1, 0, 1]]  # the clamped extremes
+  ours = transforms.lighting(x, change, scale)
+  np.testing.assert_allclose(ours, _fastai_v1_lighting(x, change, scale), atol=2e-6)
+  assert np.abs(ours - x).mean() > 0.005  # it changed the image
+  # The op draws each with probability p, change uniform and scale log-uniform, in that order.
+  out = transforms.parse("lighting(0.2, p=1.0)")[0]({"image": x}, _rng(4))["image"]
+  rng = _rng(4)
+  rng.uniform()
+  drawn_change = rng.uniform(0.4, 0.6)
+  rng.uniform()
+  drawn_scale = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
+  np.testing.assert_allclose(out, _fastai_v1_lighting(x, drawn_change, drawn_scale), atol=2e-6)
+
+
+def _ildoonet_pil_op(img, name, v, centre=None):
+  """The PIL call each of ildoonet's RandAugment operations makes on a PIL image, at value v
+  (after its random sign flip), written here from its description."""
+  from PIL import ImageDraw
+  pil = Image.fromarray(img)
+  if name == "rotate":
+    return pil.rotate(v)
+  coeffs = {"shear_x": (1, v, 0, 0, 1, 0), "shear_y": (1, 0, 0, v, 1, 0),
+            "translate_x": (1, 0, v, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, v)}
+  if name in coeffs:
+    return pil.transform(pil.size, Image.AFFINE, coeffs[name])
+  if name == "cutout":
+    w, h = pil.size
+    x0, y0 = int(max(0, centre[0] - v / 2.0)), int(max(0, centre[1] - v / 2.0))
+    ImageDraw.Draw(pil).rectangle((x0, y0, min(w, x0 + v), min(h, y0 + v)), (125, 123, 114))
+    return pil
+  enhancer = {"color": ImageEnhance.Color, "contrast": ImageEnhance.Contrast,
+              "brightness": ImageEnhance.Brightness, "sharpness": ImageEnhance.Sharpness}[name]
+  return enhancer(pil).enhance(v)
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("name,v", [("rotate", 9.0), ("rotate", -27.5), ("shear_x", 0.09), ("shear_x", -0.3),
+                                    ("shear_y", 0.21), ("shear_y", -0.09), ("translate_x", 30.0),
+                                    ("translate_x", -12.5), ("translate_y", 30.0), ("translate_y", -7.25),
+                                    ("color", 0.64), ("color", 1.6), ("contrast", 0.64), ("contrast", 1.6),
+                                    ("brightness", 0.64), ("brightness", 1.6), ("sharpness", 0.64),
+                                    ("sharpness", 1.6)])
+def test_rand_augment_operations_match_ildoonets_pil_calls(kind, name, v):
+  """Each operation at a fixed signed value (m = 9 and others) against the PIL call ildoonet's
+  operation makes. Geometry is nearest neighbour in both, at the same sample points: the same
+  pixels (one within rounding of a pixel edge could pick the other neighbour; none does here).
+  The enhancements agree within PIL's 8-bit rounding (and its rounded mean grey for contrast)."""
+  img = _test_images()[kind]
+  x = img.astype(np.float32) / 255
+  ours = transforms.rand_augment_op({"image": x}, name, v)["image"]
+  ref = np.asarray(_ildoonet_pil_op(img, name, v), np.float32) / 255
+  assert ours.shape == ref.shape
+  diff = np.abs(ours - ref)
+  if name in ("color", "contrast", "brightness", "sharpness"):
+    assert diff.max() <= 1.51 / 255
+  else:
+    assert diff.max() <= 1e-6
+  if not (name == "sharpness" and kind == "smooth"):  # (a gradient is its own blur)
+    assert np.abs(ours - x).mean() > 0.005  # the operation did something
+
+
+@pytest.mark.parametrize("v,centre", [(12.0, (20.3, 30.9)), (12.5, (3.2, 1.5)), (40.0, (60.0, 47.5)),
+                                      (0.0, (10.0, 10.0))])
+def test_rand_augment_cutout_matches_ildoonets_rectangle(v, centre):
+  """CutoutAbs at a fixed size and centre: PIL's rectangle includes both corners (int(v) + 1 px a
+  side, one pixel at v = 0) and is clipped by the image."""
+  img = _test_images()["noise"]
+  ours = transforms.rand_augment_op({"image": img.astype(np.float32) / 255}, "cutout", v, centre)["image"]
+  ref = np.asarray(_ildoonet_pil_op(img, "cutout", v, centre), np.float32) / 255
+  np.testing.assert_allclose(ours, ref, atol=1e-6)
+  assert (np.abs(ours - img / 255) > 1e-6).any(axis=-1).sum() > 0

@@ -332,10 +332,12 @@ def _warp(arr: np.ndarray, inverse: np.ndarray, out_hw: tuple[int, int], nearest
   return np.stack(chans, axis=-1).astype(arr.dtype)
 
 
-def _affine(ex: Example, inverse: np.ndarray, out_hw=None, border: str = "constant") -> Example:
+def _affine(ex: Example, inverse: np.ndarray, out_hw=None, border: str = "constant",
+            nearest: bool = False) -> Example:
+  """The image (bilinear, or nearest) and its masks (nearest) sampled at inverse @ (x, y, 1)."""
   out_hw = out_hw or ex["image"].shape[:2]
   ex = dict(ex)
-  ex["image"] = _warp(ex["image"], inverse, out_hw, nearest=False, border=border)
+  ex["image"] = _warp(ex["image"], inverse, out_hw, nearest=nearest, border=border)
   for k in _masks(ex):
     ex[k] = _warp(ex[k], inverse, out_hw, nearest=True, border=border)
   return ex
@@ -419,44 +421,63 @@ def _random_crop(size, width=None) -> Op:
 @register("random_resized_crop")
 def _random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Op:
   """torchvision's RandomResizedCrop: a random area fraction `scale` and aspect `ratio` (log-
-  uniform), ten tries, else the central crop of the closest aspect; resized to size."""
+  uniform), ten tries, else the central crop of the closest aspect; resized to size (bilinear,
+  as torchvision resizes the PIL images the papers loaded)."""
   h, w = _hw(size)
   if not 0 < scale[0] <= scale[1] <= 1:
     raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
   def apply(ex, rng):
-    ih, iw = ex["image"].shape[:2]
-    area = ih * iw
-    for _ in range(10):
-      target = area * rng.uniform(*scale)
-      aspect = math.exp(rng.uniform(*log_ratio))
-      cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-      if 0 < cw <= iw and 0 < ch <= ih:
-        top, left = int(rng.integers(0, ih - ch + 1)), int(rng.integers(0, iw - cw + 1))
-        return _crop(ex, top, left, ch, cw, (h, w))
-    aspect = iw / ih
-    if aspect < ratio[0]:
-      cw, ch = iw, int(round(iw / ratio[0]))
-    elif aspect > ratio[1]:
-      ch, cw = ih, int(round(ih * ratio[1]))
-    else:
-      cw, ch = iw, ih
-    return _crop(ex, (ih - ch) // 2, (iw - cw) // 2, ch, cw, (h, w))
+    return _crop(ex, *random_resized_crop_box(*ex["image"].shape[:2], scale, ratio, rng), (h, w))
   return apply
 
 
+def random_resized_crop_box(ih: int, iw: int, scale, ratio, rng) -> tuple[int, int, int, int]:
+  """(top, left, height, width) of a crop of an ih × iw image, drawn by the rule of torchvision's
+  RandomResizedCrop.get_params, draw for draw: rng.uniform(lo, hi) for the area fraction then the
+  log aspect, per try, and rng.integers(lo, hi) for the top then the left of an accepted box."""
+  area = ih * iw
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+    if 0 < cw <= iw and 0 < ch <= ih:
+      return int(rng.integers(0, ih - ch + 1)), int(rng.integers(0, iw - cw + 1)), ch, cw
+  aspect = iw / ih
+  if aspect < min(ratio):
+    cw, ch = iw, int(round(iw / min(ratio)))
+  elif aspect > max(ratio):
+    ch, cw = ih, int(round(ih * max(ratio)))
+  else:
+    cw, ch = iw, ih
+  return (ih - ch) // 2, (iw - cw) // 2, ch, cw
+
+
+INTERPOLATIONS = ("bilinear", "nearest")
+
+
 @register("rotate")
-def _rotate(degrees: float = 15.0, p: float = 1.0) -> Op:
-  """Rotation by an angle drawn uniformly from [-degrees, degrees], with probability p."""
+def _rotate(degrees: float = 15.0, p: float = 1.0, interpolation: str = "bilinear") -> Op:
+  """Rotation by an angle drawn uniformly from [-degrees, degrees], with probability p, corners
+  filled with zeros. interpolation='nearest' is torchvision's RandomRotation with its defaults
+  (nearest, fill 0); 'bilinear' is fastai's."""
   _prob(p)
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
 
   def apply(ex, rng):
     if rng.uniform() >= p:
       return ex
-    h, w = ex["image"].shape[:2]
-    return _affine(ex, _about_centre(h, w, angle_deg=rng.uniform(-degrees, degrees)))
+    return rotate(ex, rng.uniform(-degrees, degrees), nearest=interpolation == "nearest")
   return apply
+
+
+def rotate(ex: Example, angle_deg: float, nearest: bool = False) -> Example:
+  """The image (and masks) rotated counter-clockwise (as displayed) by angle_deg about the image
+  centre, zeros outside: torchvision's rotate(img, angle_deg) and PIL's Image.rotate."""
+  h, w = ex["image"].shape[:2]
+  return _affine(ex, _about_centre(h, w, angle_deg=-angle_deg), nearest=nearest)
 
 
 @register("zoom")
@@ -577,22 +598,28 @@ def _lighting(max_lighting: float = 0.2, p: float = 0.75) -> Op:
     raise ValueError(f"max_lighting must be in [0, 1), got {max_lighting}")
 
   def apply(ex, rng):
-    shift = scale = None
+    change = scale = None
     if rng.uniform() < p:
       change = rng.uniform(0.5 - max_lighting / 2, 0.5 + max_lighting / 2)
-      shift = math.log(change / (1 - change))
     if rng.uniform() < p:
       scale = math.exp(rng.uniform(math.log(1 - max_lighting), -math.log(1 - max_lighting)))
-    if shift is None and scale is None:
+    if change is None and scale is None:
       return ex
-    x = np.clip(ex["image"], 1e-6, 1 - 1e-6)
-    logit = np.log(x / (1 - x))
-    if shift is not None:
-      logit = logit + shift
-    if scale is not None:
-      logit = logit * scale
-    return {**ex, "image": (1 / (1 + np.exp(-logit))).astype(np.float32)}
+    return {**ex, "image": lighting(ex["image"], change, scale)}
   return apply
+
+
+def lighting(img: np.ndarray, change: float | None = None, scale: float | None = None) -> np.ndarray:
+  """fastai v1's brightness(change) then contrast(scale) (its order): on the logit of the pixels,
+  clamped to [1e-7, 1 - 1e-7] as fastai's logit_ does, add logit(change) and multiply by scale;
+  back through the sigmoid. change = 0.5 and scale = 1 leave the image (nearly) as it is."""
+  x = np.clip(img, 1e-7, 1 - 1e-7)
+  logit = np.log(x / (1 - x))
+  if change is not None:
+    logit = logit + math.log(change / (1 - change))
+  if scale is not None:
+    logit = logit * scale
+  return (1 / (1 + np.exp(-logit))).astype(np.float32)
 
 
 # --- RandAugment ------------------------------------------------------------------------------------
@@ -612,25 +639,41 @@ _CUTOUT_FILL = np.array([125, 123, 114], np.float32) / 255.0  # CutoutAbs's colo
 
 
 def _rand_augment_op(name: str, ex: Example, v: float, rng) -> Example:
-  h, w = ex["image"].shape[:2]
-  sign = 1.0 if rng.uniform() < 0.5 else -1.0
+  """ildoonet's operation at magnitude v, with its draws: a sign for the geometric ops (each flips
+  v with probability 1/2) and CutoutAbs's centre."""
+  centre = None
+  if name in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y"):
+    v = -v if rng.uniform() < 0.5 else v
+  elif name == "cutout":
+    h, w = ex["image"].shape[:2]
+    # CutoutAbs draws np.random.uniform(w), which numpy reads as uniform(low=w, high=1): x in
+    # (1, w], then y in (1, h].
+    centre = (rng.uniform(1, w), rng.uniform(1, h))
+  return rand_augment_op(ex, name, v, centre)
+
+
+def rand_augment_op(ex: Example, name: str, v: float, centre=None) -> Example:
+  """ildoonet's operation `name` at its signed value v, as its PIL call does it. Rotate:
+  img.rotate(v) (counter-clockwise about the centre); shears and translations: img.transform(
+  AFFINE, (1, v, 0, 0, 1, 0) and the like), so output (x, y) reads input (x + v y, y): shears
+  about the top-left corner, content moved by -v px; all nearest neighbour, black outside; masks
+  follow. CutoutAbs: the square from (int(cx - v/2), int(cy - v/2)), clipped at 0, to v px
+  further, both ends included as PIL's ImageDraw.rectangle draws them (int(v) + 1 px a side),
+  painted (125, 123, 114) on the image only: masks keep the anatomy. Color, Contrast,
+  Brightness, Sharpness: ImageEnhance with factor v."""
   if name == "rotate":
-    return _affine(ex, _about_centre(h, w, angle_deg=sign * v))
-  if name in ("shear_x", "shear_y"):
-    shear = (sign * v, 0.0) if name == "shear_x" else (0.0, sign * v)
-    return _affine(ex, _about_centre(h, w, shear=shear))
-  if name in ("translate_x", "translate_y"):
-    shift = (sign * v, 0.0) if name == "translate_x" else (0.0, sign * v)
-    return _affine(ex, _about_centre(h, w, shift=shift))
-  if name == "cutout":  # a v-pixel square over the image only; masks keep the anatomy
-    side = int(round(v))
-    if side <= 0:
+    return rotate(ex, v, nearest=True)
+  affine = {"shear_x": [[1, v, 0], [0, 1, 0]], "shear_y": [[1, 0, 0], [v, 1, 0]],
+            "translate_x": [[1, 0, v], [0, 1, 0]], "translate_y": [[1, 0, 0], [0, 1, v]]}
+  if name in affine:
+    return _affine(ex, np.array(affine[name] + [[0, 0, 1]], np.float64), nearest=True)
+  if name == "cutout":
+    if v < 0:
       return ex
-    # CutoutAbs: a centre drawn over the image, the top-left corner kept inside it
-    top, left = max(0, int(rng.uniform(0, h) - side / 2)), max(0, int(rng.uniform(0, w) - side / 2))
+    left, top = int(max(0.0, centre[0] - v / 2)), int(max(0.0, centre[1] - v / 2))
+    side = int(v) + 1
     img = ex["image"].copy()
-    c = img.shape[-1]
-    img[top:top + side, left:left + side] = _CUTOUT_FILL if c == 3 else _CUTOUT_FILL.mean()
+    img[top:top + side, left:left + side] = _CUTOUT_FILL if img.shape[-1] == 3 else _CUTOUT_FILL.mean()
     return {**ex, "image": img}
   fn = {"color": adjust_saturation, "contrast": adjust_contrast, "brightness": adjust_brightness,
         "sharpness": adjust_sharpness}[name]

@@ -81,26 +81,31 @@ SETTINGS = {
     "flannel.py:densenet161": {
         **_LEARNER,
         "model": ("densenet161", "Results: base models Densenet161, ...; ensemble_dataset.py model_list"),
+        "init_from": ("timm/densenet161.tv_in1k", "ensemble_step1.py: torchvision.models.densenet161(pretrained=True)"),
         "head_dropout": (0.0, f"{_TORCHVISION}.densenet161: no dropout before its classifier"),
     },
     "flannel.py:inception_v3": {
         **_LEARNER,
         "model": ("inception_v3", "Results: InceptionV3; ensemble_dataset.py model_list"),
+        "init_from": ("timm/inception_v3.tv_in1k", "ensemble_step1.py: torchvision.models.inception_v3(pretrained=True)"),
         "head_dropout": (0.5, f"{_TORCHVISION}.inception_v3: Dropout(p=0.5) before fc, which {_STEP1} replaces"),
     },
     "flannel.py:resnet152": {
         **_LEARNER,
         "model": ("resnet152", "Results: Resnet152; ensemble_dataset.py model_list"),
+        "init_from": ("timm/resnet152.tv_in1k", "ensemble_step1.py: torchvision.models.resnet152(pretrained=True)"),
         "head_dropout": (0.0, f"{_TORCHVISION}.resnet152: no dropout before fc"),
     },
     "flannel.py:resnext101_32x8d": {
         **_LEARNER,
         "model": ("resnext101_32x8d", "Results: ResneXt101; ensemble_dataset.py model_list"),
+        "init_from": ("timm/resnext101_32x8d.tv_in1k", "ensemble_step1.py: torchvision.models.resnext101_32x8d(pretrained=True)"),
         "head_dropout": (0.0, f"{_TORCHVISION}.resnext101_32x8d: no dropout before fc"),
     },
     "flannel.py:vgg19_bn": {
         **_LEARNER,
         "model": ("vgg19_bn", "Results: Vgg19_bn; ensemble_dataset.py model_list"),
+        "init_from": ("timm/vgg19_bn.tv_in1k", "ensemble_step1.py: torchvision.models.vgg19_bn(pretrained=True)"),
         "drop_rate": (0.5, f"{_TORCHVISION}.vgg19_bn classifier[2] Dropout(0.5), after the first 4096 layer "
                            "(timm's pre-logits)"),
         "head_dropout": (0.5, f"{_TORCHVISION}.vgg19_bn classifier[5] Dropout(0.5), before classifier[6], which "
@@ -110,10 +115,12 @@ SETTINGS = {
     "patched_flannel.py:densenet161": {
         **_PATCHED_LEARNER,
         "model": ("densenet161", "Results: the FLANNEL base models made patch-based"),
+        "init_from": ("timm/densenet161.tv_in1k", "ensemble_step1.py: torchvision.models.densenet161(pretrained=True)"),
     },
     "patched_flannel.py:vgg19_bn": {
         **_PATCHED_LEARNER,
         "model": ("vgg19_bn", "Results: the FLANNEL base models made patch-based"),
+        "init_from": ("timm/vgg19_bn.tv_in1k", "ensemble_step1.py: torchvision.models.vgg19_bn(pretrained=True)"),
         "drop_rate": (0.5, f"{_TORCHVISION}.vgg19_bn classifier Dropout(0.5) (kept when its last layer is replaced)"),
         "head_dropout": (0.5, f"{_TORCHVISION}.vgg19_bn classifier Dropout(0.5) before the replaced last layer"),
     },

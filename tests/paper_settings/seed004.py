@@ -13,6 +13,7 @@ _SGD = ("sgd", f"{_SEC8}: 'The optimizer i used was Stochastic Gradient Descent 
 SETTINGS = {
     "densenet_ct.py:finetune": {
         "model": _MODEL,
+        "init_from": ("timm/densenet169.tv_in1k", f"{_SEC8}: DenseNet169 pretrained on ImageNet (torchvision's)"),
         "head": ("linear", f"{_SEC8}, first subphase: DenseNet169 fine-tuned with its (linear) classifier"),
         "optim.name": _SGD,
         "optim.learning_rate": (0.007, f"{_SEC8}, first subphase: 'The starting learning rate was 0.007'"),
