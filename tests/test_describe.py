@@ -28,7 +28,7 @@ def test_describe_shows_each_stage_and_the_schedule_in_updates(tmp_path):
   assert len(stages) == len(config.stages) > 1
   for described, overrides in zip(stages, config.stages):
     overrides = dict(overrides)
-    for key in ("data.image_size", "num_epochs", "schedule.warmup_epochs", "optim.freeze"):
+    for key in ("data.image_size", "num_epochs", "optim.freeze"):
       value = overrides[key]
       assert described[key] == (list(value) if isinstance(value, tuple) else value), key
     low, high = overrides["optim.group_lr_range"]

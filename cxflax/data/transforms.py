@@ -454,7 +454,7 @@ def random_resized_crop_box(ih: int, iw: int, scale, ratio, rng) -> tuple[int, i
   return (ih - ch) // 2, (iw - cw) // 2, ch, cw
 
 
-INTERPOLATIONS = ("bilinear", "nearest")
+ROTATE_INTERPOLATIONS = ("bilinear", "nearest")  # what the affine resampler offers
 
 
 @register("rotate")
@@ -463,8 +463,8 @@ def _rotate(degrees: float = 15.0, p: float = 1.0, interpolation: str = "bilinea
   filled with zeros. interpolation='nearest' is torchvision's RandomRotation with its defaults
   (nearest, fill 0); 'bilinear' is fastai's."""
   _prob(p)
-  if interpolation not in INTERPOLATIONS:
-    raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+  if interpolation not in ROTATE_INTERPOLATIONS:
+    raise ValueError(f"interpolation must be one of {ROTATE_INTERPOLATIONS}, got {interpolation!r}")
 
   def apply(ex, rng):
     if rng.uniform() >= p:
