@@ -100,3 +100,36 @@ def test_non_finite_predictions_are_an_error_not_a_metric():
            "index": np.array([7, 8]), "valid": np.array([1.0, 1.0])}
   with pytest.raises(DivergenceError, match=r"non-finite values for 1 of 2 examples \(e.g. example 8\)"):
     run_evaluation(Step(), None, [batch], parallel.make_mesh(jax.devices()[:1]))
+
+
+def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
+  """Preemption as SLURM and cloud machines signal it: the run checkpoints at the step boundary,
+  exits cleanly (code 0), and the same command resumes from that step to the end."""
+  import re
+  import signal
+  import subprocess
+  import sys
+  from tests.conftest import REPO, python_env, read_json
+  wd = tmp_path / "w"
+  args = main_args(wd, *TINY_RUN, "--config.num_epochs=6", "--config.checkpoint_every_epochs=100")
+  proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=python_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  log = []
+  for line in proc.stdout:  # absl reports progress every log_every_steps (2) steps
+    log.append(line)
+    if "Setting work unit notes" in line or "train/loss" in line or "steps/sec" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  else:
+    raise AssertionError("the run ended before it reported a step:\n" + "".join(log[-30:]))
+  rest, _ = proc.communicate(timeout=300)
+  log = "".join(log) + rest
+  assert proc.returncode == 0, log[-3000:]
+  m = re.search(r"preempted at step (\d+) \(SIGTERM\): checkpoint saved", log)
+  assert m, log[-3000:]
+  step = int(m.group(1))
+  assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == [step]
+  assert not os.path.exists(wd / "final_metrics.json")
+  resumed = run_main(wd, *TINY_RUN, "--config.num_epochs=6", "--config.checkpoint_every_epochs=100")
+  assert f"resumed from {ckpt_lib.checkpoint_dir(str(wd))}/{step} " in resumed.log, resumed.log[-2000:]
+  assert read_json(wd, "final_metrics.json")["step"] > step

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 import time
 from typing import Any, Iterator
 
@@ -49,6 +51,7 @@ class _Run:
   writer: Any  # clu metric writer
   ckpts: ckpt_lib.Checkpoints
   skipped: int = 0  # updates skipped for non-finite values (config.on_nonfinite='skip') in this process
+  preemption: "Preemption | None" = None
 
 
 @dataclasses.dataclass
@@ -92,19 +95,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if latest is None:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
-  run = _Run(config, model, task, class_names, alpha, mesh, make_eval_step(model, task, mesh), writer, ckpts)
+  run = _Run(config, model, task, class_names, alpha, mesh, make_eval_step(model, task, mesh), writer, ckpts,
+             preemption=Preemption())
   metrics, result, stage = {}, None, None
   t0 = time.time()
-  for stage in _stages(stage_configs, first, extra):
-    if stage.index < resume_stage:
-      continue
-    resume = latest if stage.index == resume_stage else None
-    state, train_iter, rate_at = _start_stage(run, stage, variables, resume)
-    state, metrics, result, halted = _train_stage(run, stage, state, train_iter, rate_at)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    if halted:
-      ckpts.close()
-      return metrics
+  with run.preemption:
+    for stage in _stages(stage_configs, first, extra):
+      if stage.index < resume_stage:
+        continue
+      resume = latest if stage.index == resume_stage else None
+      state, train_iter, rate_at = _start_stage(run, stage, variables, resume)
+      state, metrics, result, halted = _train_stage(run, stage, state, train_iter, rate_at)
+      variables = {"params": state.params, "batch_stats": state.batch_stats}
+      if halted:
+        ckpts.close()
+        return metrics
   ckpts.wait()
   writer.flush()
   if result is None:  # resumed after the last step: evaluate what was restored
@@ -206,7 +211,8 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     report(step)
     log_now = local % config.log_every_steps == 0 or step == stage_end
     eval_now = local % eval_every == 0 or step == stage_end
-    save_now = local % ckpt_every == 0 or step in (stage_end, halt)
+    preempted = run.preemption is not None and run.preemption.reached(step)
+    save_now = local % ckpt_every == 0 or step in (stage_end, halt) or preempted
     if log_now or eval_now or save_now:  # nothing non-finite is logged, evaluated or saved
       run.skipped += _check_finite(unchecked, config.on_nonfinite)
       unchecked = []
@@ -231,12 +237,46 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     if save_now:
       with report.timed("checkpoint"):
         run.ckpts.save(step, state, train_iter, meta)
+    if preempted:
+      break
   if step < stage_end:
     run.ckpts.wait()
     writer.flush()
-    logging.info("halted at step %d (config.halt_after_steps); run again to resume", step)
+    why = ("preempted at step {} (SIGTERM): checkpoint saved" if preempted else
+           "halted at step {} (config.halt_after_steps)").format(step)
+    announce(f"{why}; run the same command again to resume")
     return state, metrics, result, True
   return state, metrics, result, False
+
+
+class Preemption:
+  """SIGTERM, what SLURM and cloud preemption send, asks the run to save a checkpoint at the next
+  step boundary and stop cleanly; the same command resumes from there. Several processes agree
+  on that step through JAX's preemption sync point (its distributed runtime receives the signal)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> "Preemption":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._notice)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _notice(self, signum, frame) -> None:
+    logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.reached_preemption_sync_point(step))
 
 
 def _check_finite(steps: list[tuple[int, dict]], policy: str) -> int:
