@@ -3,8 +3,9 @@ bacterial, viral, COVID-19) on COVIDx with ResNet-50, progressive resizing and d
 learning rates, as in Sec. II-C/D of the paper and fastai v1's defaults the authors used ("The
 entire data preprocessing, data augmentation and training performed use the fastai framework").
 
-Head: fastai's (concatenated average and max pooling → BatchNorm → dropout 0.25 → linear 512 →
-ReLU → BatchNorm → dropout 0.5 → linear). Batch 32, cross-entropy, ImageNet normalisation.
+Head: fastai's (`head='fastai'`, which pools by itself whatever `pool` shows: concatenated
+average and max pooling → BatchNorm → dropout 0.25 → linear 512 → ReLU → BatchNorm → dropout
+0.5 → linear). Batch 32, cross-entropy, ImageNet normalisation.
 Optimizer: fastai v1's Learner default, Adam with β = (0.9, 0.99) and decoupled weight decay
 1e-2 (true_wd: AdamW semantics), on every group including BatchNorm. Schedule: fastai v1's
 fit_one_cycle per stage (config.schedule.name='one_cycle': 30 % of the steps rising from lr/25 to

@@ -2,13 +2,13 @@
 trained in three phases (Sec. 8 of the report), each a run started from the previous one with
 --config.init_from=PREVIOUS_WORKDIR; SGD and cross-entropy unless said otherwise:
 
-  `:finetune`   DenseNet-169 with a 2-way classifier; only denseblock3, denseblock4 and the
-                classifier train; learning rate 0.007 halved every 400 epochs, 3000 epochs,
-                batch 128.
+  `:finetune`   DenseNet-169 with a 2-way classifier; only denseblock3 onwards (denseblock3,
+                transition3, denseblock4, norm5) and the classifier train; learning rate 0.007
+                halved every 400 epochs, 3000 epochs, batch 128.
   `:triplet`    the fine-tuned network without its classifier, three linear layers to an
                 L2-normalised 512-d embedding, triplet loss with margin 0.5 over the batch's
-                triplets; denseblock4 and the embedding layers train (the report's batch of 64
-                allowed no more); learning rate 0.0005 for 300 epochs.
+                triplets; denseblock4, norm5 and the embedding layers train (the report's batch
+                of 64 allowed no more); learning rate 0.0005 for 300 epochs.
   `:classify`   one linear layer added on the embedding network ("i added another linear layer
                 to the previously trained network"); learning rate 0.0003 for 220 epochs.
 

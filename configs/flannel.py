@@ -17,12 +17,14 @@ Ensemble stage (`--mode=ensemble --config=configs/flannel.py:ensemble` with
 `--config.ensemble.members=(DIR1,...,DIR5)`), as in the authors'
 ensemble_step2_ensemble_learning.py: the five learners frozen, their class probabilities (B, 20)
 turned into weights by the neural weight module (outer product → Linear 400 → 5 → tanh), Σ w_i p_i
-trained with focal loss (γ = 10 as in the reference, α = inverse class frequency); Adam at 1e-5
-with weight decay 1e-4, batch 20, 40 epochs at a constant rate (its schedule [50, 225] is never
-reached in 40 epochs).
+trained with focal loss (γ = 10 as in the reference, α = inverse class frequency: `loss.alpha`
+empty); Adam at 1e-5 with weight decay 1e-4, batch 20, 40 epochs at a constant rate (its
+schedule [50, 225] is never reached in 40 epochs).
 
-Departs from the paper: the learning-rate drop is expressed as a step schedule at 150 epochs;
-focal loss is averaged over the batch (the reference sums it, which only rescales the rate).
+Departs from the paper (config.departures records none): the authors' milestones [150, 225]
+become a step schedule dividing the rate by 10 every 150 epochs (`schedule.step_decay_epochs`),
+the same single drop within 200 epochs; focal loss is averaged over the batch (`loss.name`; the reference
+sums it, which only rescales the rate).
 `:runlocal` uses resnet10t learners on 64-px phantom X-rays (`:runlocal` or `:ensemble,runlocal`),
 resized to 72 before the 64-px crop.
 """

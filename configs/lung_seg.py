@@ -13,9 +13,12 @@ classifiers read through `--config.data.mask_dir`.
 
 Departs from the report: two classes (background, lung) where Park et al.'s network also
 segments the heart and tells the lungs apart (their mask is left + right lung: the same
-foreground); the learning rate follows a cosine decay instead of dropping tenfold on a plateau
-with early stopping (cxflax keeps the last checkpoints; pick one with --mode=eval); the gamma is
-not given in the report: 0.5. `:runlocal` trains fc_densenet_tiny on 64-px phantom X-rays.
+foreground); the learning rate follows a cosine decay over 100 epochs (`schedule.name`)
+instead of dropping tenfold on a plateau with early stopping (cxflax keeps the last checkpoints;
+pick one with --mode=eval); the gamma is not given in the report: 0.5 (`data.train_pp`); the
+80/20 split is not random but fold 0 of scikit-learn's unshuffled GroupKFold into 5 by subject
+(`data.stratify='none'`, `num_folds`). config.departures records none of these. `:runlocal`
+trains fc_densenet_tiny on 64-px phantom X-rays.
 """
 
 from configs.common import parse_arg

@@ -3,9 +3,9 @@ learners (Sec. "Patch-based classifiers", after Oh, Park & Ye). Each learner see
 resized to 1024×1024 and multiplied by its lung mask (from configs/lung_seg.py); it trains on
 one random 224-px patch per image per step, centred inside the lungs, and at inference
 classifies K = 100 such patches at once, the image's class scores being the fraction of patch
-votes per class (majority vote). Adam at 1e-5 with weight decay, 200 epochs; ImageNet
-backbones. The ensemble stage is FLANNEL's (Adam 1e-5, weight decay 1e-4, batch 20, 40 epochs),
-as in the authors' copy of ensemble_step2_ensemble_learning.py.
+votes per class (majority vote). Adam at 1e-5 with weight decay 1e-4, batch 10, 200 epochs at a
+constant rate; ImageNet backbones. The ensemble stage is FLANNEL's (Adam 1e-5, weight decay
+1e-4, batch 20, 40 epochs), as in the authors' copy of ensemble_step2_ensemble_learning.py.
 
   base learner:    --config=configs/patched_flannel.py:MODEL   (densenet161, inception_v3,
                    resnet152, resnext101_32x8d, vgg19_bn)
@@ -21,8 +21,8 @@ giving values — the authors' classification/train.py has Adam's weight_decay=0
 authors' loader feeds each patch unnormalised in [0, 1], flipped and rotated by up to 5°;
 cxflax normalises by ImageNet's statistics, flips the whole image and does not rotate
 (`data.train_pp`). The report selects the best of 200 epochs by validation (early stopping),
-cxflax keeps the last checkpoints. Patch votes are aggregated on the device in one pass instead
-of one pass per patch. `:runlocal` uses resnet10t learners on 96-px phantom X-rays (whose lung
+cxflax keeps the last 3 checkpoints (`keep_checkpoints`). Patch votes are aggregated on the device
+in one pass instead of one pass per patch (`patches.aggregate`). `:runlocal` uses resnet10t learners on 96-px phantom X-rays (whose lung
 masks are known) with 48-px patches and K = 10.
 """
 

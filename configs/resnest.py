@@ -1,9 +1,10 @@
 """Seed 001 (Miron & Breaban): infection percentage regression from CT slices with ResNeSt-50.
 
 Follows Sec. 3 and 3.1 of the paper: SAM (ρ = 0.05) over SGD (momentum 0.9, weight decay 5e-3,
-the authors' code), learning rate 1e-3 with linear warm-up then cosine annealing, 50 epochs,
-512×512 input without rescaling, 5 folds by subject stratified by severity, on the Per-COVID-19
-challenge data (phantom data by default). The head is chosen by the config argument:
+the authors' code), learning rate 1e-3 with linear warm-up (1 epoch) then cosine annealing, 50
+epochs, batch 16, 512×512 input without rescaling (`resize(512)` leaves the challenge's 512-px
+slices as they are), 5 folds by subject stratified by severity, on the Per-COVID-19 challenge
+data (phantom data by default). The head is chosen by the config argument:
 
   (default)   approach 1: a linear layer → 1, SmoothL1 (β = 1);
   multitask   approach 2: 101-way softmax whose expectation and a 101 → 1 regressor are both
@@ -34,8 +35,9 @@ level m/30 of each range. The paper gives neither N nor M: we use RandAugment's 
 (rotation 9°, translation 30 px, cutout 12 px at 512 px: a 13-px square, as PIL draws it). Folds
 are grouped by subject and stratified by the severity categories of Per-COVID-19 (Sec. 4.1).
 
-Departs from the paper: the paper does not say how the 101 → 1 regressor of approach 2 is fed;
-cxflax feeds it the softmax probabilities (the paper's "output of the previous step").
+Departs from the paper (config.departures records none): the paper does not say how the 101 → 1
+regressor of approach 2 is fed; cxflax feeds it the softmax probabilities (the paper's "output of
+the previous step"; `head='multitask'`).
 
 `:runlocal` (combinable: `:multitask,runlocal`) trains the smallest ResNeSt (resnest14d) from
 scratch on 64-px phantom slices in a few minutes on a 2-core CPU, with AdamW instead of SAM+SGD
