@@ -21,7 +21,7 @@ trained with focal loss (γ = 10 as in the reference, α = inverse class frequen
 empty); Adam at 1e-5 with weight decay 1e-4, batch 20, 40 epochs at a constant rate (its
 schedule [50, 225] is never reached in 40 epochs).
 
-Departs from the paper (config.departures records none): the authors' milestones [150, 225]
+Departs from the paper: the authors' milestones [150, 225]
 become a step schedule dividing the rate by 10 every 150 epochs (`schedule.step_decay_epochs`),
 the same single drop within 200 epochs; focal loss is averaged over the batch (`loss.name`; the reference
 sums it, which only rescales the rate).
@@ -29,7 +29,7 @@ sums it, which only rescales the rate).
 resized to 72 before the 64-px crop.
 """
 
-from configs.common import imagenet_weights, parse_arg
+from configs.common import depart, imagenet_weights, parse_arg
 from cxflax.config import base_config
 
 LEARNERS = ("densenet161", "inception_v3", "resnet152", "resnext101_32x8d", "vgg19_bn")
@@ -62,6 +62,8 @@ def get_config(arg: str | None = None):
     c.ensemble.kind, c.ensemble.activation = "flannel", "softmax" if "softmax" in flags else "tanh"
     c.init_from = ""  # the members bring their trained weights
     c.loss.name, c.loss.gamma = "focal", 10.0
+    depart(c, "loss.name", "focal loss averaged over the batch; the reference sums it, which only "
+           "rescales the rate")
     c.optim.freeze, c.optim.train_frozen_bn = ("^members_",), False
     c.optim.learning_rate = 1e-5  # weight decay 1e-4, as the learners'
     c.schedule.name, c.num_epochs = "constant", 40
