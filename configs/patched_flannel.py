@@ -5,7 +5,8 @@ one random 224-px patch per image per step, centred inside the lungs, and at inf
 classifies K = 100 such patches at once, the image's class scores being the fraction of patch
 votes per class (majority vote). Adam at 1e-5 with weight decay 1e-4, batch 10, 200 epochs at a
 constant rate; ImageNet backbones. The ensemble stage is FLANNEL's (Adam 1e-5, weight decay
-1e-4, batch 20, 40 epochs), as in the authors' copy of ensemble_step2_ensemble_learning.py.
+1e-4, batch 20, 40 epochs), as in the authors' copy of ensemble_step2_ensemble_learning.py,
+with FLANNEL's departure (`loss.name`: focal loss averaged over the batch, not summed).
 
   base learner:    --config=configs/patched_flannel.py:MODEL   (densenet161, inception_v3,
                    resnet152, resnext101_32x8d, vgg19_bn)

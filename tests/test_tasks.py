@@ -30,7 +30,7 @@ def test_registry_refuses_a_second_registration_and_lists_names_when_asked_for_a
 
 def test_every_loss_head_and_task_is_registered_and_every_loss_belongs_to_a_task():
   assert tasks.TASKS.names() == ["classification", "embedding", "regression", "segmentation"]
-  assert set(SCHEDULES.names()) == {"constant", "cosine", "warmup_cosine", "cosine_restarts", "step"}
+  assert set(SCHEDULES.names()) == {"constant", "cosine", "warmup_cosine", "cosine_restarts", "step", "one_cycle"}
   assert set(OPTIMIZERS.names()) == {"sgd", "adam", "adamw"}
   task_losses = {loss for name in tasks.TASKS.names() for loss in tasks.TASKS.get(name).losses}
   assert task_losses == set(LOSSES.names())
