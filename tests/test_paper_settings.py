@@ -10,7 +10,7 @@ import pytest
 
 import tests.paper_settings
 from cxflax import config as config_lib
-from cxflax.train.describe import _plain, stage_settings
+from cxflax.train.describe import json_ready, stage_settings
 from tests.conftest import load_config
 
 
@@ -42,7 +42,7 @@ def _docstring(key: str) -> str:
 
 
 def _same(described, paper) -> bool:
-  paper = _plain(paper)
+  paper = json_ready(paper)
   if isinstance(paper, float) or isinstance(described, float):
     return isinstance(described, (int, float)) and described == pytest.approx(paper, rel=1e-9)
   return described == paper

@@ -64,16 +64,16 @@ def stage_settings(c: ml_collections.ConfigDict) -> dict:
   s.update(_schedule(c.schedule, c.num_epochs, updates))
   s["loss.name"] = c.loss.name
   for f in LOSSES.info(c.loss.name).get("fields", ()):
-    s[f"loss.{f}"] = _plain(c.loss[f])
+    s[f"loss.{f}"] = json_ready(c.loss[f])
   if c.patches.num:
-    s.update({f"patches.{k}": _plain(v) for k, v in c.patches.items()})
+    s.update({f"patches.{k}": json_ready(v) for k, v in c.patches.items()})
   if c.ensemble.kind:
-    s.update({f"ensemble.{k}": _plain(v) for k, v in c.ensemble.items()})
-  s.update({f"predict.{k}": _plain(v) for k, v in c.predict.items()})
+    s.update({f"ensemble.{k}": json_ready(v) for k, v in c.ensemble.items()})
+  s.update({f"predict.{k}": json_ready(v) for k, v in c.predict.items()})
   s["round_predictions"], s["keep_checkpoints"] = c.round_predictions, c.keep_checkpoints
-  s.update({f"lr_find.{k}": _plain(v) for k, v in c.lr_find.items()})
+  s.update({f"lr_find.{k}": json_ready(v) for k, v in c.lr_find.items()})
   if c.pseudo_label.runs:
-    s.update({f"pseudo_label.{k}": _plain(v) for k, v in c.pseudo_label.items()})
+    s.update({f"pseudo_label.{k}": json_ready(v) for k, v in c.pseudo_label.items()})
   return s
 
 
@@ -81,7 +81,7 @@ def _optimizer(o) -> dict:
   info = optim.OPTIMIZERS.info(o.name)
   s = {"optim.name": o.name, "optim.learning_rate": o.learning_rate}
   for f in info.get("fields", ()):
-    s[f"optim.{f}"] = _plain(o[f])
+    s[f"optim.{f}"] = json_ready(o[f])
   if o.weight_decay:
     s["optim.weight_decay_applied"] = info.get("weight_decay", "")
   for f in ("grad_clip_norm", "sam_rho"):
@@ -104,7 +104,7 @@ def _schedule(sc, num_epochs: float, updates_per_epoch: float | None) -> dict:
   """The schedule's fields; each in epochs also in optimizer updates (a period of 0 is the run)."""
   s = {"schedule.name": sc.name, "schedule.unit": sc.unit}
   for f in optim.SCHEDULES.info(sc.name).get("fields", ()):
-    s[f"schedule.{f}"] = _plain(sc[f])
+    s[f"schedule.{f}"] = json_ready(sc[f])
     if f.endswith("_epochs"):
       epochs = sc[f] or (num_epochs if f == "period_epochs" else 0)
       s[f"schedule.{f[:-len('_epochs')]}_updates"] = (
@@ -141,17 +141,17 @@ def _get(c, path: str):
   node = c
   for part in path.split("."):
     node = node[part]
-  return _plain(node)
+  return json_ready(node)
 
 
-def _plain(v):
+def json_ready(v):
   """JSON-ready: ConfigDicts as dicts, tuples as lists."""
   if isinstance(v, ml_collections.ConfigDict):
     v = v.to_dict()
   if isinstance(v, dict):
-    return {k: _plain(x) for k, x in v.items()}
+    return {k: json_ready(x) for k, x in v.items()}
   if isinstance(v, (tuple, list)):
-    return [_plain(x) for x in v]
+    return [json_ready(x) for x in v]
   return v
 
 
