@@ -1,0 +1,158 @@
+"""Bad images and bad label files: every one ends in a DataError naming its file (with
+data.verify_images and without, in grain workers too), or under on_bad_data='skip' is left out
+and counted; a seeded fuzz of a few hundred generated bad inputs holds the readers to that."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxflax.config import base_config
+from cxflax.data.images import read_image, write_image
+from cxflax.data.sources import make_source
+from cxflax.errors import DataError
+
+
+def _data(source, root, **kw):
+  d = base_config().data
+  d.source, d.root = source, str(root)
+  for k, v in kw.items():
+    d[k] = v
+  return d
+
+
+def _png(arr) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _jpeg(arr) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+  return buf.getvalue()
+
+
+def _dicom(pixels) -> bytes:
+  import pydicom
+  from pydicom.dataset import FileDataset, FileMetaDataset
+  from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+  ds.Rows, ds.Columns = pixels.shape
+  ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+  ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+  ds.PixelData = pixels.astype(np.uint16).tobytes()
+  buf = io.BytesIO()
+  pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+  return buf.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+  """A PNG that declares width x height 8-bit gray pixels and holds none: what a decompression
+  bomb looks like to PIL before it decodes anything."""
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+          + chunk(b"IEND", b""))
+
+
+def _assert_names(excinfo, path):
+  assert os.fspath(path) in str(excinfo.value), str(excinfo.value)
+
+
+# --- item 6: each kind of bad image ---------------------------------------------------------------
+
+
+def _bad_images(folder) -> dict[str, str]:
+  """One file of each kind of bad image → what its error says."""
+  good = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)
+  files = {
+      "bomb.png": (_png_header(20000, 20000), "decompression bomb"),
+      "truncated.png": (_png(good)[:200], "cannot decode image"),
+      "truncated.jpg": (_jpeg(good)[:300], "cannot decode image"),
+      "truncated.dcm": (_dicom(good.astype(np.uint16))[:400], "cannot read DICOM"),
+      "empty.png": (b"", "cannot decode image"),
+      "empty.dcm": (b"", "cannot read DICOM"),
+      "png_named.dcm": (_png(good), "not a DICOM file but PNG image data"),
+      "text_named.jpg": (b"patient,finding\n1,covid\n", "cannot decode image"),
+  }
+  for name, (data, _) in files.items():
+    (folder / name).write_bytes(data)
+  return {str(folder / name): said for name, (_, said) in files.items()}
+
+
+def test_each_kind_of_bad_image_names_its_file(tmp_path):
+  for path, said in _bad_images(tmp_path).items():
+    with pytest.raises(DataError, match=said) as e:
+      read_image(path)
+    _assert_names(e, path)
+  # A JPEG named .png and a DICOM named .png are read by what they hold.
+  good = np.full((8, 8), 7, np.uint8)
+  (tmp_path / "jpeg_named.png").write_bytes(_jpeg(good))
+  (tmp_path / "dicom_named.png").write_bytes(_dicom(good.astype(np.uint16)))
+  assert read_image(tmp_path / "jpeg_named.png").shape == (8, 8, 1)
+  np.testing.assert_array_equal(read_image(tmp_path / "dicom_named.png")[..., 0], good)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_bad_images_in_a_layout_name_the_file_or_are_skipped(tmp_path, caplog, verify):
+  """A folder layout holding every kind of bad image: with verify_images every one is found up
+  front (the first stops the run; 'skip' leaves all out and counts them); without, reading each
+  example fails naming its file."""
+  for cls in ("a", "b"):
+    (tmp_path / cls).mkdir()
+    write_image(tmp_path / cls / "good.png", np.full((8, 8), 9, np.uint8))
+  bad = _bad_images(tmp_path / "a")
+  d = _data("folder", tmp_path, verify_images=verify)
+  if verify:
+    with pytest.raises(DataError, match="|".join(os.path.basename(p) for p in bad)):
+      make_source(d)
+  else:
+    src = make_source(d)
+    assert len(src) == len(bad) + 2
+    for i, path in enumerate(src.paths):
+      if path in bad:
+        with pytest.raises(DataError, match=bad[path]) as e:
+          src.load(i)
+        _assert_names(e, path)
+      else:
+        assert src.load(i)["image"].shape == (8, 8, 1)
+  with caplog.at_level("WARNING"):
+    kept = make_source(_data("folder", tmp_path, on_bad_data="skip", verify_images=verify))
+  assert sorted(kept.paths) == [str(tmp_path / "a" / "good.png"), str(tmp_path / "b" / "good.png")]
+  assert f"skipped {len(bad)} bad entries" in caplog.text
+
+
+def test_decompression_bomb_in_a_grain_worker_names_the_file(tmp_path):
+  """Decoded lazily in a grain worker process, the error still names the file."""
+  from cxflax.data import pipeline
+  for cls in ("a", "b"):
+    (tmp_path / cls).mkdir()
+    for k in range(2):
+      write_image(tmp_path / cls / f"{k}.png", np.full((8, 8), k, np.uint8))
+  (tmp_path / "b" / "1.png").write_bytes(_png_header(20000, 20000))
+  src = make_source(_data("folder", tmp_path))
+  ds = pipeline.eval_dataset(src, np.arange(len(src)), pp="to_rgb", global_batch=4, workers=1)
+  with pytest.raises(DataError, match=r"b/1\.png: .*decompression bomb"):
+    next(iter(ds))
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+  for cls in ("COVID", "NonCOVID"):
+    (tmp_path / cls).mkdir()
+  write_image(tmp_path / "COVID" / "x.png", np.zeros((4, 4), np.uint8))
+  (tmp_path / "NonCOVID" / "notes.txt").write_text("no images here")
+  for policy in ("error", "skip"):
+    with pytest.raises(DataError, match=f"class folder {tmp_path / 'NonCOVID'} holds no images"):
+      make_source(_data("folder", tmp_path, on_bad_data=policy))
