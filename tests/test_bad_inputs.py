@@ -156,3 +156,98 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
   for policy in ("error", "skip"):
     with pytest.raises(DataError, match=f"class folder {tmp_path / 'NonCOVID'} holds no images"):
       make_source(_data("folder", tmp_path, on_bad_data=policy))
+
+
+# --- item 8: fuzzing the readers ------------------------------------------------------------------
+
+FUZZ_SEED = 19
+
+
+def _seed_images() -> dict[str, bytes]:
+  """Valid files to break: PNG (8-bit, 16-bit, RGB), JPEG (gray, RGB) and DICOM."""
+  rng = np.random.default_rng(0)
+  gray = rng.integers(0, 256, (24, 20), dtype=np.uint8)
+  return {"gray.png": _png(gray), "deep.png": _png(gray.astype(np.uint16) * 257),
+          "rgb.png": _png(np.stack([gray, gray[::-1], gray // 2], -1)), "gray.jpg": _jpeg(gray),
+          "rgb.jpg": _jpeg(np.stack([gray] * 3, -1)), "ct.dcm": _dicom(gray.astype(np.uint16) * 8)}
+
+
+KINDS = ("truncate", "random", "header", "flip", "empty", "huge")
+
+
+def _fuzz_images(folder, rng, n: int) -> dict[str, object]:
+  """n generated bad image files in `folder` → what reading each may give: 'fail' (noise, a
+  header alone, nothing), 'any' (bytes changed in place can leave a valid image), or for a cut
+  file the seed's pixels (a cut that spares them, e.g. PNG's last chunk, may decode; a cut that
+  loses pixels must fail)."""
+  seeds = []
+  for name, data in _seed_images().items():
+    (folder / name).write_bytes(data)  # decoded once as the seed's pixels, then broken below
+    seeds.append((name, data, read_image(folder / name)))
+    os.remove(folder / name)
+  extensions = (".png", ".jpg", ".jpeg", ".dcm", ".tif", ".bmp")
+  out = {}
+  for k in range(n):
+    name, data, pixels = seeds[rng.integers(len(seeds))]
+    kind = KINDS[rng.integers(len(KINDS))]
+    expect = "fail"
+    if kind == "truncate":
+      data, expect = data[:rng.integers(0, len(data))], pixels
+    elif kind == "random":
+      data = rng.bytes(int(rng.integers(1, 4000)))
+    elif kind == "header":  # the format's first bytes, then noise
+      data = data[:rng.integers(4, 160)] + rng.bytes(int(rng.integers(0, 400)))
+    elif kind == "flip":
+      arr = np.frombuffer(data, np.uint8).copy()
+      where = rng.integers(0, len(arr), rng.integers(1, 8))
+      arr[where] = rng.integers(0, 256, len(where))
+      data, expect = arr.tobytes(), "any"
+    elif kind == "huge":  # a PNG declaring up to 60000² pixels (past PIL's bomb limit) and holding none
+      data = _png_header(*(int(rng.integers(1, 64) if rng.random() < 0.5 else rng.integers(14000, 60000))
+                           for _ in range(2)))
+    else:
+      data = b""
+    ext = os.path.splitext(name)[1] if rng.random() < 0.6 else extensions[rng.integers(len(extensions))]
+    path = folder / f"{k:03d}_{kind}_{os.path.splitext(name)[0]}{ext}"
+    path.write_bytes(data)
+    out[str(path)] = expect
+  return out
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # pydicom, on a fuzzed header
+def test_fuzzed_images_end_in_a_data_error_naming_the_file(tmp_path, caplog):
+  """A few hundred cut, random, header-only and bit-flipped PNG / JPEG / DICOM files (some with
+  another format's extension): read_image returns a valid array or raises DataError naming the
+  file, never anything else; in a folder layout, 'skip' keeps exactly the readable ones and
+  counts the others, 'error' stops on one of them by name."""
+  rng = np.random.default_rng(FUZZ_SEED)
+  root = tmp_path / "layout"
+  (root / "cls").mkdir(parents=True)
+  files = _fuzz_images(root / "cls", rng, 300)
+  readable, wrong = set(), []
+  for path, expect in files.items():
+    try:
+      arr = read_image(path)
+    except DataError as e:
+      if path not in str(e):
+        wrong.append(f"{path}: DataError without the path: {e}")
+      continue
+    except Exception as e:  # the test's point: nothing else may come out
+      wrong.append(f"{path}: {type(e).__name__}: {e}")
+      continue
+    if isinstance(expect, str) and expect == "fail":
+      wrong.append(f"{path}: decoded, though it is noise or a bare header: {arr.shape} {arr.dtype}")
+    elif not isinstance(expect, str) and not np.array_equal(arr, expect):
+      wrong.append(f"{path}: cut, and decoded to other pixels than the file before the cut")
+    elif not (arr.ndim == 3 and arr.shape[-1] in (1, 3) and arr.dtype in (np.uint8, np.uint16) and arr.size):
+      wrong.append(f"{path}: decoded to {arr.shape} {arr.dtype}")
+    readable.add(path)
+  assert not wrong, "\n".join(wrong)
+  assert len(readable) < len(files) / 4  # the fuzz mostly makes unreadable files
+  with pytest.raises(DataError) as e:
+    make_source(_data("folder", root, verify_images=True))
+  assert any(path in str(e.value) for path in set(files) - readable), str(e.value)
+  with caplog.at_level("WARNING"):
+    kept = make_source(_data("folder", root, on_bad_data="skip"))
+  assert set(kept.paths) == readable
+  assert f"skipped {len(files) - len(readable)} bad entries" in caplog.text

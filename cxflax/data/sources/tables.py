@@ -202,7 +202,14 @@ def read_files(data_config, name: str, split: str,
   if not os.path.isdir(root):
     raise DataError(f"{name}: config.data.root {root!r} is not a directory")
   problems = Problems(f"{name} {split}", data_config.on_bad_data)
-  source = read(root, problems, data_config.window or None)
-  if data_config.verify_images or data_config.on_bad_data == "skip":
-    source = verify_images(source, problems)
+  try:
+    source = read(root, problems, data_config.window or None)
+    if data_config.verify_images or data_config.on_bad_data == "skip":
+      source = verify_images(source, problems)
+  except DataError as e:
+    if not problems.found:
+      raise
+    # e.g. nothing left: say what was skipped on the way
+    raise DataError(f"{e} ({len(problems.found)} bad entr{'y' if len(problems.found) == 1 else 'ies'} "
+                    f"skipped under config.data.on_bad_data='skip', e.g. {problems.found[0]})") from None
   return source
