@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import zlib
 
@@ -16,6 +17,7 @@ from PIL import Image
 from cxflax.config import base_config
 from cxflax.data.images import read_image, write_image
 from cxflax.data.sources import make_source
+from cxflax.data.sources.tables import is_number
 from cxflax.errors import DataError
 
 
@@ -251,3 +253,102 @@ def test_fuzzed_images_end_in_a_data_error_naming_the_file(tmp_path, caplog):
     kept = make_source(_data("folder", root, on_bad_data="skip"))
   assert set(kept.paths) == readable
   assert f"skipped {len(files) - len(readable)} bad entries" in caplog.text
+
+
+def _word(rng, lo=3, hi=9) -> str:
+  return "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, rng.integers(lo, hi)))
+
+
+def _table_rows(rng, layout: str, images: list[str]) -> tuple[list[str], int]:
+  """A generated label table of `layout` (its lines) and how many of its entries are good: the
+  others have missing, extra, non-numeric or out-of-range fields, unknown classes or missing
+  files."""
+  while True:
+    lines, good, labels, numeric = [], 0, 0, 0
+    for _ in range(rng.integers(1, 12)):
+      name, subject = images[rng.integers(len(images))], f"s{rng.integers(5)}"
+      bad = rng.random() < 0.4
+      kind = ("missing_field", "extra_field", "value", "missing_file")[rng.integers(4)] if bad else "ok"
+      if kind == "missing_file":
+        name = f"{_word(rng)}.png"
+      if layout == "per_covid19":
+        value = f"{rng.uniform(0, 100):.3f}"
+        if kind == "value":
+          value = [_word(rng), "", "12%", "-0.5", "100.01", "1e9", "nan", "inf", "-inf"][rng.integers(9)]
+        fields = [name, value, subject]
+      elif layout == "covidx":
+        value = ["normal", "pneumonia", "COVID-19", "covid19", "Normal"][rng.integers(5)]
+        if kind == "value":
+          value = _word(rng)  # random letters: never one of the classes
+        fields = [subject, name, value, "source"]
+      elif layout == "csv_classes":
+        value = ["cat", "dog", "Bird"][rng.integers(3)]
+        if kind == "value":
+          value = [_word(rng), "", "0"][rng.integers(3)]
+        fields = [name, value, subject]
+      else:  # csv_regression
+        value = f"{rng.normal(0, 10):.4f}"
+        if kind == "value":
+          value = [_word(rng), "", "nan", "inf"][rng.integers(4)]
+        fields = [name, value, subject]
+      if kind == "missing_field":
+        fields = fields[:-2] if layout == "covidx" else fields[:-2 + (layout == "per_covid19")]
+      elif kind == "extra_field":
+        fields = fields + [_word(rng), "7"]
+      good += kind in ("ok", "extra_field")
+      if kind != "missing_field" and value:
+        labels, numeric = labels + 1, numeric + is_number(value)
+      lines.append((" " if layout == "covidx" else ",").join(fields))
+    # A regression table stays one while most of its labels are numbers (see csv_source).
+    if layout != "csv_regression" or 2 * numeric >= labels:
+      return lines, good
+
+
+LAYOUT_FILES = {  # layout → (label file, header, config overrides)
+    "per_covid19": ("Train.csv", "Slice_Name,Covid-19_percentage,Subject", {}),
+    "covidx": ("train_COVIDx.txt", None, {}),
+    "csv_classes": ("t.csv", "path,label,subject", dict(train_file="t.csv", class_names=("cat", "dog", "bird"))),
+    "csv_regression": ("t.csv", "path,label,subject", dict(train_file="t.csv")),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUT_FILES))
+def test_fuzzed_label_files_end_in_a_data_error_or_counted_skips(tmp_path, caplog, layout):
+  """Generated label tables of each layout with missing, extra, non-numeric and out-of-range
+  fields, unknown classes and missing files: under 'error' a table with a bad entry stops naming
+  its file, under 'skip' exactly the good entries remain and the others are counted; whole
+  files of noise or cut short end in a DataError naming the file (or, cut, still read)."""
+  rng = np.random.default_rng([FUZZ_SEED, len(layout)])
+  table, header, overrides = LAYOUT_FILES[layout]
+  folder = tmp_path / {"per_covid19": "Train", "covidx": "train"}.get(layout, "")
+  folder.mkdir(exist_ok=True)
+  images = [f"img{k}.png" for k in range(4)]
+  for name in images:
+    write_image(folder / name, np.full((4, 4), 3, np.uint8))
+  source = "csv" if layout.startswith("csv") else layout
+  path = tmp_path / table
+  for trial in range(40):
+    lines, good = _table_rows(rng, layout, images)
+    path.write_text("\n".join(([header] if header else []) + lines) + "\n")
+    bad = len(lines) - good
+    if bad:
+      with pytest.raises(DataError, match=re.escape(table)):
+        make_source(_data(source, tmp_path, **overrides))
+    else:
+      assert len(make_source(_data(source, tmp_path, **overrides))) == good
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      if good:
+        assert len(make_source(_data(source, tmp_path, on_bad_data="skip", **overrides))) == good, lines
+      else:
+        with pytest.raises(DataError, match=f"no examples.*{re.escape(table)}"):
+          make_source(_data(source, tmp_path, on_bad_data="skip", **overrides))
+    assert sum(int(n) for n in re.findall(r"skipped (\d+) bad entr", caplog.text)) == bad, (lines, caplog.text)
+  text = path.read_bytes()
+  for trial in range(10):
+    path.write_bytes(rng.bytes(int(rng.integers(1, 300))) if trial % 2 else text[:rng.integers(0, len(text))])
+    for policy in ("error", "skip"):
+      try:
+        make_source(_data(source, tmp_path, on_bad_data=policy, **overrides))
+      except DataError as e:
+        assert table in str(e), str(e)

@@ -83,5 +83,5 @@ def per_covid19(root: str, split: str, problems: Problems, window=None,
       entries.append(Entry(os.path.join(folder, row[name_col]), pct, row[subj_col] or row[name_col], where))
   entries = check_files(entries, problems)
   problems.report()
-  return FileSource(f"per_covid19 {split}", entries, "regression", window=window)
+  return FileSource(f"per_covid19 {split} ({os.path.basename(table)})", entries, "regression", window=window)
 
