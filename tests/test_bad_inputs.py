@@ -352,3 +352,54 @@ def test_fuzzed_label_files_end_in_a_data_error_or_counted_skips(tmp_path, caplo
         make_source(_data(source, tmp_path, on_bad_data=policy, **overrides))
       except DataError as e:
         assert table in str(e), str(e)
+
+
+# --- TFDS builds: labels range-checked as the file layouts' -------------------------------------
+
+
+def test_tfds_labels_are_range_checked_and_bad_records_named(tmp_path, monkeypatch, caplog):
+  """Builds whose records hold a percentage of 120 (per_covid19) or ClassLabel's -1 'no label'
+  (covid_ct; tfds itself lets -1 through): reading them stops naming the record, or under 'skip'
+  leaves it out and counts it. A record whose PNG does not decode names itself when loaded."""
+  from cxflax.data import export, tfds_builders
+  from cxflax.data.sources.base import FileSource
+  data_dir = str(tmp_path / "tfds")
+  export.export_per_covid19(str(tmp_path / "pc"), num_subjects=2, image_size=32, num_val_subjects=0)
+  export.export_covid_ct(str(tmp_path / "ct"), num_subjects=5, image_size=32)
+  ct_train = [os.path.basename(p) for p in make_source(_data("covid_ct", tmp_path / "ct")).paths]
+  broken = {os.path.basename(make_source(_data("per_covid19", tmp_path / "pc")).paths[0]): 120.0,
+            ct_train[-1]: -1}
+  real_load, real_gray8, marker = FileSource.load, tfds_builders.to_gray8, np.zeros((3, 5, 1), np.uint8)
+
+  def load(self, i):  # what the layout gave the builder, with the label of `broken` files replaced
+    ex = real_load(self, i)
+    name = os.path.basename(self.paths[i])
+    return {**ex, "label": broken.get(name, ex["label"]), **({"image": marker} if name == ct_train[0] else {})}
+
+  monkeypatch.setattr(FileSource, "load", load)  # ct_train[0]'s record: bytes that are no PNG
+  monkeypatch.setattr(tfds_builders, "to_gray8", lambda im: b"\x89PNG\r\n\x1a\nnot" if im.shape == marker.shape
+                      else real_gray8(im))
+  tfds_builders.build("per_covid19", str(tmp_path / "pc"), data_dir)
+  tfds_builders.build("covid_ct", str(tmp_path / "ct"), data_dir)
+  monkeypatch.undo()
+  for name, said in (("per_covid19", "percentage 120.0 is outside 0..100"),
+                     ("covid_ct", r"label -1 is not a class index 0..1 \(NonCOVID, COVID\)")):
+    bad = next(n for n in broken if (n.startswith("Image") if name == "per_covid19" else "%" in n))
+    with pytest.raises(DataError, match=rf"{re.escape(bad)} \(tfds {name} train, record \d+\): {said}"):
+      make_source(_data("tfds", data_dir, tfds_name=name))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      kept = make_source(_data("tfds", data_dir, tfds_name=name, on_bad_data="skip"))
+    assert "skipped 1 bad entry" in caplog.text and bad in caplog.text
+    names = [kept.example_name(i) for i in range(len(kept))]
+    layout = make_source(_data(name, tmp_path / ("pc" if name == "per_covid19" else "ct")))
+    files = {os.path.basename(p): i for i, p in enumerate(layout.paths)}
+    assert sorted(names) == sorted(set(files) - {bad}) and (name == "per_covid19" or ct_train[0] in names)
+    for i, n in enumerate(names):  # each kept record still reads its own image and label
+      ex = layout.load(files[n])
+      assert kept.labels()[i] == pytest.approx(float(ex["label"]))
+      if n == ct_train[0]:
+        with pytest.raises(DataError, match=rf"{re.escape(n)} \(tfds covid_ct train, record \d+\): cannot decode"):
+          kept.load(i)
+      else:
+        np.testing.assert_array_equal(kept.load(i)["image"], tfds_builders.to_gray8(ex["image"]))
