@@ -41,7 +41,8 @@ def _jpeg(arr) -> bytes:
   return buf.getvalue()
 
 
-def _dicom(pixels) -> bytes:
+def _dicom(pixels, slope="1.0") -> bytes:
+  """A DICOM CT slice of `pixels` (uint16 stored, or float32 as FloatPixelData)."""
   import pydicom
   from pydicom.dataset import FileDataset, FileMetaDataset
   from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -52,9 +53,12 @@ def _dicom(pixels) -> bytes:
   ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
   ds.Rows, ds.Columns = pixels.shape
   ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-  ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-  ds.PixelData = pixels.astype(np.uint16).tobytes()
+  ds.RescaleSlope, ds.RescaleIntercept = slope, -1024.0
+  if pixels.dtype == np.float32:
+    ds.BitsAllocated, ds.FloatPixelData = 32, pixels.tobytes()
+  else:
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
   buf = io.BytesIO()
   pydicom.dcmwrite(buf, ds, enforce_file_format=True)
   return buf.getvalue()
@@ -105,6 +109,25 @@ def test_each_kind_of_bad_image_names_its_file(tmp_path):
   (tmp_path / "dicom_named.png").write_bytes(_dicom(good.astype(np.uint16)))
   assert read_image(tmp_path / "jpeg_named.png").shape == (8, 8, 1)
   np.testing.assert_array_equal(read_image(tmp_path / "dicom_named.png")[..., 0], good)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # pydicom, on the 'nan' slope
+def test_dicom_values_that_cannot_be_used_name_the_file(tmp_path):
+  """Float pixels are not truncated to integers, a rescale that gives NaN is not windowed, and
+  an unreadable rescale attribute is a bad file, not a crash."""
+  (tmp_path / "float.dcm").write_bytes(_dicom(np.full((2, 2), 0.5, np.float32)))
+  with pytest.raises(DataError, match="float.dcm: floating-point DICOM pixels .* need config.data.window"):
+    read_image(tmp_path / "float.dcm")
+  # Windowed they are used: HU 0.5 - 1024 in the window [-1025, -1023] is 0.75 of the way up.
+  np.testing.assert_allclose(read_image(tmp_path / "float.dcm", window=(-1024, 2))[..., 0], 0.75)
+  (tmp_path / "nan.dcm").write_bytes(_dicom(np.ones((2, 2), np.uint16), slope="nan"))
+  with pytest.raises(DataError, match=r"nan.dcm: DICOM pixels are not finite after rescale \(slope nan"):
+    read_image(tmp_path / "nan.dcm", window="lung")
+  data = _dicom(np.ones((2, 2), np.uint16), slope="7.25")  # pydicom writes no bad DS: edit the bytes
+  assert data.count(b"7.25") == 1
+  (tmp_path / "text.dcm").write_bytes(data.replace(b"7.25", b"7X25"))
+  with pytest.raises(DataError, match="text.dcm: cannot read DICOM pixels"):
+    read_image(tmp_path / "text.dcm")
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -270,7 +293,7 @@ def _table_rows(rng, layout: str, images: list[str]) -> tuple[list[str], int]:
       bad = rng.random() < 0.4
       kind = ("missing_field", "extra_field", "value", "missing_file")[rng.integers(4)] if bad else "ok"
       if kind == "missing_file":
-        name = f"{_word(rng)}.png"
+        name = "" if rng.random() < 0.2 and layout != "covidx" else f"{_word(rng)}.png"
       if layout == "per_covid19":
         value = f"{rng.uniform(0, 100):.3f}"
         if kind == "value":

@@ -99,12 +99,13 @@ def _number(ds, keyword: str, default: float) -> float:
 
 
 def _pil_format(path: str) -> str | None:
-  """The image format PIL recognises in a file ('PNG', 'JPEG', ...), or None: for telling a user
-  that a file named .dcm is another kind of image."""
+  """'PNG', 'JPEG', 'TIFF' or 'BMP' if PIL finds that format in a file, else None: for telling a
+  user that a file named .dcm is another kind of image (formats with looser signatures, such as
+  TGA, would match damaged DICOM files too)."""
   try:
-    with Image.open(path) as im:
+    with Image.open(path, formats=("PNG", "JPEG", "TIFF", "BMP")) as im:
       return im.format
-  except Exception:  # not an image PIL knows, or unreadable: no hint to give
+  except Exception:  # none of those, or unreadable: no hint to give
     return None
 
 
@@ -138,7 +139,7 @@ def read_image(path: str | os.PathLike, window=None) -> np.ndarray:
   except FileNotFoundError:
     raise DataError(f"{path}: image file not found") from None
   except Image.DecompressionBombError as e:  # not an OSError: PIL's guard against huge images
-    raise DataError(f"{path}: {e} (PIL.Image.MAX_IMAGE_PIXELS is the limit)") from None
+    raise DataError(f"{path}: {e} (PIL.Image.MAX_IMAGE_PIXELS sets the limit)") from None
   except Exception as e:  # PIL's decoders raise many types for corrupt files (OSError, SyntaxError,
     # struct.error, EOFError, IndexError, ...): each is a bad file, not a bug
     raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
