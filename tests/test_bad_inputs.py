@@ -183,6 +183,18 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
       make_source(_data("folder", tmp_path, on_bad_data=policy))
 
 
+def test_folder_names_with_glob_characters_are_read(tmp_path):
+  """'[' in a class or image folder name is a name, not a glob pattern that matches nothing
+  (which would have emptied the class)."""
+  root = tmp_path / "set[1]"
+  for cls in ("COVID[a]", "Non*COVID"):
+    (root / cls).mkdir(parents=True)
+    write_image(root / cls / "x.png", np.zeros((4, 4), np.uint8))
+  assert len(make_source(_data("folder", root))) == 2
+  from cxflax.data.sources import image_folder
+  assert len(image_folder(str(root))) == 2
+
+
 # --- item 8: fuzzing the readers ------------------------------------------------------------------
 
 FUZZ_SEED = 19
