@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cxflax.errors import DataError
 
@@ -57,23 +57,32 @@ def read_dicom(path: str, window=None) -> np.ndarray:
   """A DICOM file's pixels: (H, W, 1) uint16 stored values (MONOCHROME1 inverted so that bright is
   dense), or with `window` float32 in [0, 1] over Hounsfield units (slope/intercept applied)."""
   import pydicom
+  window = parse_window(window)
   try:
     ds = pydicom.dcmread(path)
     raw = ds.pixel_array
+    slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
+    monochrome1 = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
   except FileNotFoundError:
     raise DataError(f"{path}: DICOM file not found") from None
   except Exception as e:  # pydicom raises many types for bad or unsupported files
+    other = _pil_format(path)
+    if other:
+      raise DataError(f"{path}: not a DICOM file but {other} image data; give it its format's "
+                      "extension") from None
     raise DataError(f"{path}: cannot read DICOM pixels ({type(e).__name__}: {e})") from None
-  if raw.ndim != 2:
+  if raw.ndim != 2 or raw.size == 0:
     raise DataError(f"{path}: expected a single 2-D DICOM frame, got pixel array of shape {raw.shape}")
-  window = parse_window(window)
-  values = raw.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1.0)) + float(
-      getattr(ds, "RescaleIntercept", 0.0))
-  monochrome1 = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+  values = raw.astype(np.float64) * slope + intercept
   if window is not None:
+    if not np.isfinite(values).all():
+      raise DataError(f"{path}: DICOM pixels are not finite after rescale (slope {slope}, "
+                      f"intercept {intercept})")
     centre, width = window
     out = np.clip((values - (centre - width / 2)) / width, 0.0, 1.0)
     return (1.0 - out if monochrome1 else out).astype(np.float32)[..., None]
+  if not np.issubdtype(raw.dtype, np.integer):
+    raise DataError(f"{path}: floating-point DICOM pixels ({raw.dtype}) need config.data.window")
   stored = raw.astype(np.int64)
   if monochrome1:
     stored = stored.max() + stored.min() - stored
@@ -81,6 +90,23 @@ def read_dicom(path: str, window=None) -> np.ndarray:
   if stored.max() > 65535:
     raise DataError(f"{path}: DICOM values exceed 16 bits")
   return stored.astype(np.uint16)[..., None]
+
+
+def _number(ds, keyword: str, default: float) -> float:
+  """A numeric DICOM attribute, `default` when absent or empty."""
+  value = getattr(ds, keyword, None)
+  return default if value is None or value == "" else float(value)
+
+
+def _pil_format(path: str) -> str | None:
+  """'PNG', 'JPEG', 'TIFF' or 'BMP' if PIL finds that format in a file, else None: for telling a
+  user that a file named .dcm is another kind of image (formats with looser signatures, such as
+  TGA, would match damaged DICOM files too)."""
+  try:
+    with Image.open(path, formats=("PNG", "JPEG", "TIFF", "BMP")) as im:
+      return im.format
+  except Exception:  # none of those, or unreadable: no hint to give
+    return None
 
 
 def read_image(path: str | os.PathLike, window=None) -> np.ndarray:
@@ -108,11 +134,14 @@ def read_image(path: str | os.PathLike, window=None) -> np.ndarray:
         arr = np.asarray(im)
       else:
         arr = np.asarray(im.convert("RGB"))
+  except DataError:
+    raise
   except FileNotFoundError:
     raise DataError(f"{path}: image file not found") from None
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    if isinstance(e, DataError):
-      raise
+  except Image.DecompressionBombError as e:  # not an OSError: PIL's guard against huge images
+    raise DataError(f"{path}: {e} (PIL.Image.MAX_IMAGE_PIXELS sets the limit)") from None
+  except Exception as e:  # PIL's decoders raise many types for corrupt files (OSError, SyntaxError,
+    # struct.error, EOFError, IndexError, ...): each is a bad file, not a bug
     raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
   if arr.ndim == 2:
     arr = arr[..., None]

@@ -249,7 +249,7 @@ def image_folder(folder: str) -> FileSource:
   """Every image under `folder` (recursively), unlabeled: what a trained model is asked about."""
   if not os.path.isdir(folder):
     raise DataError(f"{folder!r} is not a directory of images")
-  paths = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+  paths = sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "**", "*"), recursive=True)
                  if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
   if not paths:
     raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")

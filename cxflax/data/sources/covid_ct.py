@@ -7,7 +7,7 @@ import os
 
 from cxflax.data.sources.base import Entry, FileSource
 from cxflax.data.sources.registry import register
-from cxflax.data.sources.tables import Problems, check_files, need_dir, read_files
+from cxflax.data.sources.tables import Problems, check_files, need_dir, read_files, read_lines
 from cxflax.errors import DataError
 
 COVID_CT_CLASSES = ("NonCOVID", "COVID")
@@ -28,14 +28,11 @@ def covid_ct(root: str, split: str, problems: Problems, window=None) -> FileSour
     listing = os.path.join(root, "Data-split", cls, f"{split}CT_{cls}.txt")
     if not os.path.isfile(listing):
       raise DataError(f"covid_ct: split list {listing} is missing")
-    with open(listing, encoding="utf-8") as f:
-      for n, line in enumerate(f, start=1):
-        name = line.strip()
-        if name:
-          # Slices of one scan share the name before '%' (e.g. '12%0.png', '12%1.png').
-          subject = f"{cls}/{os.path.splitext(name)[0].split('%')[0]}"
-          entries.append(Entry(os.path.join(folder, name), label, subject,
-                               f"{os.path.relpath(listing, root)} line {n}"))
+    for n, name in read_lines(listing):
+      # Slices of one scan share the name before '%' (e.g. '12%0.png', '12%1.png').
+      subject = f"{cls}/{os.path.splitext(name)[0].split('%')[0]}"
+      entries.append(Entry(os.path.join(folder, name), label, subject,
+                           f"{os.path.relpath(listing, root)} line {n}"))
   entries = check_files(entries, problems)
   problems.report()
   return FileSource(f"covid_ct {split}", entries, "classification", COVID_CT_CLASSES, window)

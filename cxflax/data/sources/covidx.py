@@ -8,7 +8,8 @@ import os
 
 from cxflax.data.sources.base import Entry, FileSource
 from cxflax.data.sources.registry import register
-from cxflax.data.sources.tables import Problems, check_files, class_index, need_dir, norm, read_files
+from cxflax.data.sources.tables import (Problems, check_files, class_index, need_dir, norm, read_files,
+                                        read_lines)
 from cxflax.errors import DataError
 
 COVIDX3_CLASSES = ("normal", "pneumonia", "COVID-19")
@@ -45,8 +46,7 @@ def covidx(root: str, split: str, problems: Problems, list_file: str = "", windo
   if not os.path.isfile(path):
     raise DataError(f"covidx: label file {path} is missing")
   folder = need_dir(os.path.join(root, split), "covidx")
-  with open(path, encoding="utf-8") as f:
-    lines = [(n, line.split()) for n, line in enumerate(f, start=1) if line.strip()]
+  lines = [(n, line.split()) for n, line in read_lines(path)]
   if not lines:
     raise DataError(f"{path} is empty")
   raw = {norm(t[2]) for _, t in lines if len(t) >= 3}

@@ -45,7 +45,7 @@ def flannel(root: str, split: str, problems: Problems, window=None) -> FileSourc
   meta = os.path.join(cxr, "metadata.csv")
   if os.path.isfile(meta):
     rows = pick_columns(read_table(meta), ("patientid", "finding", "view", "modality", "folder", "filename"),
-                        meta, optional=("modality", "folder"))
+                        meta, optional=("modality", "folder"), problems=problems)
     for n, row in rows:
       if row["view"].split(" ")[0].upper() not in ("AP", "PA") or row["modality"] not in ("", "X-ray"):
         continue

@@ -35,10 +35,14 @@ def folder_source(root: str, split: str, problems: Problems, class_names=(), win
     problems(f"{os.path.join(base, extra)}: folder of unknown class {extra!r} (known: {', '.join(classes)})")
   entries = []
   for label, cls in enumerate(classes):
-    for path in sorted(glob.glob(os.path.join(base, cls, "*"))):
-      if path.lower().endswith(IMAGE_EXTENSIONS):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        entries.append(Entry(path, label, f"{cls}/{stem}", f"{cls}/"))
+    paths = [p for p in sorted(glob.glob(os.path.join(glob.escape(os.path.join(base, cls)), "*")))
+             if p.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:  # a class without examples would silently drop out of training and metrics
+      raise DataError(f"folder: class folder {os.path.join(base, cls)} holds no images "
+                      f"({', '.join(IMAGE_EXTENSIONS)})")
+    for path in paths:
+      stem = os.path.splitext(os.path.basename(path))[0]
+      entries.append(Entry(path, label, f"{cls}/{stem}", f"{cls}/"))
   problems.report()
   return FileSource(f"folder {split}", entries, "classification", classes, window)
 

@@ -58,7 +58,8 @@ def per_covid19(root: str, split: str, problems: Problems, window=None,
                       + (" (the challenge's Val/ and Test/ are unlabeled; add a "
                          f"{split.capitalize()}.csv to evaluate on them)" if split != "train" else ""))
     rows = pick_columns(read_table(table), columns, table,
-                        aliases={"Slice_Name": ("image", "name"), "Covid-19_percentage": ("percentage",)})
+                        aliases={"Slice_Name": ("image", "name"), "Covid-19_percentage": ("percentage",)},
+                        problems=problems)
     name_col, pct_col, subj_col = columns
   else:
     folder = need_dir(os.path.join(root, "Images"), "per_covid19 (original release)")
@@ -72,7 +73,7 @@ def per_covid19(root: str, split: str, problems: Problems, window=None,
                         aliases={"Image": ("slice_name", "image_name", "name"),
                                  "Percentage": ("covid-19_percentage", "covid19_percentage",
                                                 "covid-19 infection percentage"),
-                                 "Subject": ("subject_id", "patient", "patient_id")})
+                                 "Subject": ("subject_id", "patient", "patient_id")}, problems=problems)
     name_col, pct_col, _, subj_col = cols
   entries = []
   for n, row in rows:
@@ -82,5 +83,5 @@ def per_covid19(root: str, split: str, problems: Problems, window=None,
       entries.append(Entry(os.path.join(folder, row[name_col]), pct, row[subj_col] or row[name_col], where))
   entries = check_files(entries, problems)
   problems.report()
-  return FileSource(f"per_covid19 {split}", entries, "regression", window=window)
+  return FileSource(f"per_covid19 {split} ({os.path.basename(table)})", entries, "regression", window=window)
 

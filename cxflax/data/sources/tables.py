@@ -67,26 +67,39 @@ def read_table(path: str) -> list[tuple[int, list[str]]]:
     import openpyxl
     try:
       book = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as e:
+      rows = [(n, ["" if c is None else str(c) for c in row])
+              for n, row in enumerate(book.worksheets[0].iter_rows(values_only=True), start=1)]
+    except Exception as e:  # openpyxl raises many types for files that are not workbooks
       raise DataError(f"{path}: cannot read spreadsheet ({type(e).__name__}: {e})") from None
-    rows = [(n, ["" if c is None else str(c) for c in row])
-            for n, row in enumerate(book.worksheets[0].iter_rows(values_only=True), start=1)]
   else:
     try:
       with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(enumerate(csv.reader(f), start=1))
     except UnicodeDecodeError as e:
       raise DataError(f"{path}: not a UTF-8 text file ({e})") from None
+    except csv.Error as e:  # e.g. a field past csv's size limit: not a table
+      raise DataError(f"{path}: not a readable CSV table ({e})") from None
   rows = [(n, r) for n, r in rows if any(c.strip() for c in r)]
   if not rows:
     raise DataError(f"{path} is empty")
   return rows
 
 
+def read_lines(path: str) -> list[tuple[int, str]]:
+  """(line number, stripped text) of every non-empty line of a text listing."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return [(n, line.strip()) for n, line in enumerate(f, start=1) if line.strip()]
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not a UTF-8 text file ({e})") from None
+
+
 def pick_columns(rows, columns: Sequence[str], path: str, aliases: dict[str, Sequence[str]] | None = None,
-                 optional: Sequence[str] = ()) -> list[tuple[int, dict[str, str]]]:
+                 optional: Sequence[str] = (), problems: Problems | None = None
+                 ) -> list[tuple[int, dict[str, str]]]:
   """Rows as {column: value}. A first row naming the columns (case, spaces, '_' and '-' ignored;
-  `aliases` give other accepted names) is a header; without one, columns are taken in order."""
+  `aliases` give other accepted names) is a header; without one, columns are taken in order.
+  A row too short for the required columns is reported to `problems` (an error without)."""
   aliases = aliases or {}
   names = {c: [norm(c)] + [norm(a) for a in aliases.get(c, ())] for c in columns}
   first = [norm(c) for c in rows[0][1]]
@@ -102,8 +115,11 @@ def pick_columns(rows, columns: Sequence[str], path: str, aliases: dict[str, Seq
   out = []
   for n, row in rows:
     if len(row) <= max(order[c] for c in required):
-      raise DataError(f"{path}, line {n}: expected columns {list(columns)}, got {len(row)} "
-                      f"field(s): {row}")
+      message = f"{path}, line {n}: expected columns {list(columns)}, got {len(row)} field(s): {row}"
+      if problems is None:
+        raise DataError(message)
+      problems(message)
+      continue
     out.append((n, {c: (row[i].strip() if i is not None and i < len(row) else "")
                     for c, i in order.items()}))
   return out
@@ -186,7 +202,14 @@ def read_files(data_config, name: str, split: str,
   if not os.path.isdir(root):
     raise DataError(f"{name}: config.data.root {root!r} is not a directory")
   problems = Problems(f"{name} {split}", data_config.on_bad_data)
-  source = read(root, problems, data_config.window or None)
-  if data_config.verify_images or data_config.on_bad_data == "skip":
-    source = verify_images(source, problems)
+  try:
+    source = read(root, problems, data_config.window or None)
+    if data_config.verify_images or data_config.on_bad_data == "skip":
+      source = verify_images(source, problems)
+  except DataError as e:
+    if not problems.found:
+      raise
+    # e.g. nothing left: say what was skipped on the way
+    raise DataError(f"{e} ({len(problems.found)} bad entr{'y' if len(problems.found) == 1 else 'ies'} "
+                    f"skipped under config.data.on_bad_data='skip', e.g. {problems.found[0]})") from None
   return source
