@@ -62,7 +62,8 @@ class Checkpoints:
     if not self._writer or jax.process_index() != 0 or not os.path.isdir(folder):
       return
     try:
-      shutil.rmtree(folder)
+      for name in os.listdir(folder):
+        shutil.rmtree(os.path.join(folder, name))
     except OSError as e:
       raise CheckpointError(f"cannot remove the old checkpoints in {folder}: {e}") from None
 
