@@ -21,7 +21,7 @@ _KILLED_RUN = (*TINY_RUN, "--config.keep_checkpoints=1")
 
 # Code run before `python -m cxflax.main`, in the killed process: SIGKILL at one point.
 _KILL_AT = {
-    # before the train step that starts from step `n` (the save of step n may still be running)
+    # before the train step that starts from step `n` (while a save started earlier may be running)
     "step": """
         import cxflax.train.train as train
         make = train.make_train_step
@@ -44,7 +44,7 @@ _KILL_AT = {
           return await rename(src, dst)
         async_path.rename = renaming
         """,
-    # while an old step's files are removed: after its model item, before the rest
+    # while a step folder's files are removed (whoever removes it): after its model item
     "delete": """
         import shutil
         rmtree = shutil.rmtree

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -160,7 +160,7 @@ def differences(saved: dict, expected: dict, fields, against: str = "config") ->
           if k in saved and saved[k] != expected.get(k)]
 
 
-def refuse(what: str, settings: list[str], accept: bool, fatal: list[str] = (), why_fatal: str = "") -> None:
+def refuse(what: str, settings: Sequence[str], accept: bool, fatal: Sequence[str] = (), why_fatal: str = "") -> None:
   """Raises CheckpointError '`what`:' with every difference listed, unless there are only
   `settings` differences and `accept`: then they are logged as a warning. `fatal` ones (`why_fatal`)
   are never accepted."""
