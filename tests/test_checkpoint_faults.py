@@ -130,6 +130,15 @@ def test_eval_refuses_a_checkpoint_of_another_stage_size(tiny_run, tmp_path):
     run_main(tmp_path / "e", *TINY_RUN, "--config.data.image_size=48", mode="eval", checkpoint=tiny_run[0])
 
 
+def test_eval_evaluates_at_the_image_size_of_the_checkpoints_stage(tiny_run, tmp_path):
+  """A staged config (one stage at 32 px over a 48-px base) evaluates the tiny run's checkpoint
+  at its stage's 32 px, as trained: the run's own final metrics."""
+  at_32 = lambda c: setattr(c, "stages", ({"image_size": 32},))
+  run_main(tmp_path / "e", *TINY_RUN, "--config.data.image_size=48", mode="eval", checkpoint=tiny_run[0], edit=at_32)
+  got = read_json(tmp_path / "e", "eval_metrics.json")["metrics"]["mae"]
+  assert got == pytest.approx(read_json(tiny_run[0], "final_metrics.json")["metrics"]["mae"], rel=1e-6)
+
+
 def _classifier_checkpoint(directory, class_names, step: int = 5) -> dict:
   """A checkpoint of a (tiny, untrained) classifier of `class_names`, as a run writes it; returns
   its model variables."""
