@@ -120,6 +120,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1
   c.checkpoint_every_epochs = 1
   c.keep_checkpoints = 3
+  # A checkpoint made by another run (resume, eval, predict; checkpoint.RUN_FIELDS: model, head,
+  # task, class names and their order, the stage's image size, number of stages, optimizer):
+  # 'error' refuses it, listing every difference; 'accept' only logs them. Variables or an
+  # optimizer state that do not fit cannot be restored either way.
+  c.checkpoint_mismatch = "error"
   # Where the recipe knowingly differs from its paper: ((field path, reason), ...), e.g.
   # (("schedule.unit", "the report steps per iteration; ..."),). `--mode=describe` lists them and
   # tests/test_paper_settings.py accepts a difference from the paper only when listed here.
@@ -304,6 +309,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.data.image_size >= 32, f"config.data.image_size must be at least 32, got "
        f"{config.data.image_size}")
   need(config.keep_checkpoints >= 1, f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+  need(config.checkpoint_mismatch in ("error", "accept"),
+       f"config.checkpoint_mismatch must be 'error' or 'accept', got {config.checkpoint_mismatch!r}")
   need(o.sam_rho >= 0, f"config.optim.sam_rho must be >= 0, got {o.sam_rho}")
   need(o.grad_accum_steps >= 1, f"config.optim.grad_accum_steps must be >= 1, got {o.grad_accum_steps}")
   need(config.on_nonfinite in ("error", "skip"),

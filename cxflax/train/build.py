@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from cxflax import config as config_lib
 from cxflax import parallel, trees
 from cxflax.errors import CheckpointError, ConfigError
 from cxflax.models.ensembles import FeatureEnsemble, NeuralWeightEnsemble
@@ -61,11 +62,15 @@ def build_model(config, task: Task, class_names=None) -> nn.Module:
 
 
 def checkpoint_meta(config, task: Task, class_names, stage: int = 0, stage_start: int = 0) -> dict:
-  """What a checkpoint records about the run that made it: checked again on restore, and all
-  that load_run needs to rebuild the run."""
+  """What a checkpoint of `stage` records about the run that made it: checked again on restore
+  (checkpoint.RUN_FIELDS: the stage's image size and optimizer, among others), and all that
+  load_run needs to rebuild the run."""
+  stages = config_lib.stage_configs(config)
+  sc = stages[min(stage, len(stages) - 1)]  # a stage past the end: num_stages tells
   return {"model": config.model if not config.ensemble.kind else f"ensemble:{config.ensemble.kind}",
           "head": config.head, "num_outputs": task.num_outputs(class_names), "task": task.name,
-          "class_names": list(class_names or []), "image_size": config.data.image_size,
+          "class_names": list(class_names or []), "image_size": sc.data.image_size,
+          "num_stages": len(stages), "optimizer": sc.optim.name,
           "stage": stage, "stage_start": stage_start, "config": config.to_dict()}
 
 

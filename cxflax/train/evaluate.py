@@ -36,14 +36,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
     raise CheckpointError(f"no checkpoint to evaluate: {path} does not exist (train first, "
                           "or pass --checkpoint=PATH)")
   directory, [step] = ckpt_lib.find_steps(path, what="checkpoint to evaluate")
-  inp = create_input(config, jax.process_index(), jax.process_count())
+  ckpts = ckpt_lib.Checkpoints(directory, create=False)
+  # Evaluated at the image size of the stage it was taken in, which the check compares.
+  stage = int(ckpts.meta(step).get("stage", 0))
+  stages = config_lib.stage_configs(config)
+  inp = create_input(stages[min(stage, len(stages) - 1)], jax.process_index(), jax.process_count())
   task = tasks.resolve(config, inp.task)
   model = build.build_model(config, task, inp.class_names)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1,) + inp.image_shape(), np.float32)))
   target = ckpt_lib.abstract({"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
                              parallel.replicated(mesh))
-  ckpts = ckpt_lib.Checkpoints(directory, create=False)
-  ckpts.check_compatible(step, build.checkpoint_meta(config, task, inp.class_names), target)
+  ckpts.check_compatible(step, build.checkpoint_meta(config, task, inp.class_names, stage), target,
+                         accept=config.checkpoint_mismatch == "accept")
   variables = ckpts.restore_model(step, target)
   ckpts.close()
   result = run_evaluation(make_eval_step(model, task, mesh), variables, inp.eval(), mesh)

@@ -44,7 +44,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
       raise ConfigError(f"segmentation predicts from one checkpoint; got {len(runs)} (set "
                         "config.predict.last_n=1 and at most one of config.predict.runs)")
     return predict_masks(first, source, config.eval_batch_size, mesh, os.path.join(workdir, "masks"))
-  preds = predict_source(runs, source, config.eval_batch_size, mesh, round_each=p.round, clip_min=p.clip_min)
+  preds = predict_source(runs, source, config.eval_batch_size, mesh, round_each=p.round, clip_min=p.clip_min,
+                         accept=config.checkpoint_mismatch == "accept")
   split = "images" if p.images else p.split
   out = os.path.join(workdir, f"predictions_{split}.csv")
   if jax.process_index() == 0:
@@ -60,12 +61,15 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def predict_source(runs: list[tuple[str, int]], source, batch_size: int, mesh, round_each: bool = False,
-                   clip_min: float | None = None) -> np.ndarray:
+                   clip_min: float | None = None, accept: bool = False) -> np.ndarray:
   """The average over (run, step) checkpoints of their predictions (regressed values or class
-  probabilities) for every example of `source`, each run preprocessing as it was trained.
+  probabilities) for every example of `source`, each run preprocessing as it was trained; runs
+  that predict other outputs or classes (or in another order) than each other and the source
+  are refused unless `accept` (config.checkpoint_mismatch).
   Regressed values of each checkpoint are clipped below at clip_min (seed 000's authors set each
   fold's negative predictions to 0 before averaging) and rounded with round_each (seed 001: "the
   output is always rounded to the closest integer", then the models' mean is rounded again)."""
+  ckpt_lib.check_same_outputs(runs, source.class_names, accept)
   total = None
   for path, step in runs:
     run = build.load_run(path, step)

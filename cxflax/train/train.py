@@ -87,9 +87,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model_target = ckpt_lib.abstract(variables, parallel.replicated(mesh))
   latest = ckpts.latest_step()
   resume_stage = 0
-  if latest is not None:
-    ckpts.check_compatible(latest, build.checkpoint_meta(config, task, class_names), model_target)
+  if latest is not None:  # the same run, in the stage it was checkpointed in
     resume_stage = int(ckpts.meta(latest).get("stage", 0))
+    ckpts.check_compatible(latest, build.checkpoint_meta(config, task, class_names, resume_stage), model_target,
+                           accept=config.checkpoint_mismatch == "accept")
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if latest is None:
@@ -132,7 +133,7 @@ def pseudo_labelled(config, mesh) -> RelabeledSource | None:
     return None
   source = make_source(config.data, p.split, unlabeled_ok=True)
   runs = [(r, s) for r in p.runs for s in ckpt_lib.find_steps(r, last_n=p.last_n)[1]]
-  preds = predict_source(runs, source, config.eval_batch_size, mesh)
+  preds = predict_source(runs, source, config.eval_batch_size, mesh, accept=config.checkpoint_mismatch == "accept")
   labels = tasks.resolve(config, source.task).labels_of(preds, p.round)
   logging.info("pseudo-labelling: %d examples of the %s split labelled by %d run(s)", len(source),
                p.split, len(p.runs))
