@@ -31,7 +31,8 @@ def watch(monkeypatch):
   w.ended = []
   monkeypatch.setattr(parallel, "_watch", w)
   monkeypatch.setattr(jax.distributed, "shutdown", lambda: w.ended.append("shutdown"))
-  monkeypatch.setattr(parallel, "os", types.SimpleNamespace(_exit=lambda code: w.ended.append(f"exit {code}")))
+  exit_ = lambda code: w.ended.append(f"exit {code}")
+  monkeypatch.setattr(parallel, "os", types.SimpleNamespace(_exit=exit_))
   yield w
   client.shutdown()
   service.shutdown()
@@ -115,6 +116,7 @@ def test_the_coordinator_failing_stops_the_others(tmp_path):
     results = run_processes(commands, [python_env()] * 2, timeout=240)
   for i, (code, _, err) in enumerate(results):
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and "Traceback" not in err and len(errors) == 1, f"process {i} exited {code}:\n{err[-3000:]}"
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, (
+        f"process {i} exited {code}:\n{err[-3000:]}")
     assert f"process 0 of 2 failed: --workdir '{bad}' exists and is not a directory" in errors[0]
   assert "process 1 stopped too" in results[1][2]
