@@ -89,17 +89,20 @@ def main(argv):
   # Imported here so that --help is fast and jax starts after absl has parsed the flags.
   import jax
   from cxflax import parallel
-  from cxflax.errors import CxflaxError
 
   parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("cxflax %s on %d process(es), %d device(s): %s", _MODE.value, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:
     run(_MODE.value, _CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
-  except CxflaxError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:  # in a multi-process run, any failure must also stop the other processes
+    message = parallel.share_failure(e)
+    if message is None:  # a bug: its traceback
+      raise
+    logging.error("%s", message)
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+  parallel.stop_watching()
 
 
 def describe_flag_error(error: Exception, argv) -> str:

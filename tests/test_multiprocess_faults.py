@@ -1,0 +1,122 @@
+"""Many processes: when one fails, every process stops within a bounded time and says which one
+failed and why, instead of waiting in a collective for a peer that will never answer."""
+
+import os
+import sys
+import threading
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from cxflax import parallel
+from cxflax.config import finalize
+from cxflax.data import export
+from cxflax.data.pipeline import create_input
+from tests.conftest import TINY, TINY_RUN, load_config, main_args, python_env, reserved_port, run_processes
+
+
+@pytest.fixture
+def watch(monkeypatch):
+  """parallel's failure watch on a real coordination service (jax's key-value store, one task),
+  in this process; what the watch thread calls to end a process (jax.distributed.shutdown, then
+  os._exit) is recorded in w.ended instead."""
+  from jax._src.lib import _jax
+  with reserved_port() as port:
+    service = _jax.get_distributed_runtime_service(f"[::]:{port}", 1)
+  client = _jax.get_distributed_runtime_client(f"127.0.0.1:{port}", 0)
+  client.connect()
+  w = parallel._Watch(client)
+  w.ended = []
+  monkeypatch.setattr(parallel, "_watch", w)
+  monkeypatch.setattr(jax.distributed, "shutdown", lambda: w.ended.append("shutdown"))
+  exit_ = lambda code: w.ended.append(f"exit {code}")
+  monkeypatch.setattr(parallel, "os", types.SimpleNamespace(_exit=exit_))
+  yield w
+  client.shutdown()
+  service.shutdown()
+
+
+def test_a_bug_is_published_and_left_to_raise(watch):
+  assert parallel.share_failure(ZeroDivisionError("division by zero")) is None  # main re-raises
+  assert watch.client.key_value_try_get(parallel._FAILURE_KEY) == (
+      "process 0 of 1 failed: ZeroDivisionError: division by zero")
+
+
+def test_an_error_after_another_process_failed_reports_that_failure(watch):
+  """A collective that lost its peer fails with gloo's words; what the user needs is the peer's."""
+  first = "process 1 of 2 failed: x.png: cannot decode image"
+  watch.client.key_value_set(parallel._FAILURE_KEY, first)
+  assert parallel.share_failure(RuntimeError("Gloo all-reduce failed")) == f"{first}; process 0 stopped too"
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_the_watch_reports_another_process_failure_unless_finished(watch, capfd, finished):
+  thread = threading.Thread(target=parallel._wait_for_failure, args=(watch,), daemon=True)
+  thread.start()
+  if finished:
+    parallel.stop_watching()
+  watch.client.key_value_set(parallel._FAILURE_KEY, "process 1 of 2 failed: x.png: cannot decode image")
+  thread.join(30)
+  assert not thread.is_alive()
+  errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error: ")]
+  if finished:
+    assert errors == [] and watch.ended == []
+  else:
+    assert errors == ["error: process 1 of 2 failed: x.png: cannot decode image; process 0 stopped too"]
+    assert watch.ended == ["shutdown", "exit 2"]
+
+
+def test_a_corrupt_image_in_one_process_stops_both(tmp_path):
+  """A garbage image that only process 1 reads, in its third training batch (the image check
+  before training is off, as by default): process 1 fails with the file's name while process 0
+  waits in the step's gradient all-reduce; both exit with code 2 and `error:` naming process 1 and
+  the file, no traceback."""
+  root = tmp_path / "data"
+  export.export_per_covid19(str(root), num_subjects=20, image_size=32, num_val_subjects=0,
+                            slices_per_subject=(2, 3))
+  # test_main.py's two-process run on these files (its compiled steps serve this run too).
+  overrides = (*TINY_RUN, "--config.optim.name=sgd", "--config.optim.learning_rate=0.01",
+               "--config.data.source=per_covid19", f"--config.data.root={root}")
+  # An example of process 1's third batch that process 0 does not read in two epochs (it reads
+  # ahead), from the input pipeline each process builds itself.
+  config = finalize(load_config("resnest.py:runlocal", *TINY, *overrides))
+  inputs = [create_input(config, p, 2) for p in range(2)]
+  batches = lambda p, n: [b["index"] for _, b in zip(range(n), inputs[p].train())]
+  read_by_0 = np.concatenate(batches(0, 2 * inputs[0].steps_per_epoch))
+  bad = inputs[1].source.paths[next(int(i) for i in batches(1, 3)[2] if i not in read_by_0)]
+  with open(bad, "wb") as f:
+    f.write(b"not a PNG")
+  workdir = str(tmp_path / "work")
+  with reserved_port() as port:
+    address = f"127.0.0.1:{port}"
+    commands = [[sys.executable, *main_args(workdir, *overrides), f"--coordinator_address={address}",
+                 "--num_processes=2", f"--process_id={i}"] for i in range(2)]
+    results = run_processes(commands, [python_env()] * 2, timeout=240)
+  name = os.path.basename(bad)
+  for i, (code, _, err) in enumerate(results):
+    assert code == 2, f"process {i} exited {code}:\n{err[-3000:]}"
+    assert "Traceback" not in err, f"process {i}:\n{err[-3000:]}"
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "process 1 of 2 failed: " in errors[0] and name in errors[0], (
+        f"process {i}:\n{err[-3000:]}")
+  assert "process 0 stopped too" in results[0][2]
+
+
+def test_the_coordinator_failing_stops_the_others(tmp_path):
+  """Process 0, which hosts jax's coordination service, fails at once (its --workdir is a file);
+  process 1, busy starting its run, stops too, both naming process 0 and the path."""
+  bad = tmp_path / "file"
+  bad.write_text("not a folder")
+  with reserved_port() as port:
+    address = f"127.0.0.1:{port}"
+    commands = [[sys.executable, *main_args(workdir, *TINY_RUN), f"--coordinator_address={address}",
+                 "--num_processes=2", f"--process_id={i}"] for i, workdir in enumerate([bad, tmp_path / "w"])]
+    results = run_processes(commands, [python_env()] * 2, timeout=240)
+  for i, (code, _, err) in enumerate(results):
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, (
+        f"process {i} exited {code}:\n{err[-3000:]}")
+    assert f"process 0 of 2 failed: --workdir '{bad}' exists and is not a directory" in errors[0]
+  assert "process 1 stopped too" in results[1][2]
