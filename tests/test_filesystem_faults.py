@@ -1,0 +1,293 @@
+"""Filesystem faults end in clear errors naming the path and lose nothing: an uncreatable or
+unwritable workdir is refused before any data is loaded, results are written atomically, a full
+disk at checkpoint or result time stops the run with what was saved intact, cv retrains a fold
+whose result cannot be read, and a second run on a workdir is refused while the first holds it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cxflax.errors import ConfigError, WorkdirError
+from cxflax.train import checkpoint as ckpt_lib
+from cxflax.train import workdir as workdir_lib
+from cxflax.train.workdir import LOCK_FILE, atomic_file, prepare_workdir, workdir_lock, write_json
+from tests.conftest import REPO, TINY_RUN, main_args, python_env, read_json, run_main
+
+
+@contextlib.contextmanager
+def _file_size_limit(nbytes: int):
+  """Writes past `nbytes` fail in this process as the kernel fails them (EFBIG), root or not: a
+  disk that fills up mid-write, without a mount."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal's kill
+  resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+def _no_data_loading(monkeypatch):
+  """Makes every mode's first read of the data fail loudly, so that an error raised instead
+  shows that it came first."""
+  def loaded(*args, **kwargs):
+    raise AssertionError("data was loaded before the workdir was checked")
+  from cxflax.train import evaluate, lr_find, predict, train
+  for module, name in ((train, "create_input"), (train, "pseudo_labelled"), (evaluate, "create_input"),
+                       (lr_find, "create_input"), (predict, "make_source"), (predict, "image_folder")):
+    monkeypatch.setattr(module, name, loaded)
+
+
+@pytest.mark.parametrize("mode", ["train", "cv", "eval", "predict", "lr_find", "describe"])
+def test_an_uncreatable_workdir_is_refused_before_any_data_is_read(tmp_path, monkeypatch, mode):
+  _no_data_loading(monkeypatch)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  with pytest.raises(WorkdirError, match=f"cannot create --workdir {blocker}/run: Not a directory"):
+    run_main(blocker / "run", mode=mode)
+
+
+def test_an_unwritable_workdir_is_refused_with_its_path():
+  # /proc exists and is a directory in which nobody, root included, can create a file.
+  with pytest.raises(WorkdirError, match="cannot write to --workdir /proc: "):
+    prepare_workdir("/proc")
+  with pytest.raises(ConfigError, match="is not a directory"):  # as before: a file is a config error
+    prepare_workdir(REPO + "/README.md")
+
+
+def test_a_json_result_cut_short_by_a_full_disk_leaves_the_previous_one(tmp_path):
+  write_json(str(tmp_path), "metrics.json", {"mae": 1.5})
+  big = {"values": np.random.default_rng(0).normal(size=20000).tolist()}  # ~400 kB of JSON
+  with _file_size_limit(64 << 10), pytest.raises(WorkdirError) as e:
+    write_json(str(tmp_path), "metrics.json", big)
+  assert str(e.value) == (f"cannot write {tmp_path}/metrics.json: File too large (EFBIG) "
+                          "(the previous file is left as it was)")
+  assert read_json(tmp_path, "metrics.json") == {"mae": 1.5}
+  assert os.listdir(tmp_path) == ["metrics.json"]  # no temporary file behind
+  write_json(str(tmp_path), "metrics.json", big)  # with room, the whole of it
+  assert read_json(tmp_path, "metrics.json") == big
+
+
+def test_a_failure_mid_serialisation_leaves_the_previous_file_and_no_temporary(tmp_path):
+  write_json(str(tmp_path), "metrics.json", {"mae": 1.5})
+  with pytest.raises(TypeError):  # a value json cannot write, met after part of the file was written
+    write_json(str(tmp_path), "metrics.json", {"mae": 2.5, "extra": object()})
+  assert read_json(tmp_path, "metrics.json") == {"mae": 1.5}
+  assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_predictions_csv_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+  """predict's CSV goes through the same atomic writer: a full disk at the final sync (where NFS
+  and quota-limited disks report it) keeps the previous predictions and names the file."""
+  from cxflax.train.predict import _write_predictions
+
+  class Source:
+    class_names = ("normal", "covid19")
+
+    def example_name(self, i):
+      return f"img_{i}.png"
+
+  path = str(tmp_path / "predictions_val.csv")
+  _write_predictions(path, Source(), np.array([[0.9, 0.1], [0.2, 0.8]]), False)
+  before = open(path).read()
+  assert before == "img_0.png,normal,0.900000,0.100000\nimg_1.png,covid19,0.200000,0.800000\n"
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(workdir_lib.os, "fsync", full)
+  with pytest.raises(WorkdirError, match=f"cannot write {path}: No space left on device \\(ENOSPC\\)"):
+    _write_predictions(path, Source(), np.array([[0.4, 0.6], [0.7, 0.3]]), False)
+  assert open(path).read() == before
+  assert os.listdir(tmp_path) == ["predictions_val.csv"]
+
+
+def test_atomic_file_writes_binary_files_too(tmp_path):
+  path = str(tmp_path / "plot.png")
+  with atomic_file(path, "wb") as f:
+    f.write(b"\x89PNG")
+  with pytest.raises(RuntimeError), atomic_file(path, "wb") as f:
+    f.write(b"half")
+    raise RuntimeError("the plot failed")
+  assert open(path, "rb").read() == b"\x89PNG" and os.listdir(tmp_path) == ["plot.png"]
+
+
+def test_checkpoint_write_errors_name_the_checkpoint_directory():
+  """orbax's tensorstore reports a failed write as a ValueError carrying the OS error code."""
+  message = ('OUT_OF_RANGE: Error writing "params.w/0" in OCDBT database at local file "/w/checkpoints/5.orbax'
+             '-checkpoint-tmp/model.orbax-checkpoint-tmp/ocdbt.process_0/": Failed to write 9428992 bytes to '
+             "file 5: No space left on device [os_error_code='28']")
+  with pytest.raises(WorkdirError, match=r"^cannot write a checkpoint to /w/checkpoints: No space left on "
+                                         r"device \(ENOSPC\); the last complete checkpoint is kept"):
+    with workdir_lib.checkpoint_writes("/w/checkpoints"):
+      raise ValueError(message)
+  with pytest.raises(WorkdirError, match=r"/w/checkpoints: Read-only file system \(EROFS\)"):
+    with workdir_lib.checkpoint_writes("/w/checkpoints"):
+      raise OSError(errno.EROFS, "Read-only file system")
+  with pytest.raises(ValueError, match="shapes differ"):  # anything else is left as it is
+    with workdir_lib.checkpoint_writes("/w/checkpoints"):
+      raise ValueError("shapes differ")
+
+
+# --- the workdir lock ---------------------------------------------------------------------------------
+
+
+def _write_lock(workdir, pid, host):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, LOCK_FILE), "w") as f:
+    json.dump({"pid": pid, "host": host}, f)
+
+
+def test_a_workdir_held_by_a_live_run_is_refused(tmp_path, monkeypatch):
+  """The second of two runs on a workdir is refused before it reads anything, with the lock
+  file, the first run's pid and host and how to remove a stale lock; the lock is left alone."""
+  _no_data_loading(monkeypatch)
+  wd, host = tmp_path / "w", socket.gethostname()
+  first = subprocess.Popen(["sleep", "60"])
+  try:
+    _write_lock(wd, first.pid, host)
+    lock = os.path.join(wd, LOCK_FILE)
+    for mode in ("train", "ensemble", "cv"):
+      with pytest.raises(WorkdirError) as e:
+        run_main(wd, "--config.ensemble.kind=average", mode=mode)
+      assert str(e.value) == (f"{wd} is in use by another run: lock file {lock} holds pid {first.pid} on "
+                              f"host {host}. Wait for that run to end, or, if it is no longer running, "
+                              f"remove {lock}")
+    assert json.load(open(lock)) == {"pid": first.pid, "host": host}
+  finally:
+    first.kill()
+    first.wait()
+
+
+def test_a_lock_from_another_host_is_refused_whatever_its_pid(tmp_path):
+  _write_lock(tmp_path, os.getpid(), "gpu-node-7")
+  with pytest.raises(WorkdirError, match=f"holds pid {os.getpid()} on host gpu-node-7"):
+    with workdir_lock(str(tmp_path)):
+      pass
+
+
+def test_a_stale_lock_is_replaced_with_a_warning_and_released_after(tmp_path, caplog):
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  _write_lock(tmp_path, gone.pid, socket.gethostname())
+  lock = os.path.join(tmp_path, LOCK_FILE)
+  with caplog.at_level(logging.WARNING, logger="absl"), workdir_lock(str(tmp_path)):
+    assert json.load(open(lock)) == {"pid": os.getpid(), "host": socket.gethostname()}
+    with pytest.raises(WorkdirError, match="already locked by this process"):  # no second holder
+      with workdir_lock(str(tmp_path)):
+        pass
+  assert f"replacing the stale lock {lock}" in caplog.text
+  assert os.listdir(tmp_path) == []
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path):
+  with pytest.raises(ConfigError), workdir_lock(str(tmp_path)):
+    raise ConfigError("a bad setting found mid-run")
+  assert os.listdir(tmp_path) == []
+  with workdir_lock(str(tmp_path)):  # and can be taken again
+    pass
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+
+
+def test_halt_and_a_full_disk_at_result_time_lose_nothing(tmp_path, monkeypatch):
+  """A halted run releases its lock; a run whose final results cannot be written (the disk full
+  at the last moment) stops with an error naming the file, keeps its last checkpoint and releases
+  its lock; the same command then only evaluates that checkpoint and writes the results."""
+  wd = tmp_path / "w"
+  args = (*TINY_RUN, "--config.num_epochs=0.4")  # 2 steps, evaluated and saved at the last
+  halted = run_main(wd, *args, "--config.halt_after_steps=1")
+  assert "halted at step 1" in halted.stdout and not os.path.exists(wd / LOCK_FILE)
+
+  real_fsync = os.fsync
+
+  def full_at_results(fd):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp") and "final_metrics" in os.readlink(f"/proc/self/fd/{fd}"):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    real_fsync(fd)
+  monkeypatch.setattr(workdir_lib.os, "fsync", full_at_results)
+  with pytest.raises(WorkdirError, match=f"^cannot write {wd}/final_metrics.json: No space left on device"):
+    run_main(wd, *args)
+  monkeypatch.undo()
+  assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == [1, 2]
+  assert not os.path.exists(wd / "final_metrics.json") and not os.path.exists(wd / LOCK_FILE)
+  assert not [f for f in os.listdir(wd) if f.endswith(".tmp")]
+
+  again = run_main(wd, *args)
+  assert "stage 1 of 1" not in again.log  # nothing trained again: the checkpoint at step 2 evaluated
+  assert read_json(wd, "final_metrics.json")["step"] == 2
+
+
+def test_cv_retrains_a_fold_whose_result_cannot_be_read_and_stops_when_preempted(tmp_path, monkeypatch):
+  """A truncated fold result counts as unfinished: it is moved aside and the fold trained. SIGTERM
+  during that fold stops the whole cross-validation (no later fold, no cv_metrics.json) with its
+  checkpoint saved, and every lock released."""
+  import threading
+  from cxflax.train import train
+  cv = tmp_path / "cv"
+  os.makedirs(cv / "fold_0")
+  os.makedirs(cv / "fold_1")
+  with open(cv / "fold_0" / "final_metrics.json", "w") as f:
+    json.dump({"step": 10, "metrics": {"mae": 3.0, "rmse": 4.0}}, f)
+  with open(cv / "fold_1" / "final_metrics.json", "w") as f:
+    f.write('{"step": 10, "metrics": {"mae": 2.')  # cut short
+
+  check_finite = train._check_finite
+
+  def preempt_at_first_check(steps, policy):  # SIGTERM as SLURM sends it, once the run is under way
+    assert threading.current_thread() is threading.main_thread()
+    assert getattr(signal.getsignal(signal.SIGTERM), "__self__", None).__class__ is train.Preemption
+    if not preempt_at_first_check.sent:
+      preempt_at_first_check.sent = True
+      os.kill(os.getpid(), signal.SIGTERM)
+    return check_finite(steps, policy)
+  preempt_at_first_check.sent = False
+  monkeypatch.setattr(train, "_check_finite", preempt_at_first_check)
+  run = run_main(cv, *TINY_RUN, "--config.num_folds=3", "--config.num_epochs=1", mode="cv")
+
+  assert run.result is None
+  assert "fold 0 already trained" in run.log
+  assert f"{cv}/fold_1/final_metrics.json cannot be read (JSONDecodeError" in run.log
+  assert open(cv / "fold_1" / "final_metrics.json.unreadable").read() == '{"step": 10, "metrics": {"mae": 2.'
+  step = int(run.stdout.split("preempted at step ")[1].split()[0])
+  assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(cv / "fold_1")), create=False).all_steps() == [step]
+  assert "cross-validation stopped in fold 1 of 3; run the same command again to resume" in run.stdout
+  assert not os.path.exists(cv / "fold_2") and not os.path.exists(cv / "cv_metrics.json")
+  assert not os.path.exists(cv / LOCK_FILE) and not os.path.exists(cv / "fold_1" / LOCK_FILE)
+
+
+def test_a_full_disk_at_checkpoint_time_is_an_error_line_and_exit_code_2(tmp_path):
+  """The kernel refuses the checkpoint's writes (a 4 MB file size limit: the model's arrays are
+  ~20 MB) inside orbax's background save: the run stops at its next save with one error line
+  naming the checkpoint directory, exit code 2, no committed step and no lock left behind."""
+  wd = tmp_path / "w"
+
+  def limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))
+  # One epoch of 5 steps, a checkpoint every step: step 1's fails in the background, step 2's
+  # save reports it.
+  proc = subprocess.run([sys.executable, *main_args(wd, *TINY_RUN, "--config.num_epochs=1",
+                                                    "--config.checkpoint_every_epochs=0.2")],
+                        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600, preexec_fn=limit)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  checkpoints = ckpt_lib.checkpoint_dir(str(wd))
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: cannot write a checkpoint to {checkpoints}: File too large (EFBIG); the last complete "
+      "checkpoint is kept: free space, then run the same command again to resume from it")
+  assert f'{REPO}/cxflax/' not in proc.stderr  # no traceback through cxflax's code
+  assert ckpt_lib.Checkpoints(checkpoints, create=False).all_steps() == []
+  assert not os.path.exists(wd / LOCK_FILE)
