@@ -178,17 +178,41 @@ def test_a_lock_from_another_host_is_refused_whatever_its_pid(tmp_path):
       pass
 
 
-def test_a_stale_lock_is_replaced_with_a_warning_and_released_after(tmp_path, caplog):
+def test_a_stale_lock_is_replaced_with_a_warning_and_released_after(tmp_path):
   gone = subprocess.Popen(["true"])
   gone.wait()
   _write_lock(tmp_path, gone.pid, socket.gethostname())
   lock = os.path.join(tmp_path, LOCK_FILE)
-  with caplog.at_level(logging.WARNING, logger="absl"), workdir_lock(str(tmp_path)):
-    assert json.load(open(lock)) == {"pid": os.getpid(), "host": socket.gethostname()}
-    with pytest.raises(WorkdirError, match="already locked by this process"):  # no second holder
-      with workdir_lock(str(tmp_path)):
-        pass
-  assert f"replacing the stale lock {lock}" in caplog.text
+  warnings: list[str] = []
+
+  class Collect(logging.Handler):
+    def emit(self, record):
+      warnings.append(record.getMessage())
+  handler, logger = Collect(logging.WARNING), logging.getLogger("absl")
+  logger.addHandler(handler)
+  try:
+    with workdir_lock(str(tmp_path)):
+      assert json.load(open(lock)) == {"pid": os.getpid(), "host": socket.gethostname()}
+      with pytest.raises(WorkdirError, match="already locked by this process"):  # no second holder
+        with workdir_lock(str(tmp_path)):
+          pass
+  finally:
+    logger.removeHandler(handler)
+  assert warnings == [f"replacing the stale lock {lock} ({{'pid': {gone.pid}, 'host': '{socket.gethostname()}'}}): "
+                      "its process is no longer running"]
+  assert os.listdir(tmp_path) == []
+
+
+def test_the_lock_works_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+  def no_links(src, dst):
+    raise OSError(errno.EPERM, "Operation not permitted")
+  monkeypatch.setattr(workdir_lib.os, "link", no_links)
+  lock = str(tmp_path / LOCK_FILE)
+  with workdir_lock(str(tmp_path)):
+    assert read_json(lock) == {"pid": os.getpid(), "host": socket.gethostname()}
+    assert os.listdir(tmp_path) == [LOCK_FILE]
+    with pytest.raises(FileExistsError):  # still created only where there is none
+      workdir_lib._create_exclusive(lock + ".x", lock, {"pid": 1, "host": "h"})
   assert os.listdir(tmp_path) == []
 
 

@@ -152,7 +152,7 @@ def _acquire(path: str) -> None:
       json.dump(me, f)
     for _ in range(2):
       try:
-        os.link(tmp, path)
+        _create_exclusive(tmp, path, me)
         _held.add(path)
         return
       except FileExistsError:
@@ -176,6 +176,20 @@ def _acquire(path: str) -> None:
   finally:
     with contextlib.suppress(OSError):
       os.remove(tmp)
+
+
+def _create_exclusive(tmp: str, path: str, content: dict) -> None:
+  """Makes `path` a hard link of `tmp`, or raises FileExistsError. Where the filesystem has no
+  hard links (some network and FUSE mounts), creates it exclusively and writes it instead."""
+  try:
+    os.link(tmp, path)
+  except FileExistsError:
+    raise
+  except OSError as e:
+    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+      raise
+    with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
+      json.dump(content, f)
 
 
 def _read_lock(path: str) -> dict | None:
