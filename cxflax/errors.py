@@ -19,3 +19,8 @@ class CheckpointError(CxflaxError, ValueError):
 
 class DivergenceError(CxflaxError, FloatingPointError):
   """Training produced a non-finite loss, gradient or prediction."""
+
+
+class WorkdirError(CxflaxError, OSError):
+  """The workdir, or a file or checkpoint in it, cannot be created or written (a read-only or full
+  disk), or another run holds it."""

@@ -39,9 +39,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _quiet_libraries(record) -> bool:
-  """Keeps orbax's and grain's per-operation INFO chatter out of the log (warnings stay)."""
+  """Keeps orbax's and grain's per-operation INFO chatter out of the log (warnings stay), and the
+  tracebacks orbax logs with a failed save out of the user's way: the error reaches them as
+  cxflax's one `error:` line (a full disk: cxflax.train.workdir.checkpoint_writes)."""
   noisy = ("/orbax/", "/grain/", "/jax/_src/xla_bridge")
-  return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
+  if not any(n in record.pathname for n in noisy):
+    return True
+  record.exc_info = record.exc_text = None
+  return record.levelno >= std_logging.WARNING
 
 
 def run(mode: str, config, workdir: str, checkpoint: str | None = None):
@@ -64,15 +69,20 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None):
 def _run(mode: str, config, workdir: str, checkpoint: str | None):
   from cxflax.errors import ConfigError
   from cxflax.train import describe, evaluate, lr_find, predict, train
+  from cxflax.train.workdir import prepare_workdir, workdir_lock
 
   if mode in ("train", "ensemble"):
     if mode == "ensemble" and not config.ensemble.kind:
       raise ConfigError("--mode=ensemble needs config.ensemble.kind and config.ensemble.members")
-    return train.train_and_evaluate(config, workdir)
+    # Training (and cv) writes checkpoints: one run per workdir. The other modes write only their
+    # own result files, atomically, so they may run beside a training (eval of its checkpoints).
+    with workdir_lock(prepare_workdir(workdir)):
+      return train.train_and_evaluate(config, workdir)
   if mode == "eval":
     return evaluate.evaluate(config, workdir, checkpoint)
   if mode == "cv":
-    return evaluate.cross_validate(config, workdir)
+    with workdir_lock(prepare_workdir(workdir)):
+      return evaluate.cross_validate(config, workdir)
   if mode == "predict":
     return predict.predict(config, workdir)
   if mode == "lr_find":

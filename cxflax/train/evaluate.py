@@ -14,7 +14,7 @@ from absl import logging
 from cxflax import config as config_lib
 from cxflax import parallel
 from cxflax.data.pipeline import create_input
-from cxflax.errors import CheckpointError
+from cxflax.errors import CheckpointError, WorkdirError
 from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import metrics as metrics_lib
@@ -22,7 +22,7 @@ from cxflax.train import tasks
 from cxflax.train.scoring import run_evaluation
 from cxflax.train.steps import make_eval_step
 from cxflax.train.train import train_and_evaluate
-from cxflax.train.workdir import announce, prepare_workdir, write_json
+from cxflax.train.workdir import announce, prepare_workdir, workdir_lock, write_json
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None) -> dict:
@@ -60,9 +60,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
   return metrics
 
 
-def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Trains every fold (workdir/fold_K, each resumable) and writes per-fold and averaged metrics
-  to workdir/cv_metrics.json."""
+  to workdir/cv_metrics.json. A fold whose training stops early (preempted, or
+  config.halt_after_steps) stops the cross-validation too: None, and the same command resumes."""
   workdir = prepare_workdir(workdir)
   per_fold = []
   for k in range(config.num_folds):
@@ -70,13 +71,18 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     c.fold = k
     fold_dir = os.path.join(workdir, f"fold_{k}")
     done = os.path.join(fold_dir, "final_metrics.json")
-    if os.path.isfile(done):
-      with open(done) as f:
-        per_fold.append(json.load(f)["metrics"])
+    metrics = _fold_result(done)
+    if metrics is not None:
+      per_fold.append(metrics)
       logging.info("fold %d already trained (%s)", k, done)
       continue
     logging.info("cross-validation: fold %d of %d", k + 1, config.num_folds)
-    per_fold.append(train_and_evaluate(c, fold_dir))
+    with workdir_lock(prepare_workdir(fold_dir)):
+      per_fold.append(train_and_evaluate(c, fold_dir))
+    if not os.path.isfile(done):  # stopped before its last step: it resumes on the next run
+      announce(f"cross-validation stopped in fold {k} of {config.num_folds}; run the same command "
+               "again to resume")
+      return None
   cv = {"folds": per_fold, "mean": {}, "std": {}}
   for key in metrics_lib.scalar_metrics(per_fold[0]):
     values = [f[key] for f in per_fold]
@@ -90,3 +96,28 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict:
            f"± {cv['std'][key]:.4f}" + (f", macro_f1={cv['mean']['macro_f1']:.4f}"
                                         if "macro_f1" in cv["mean"] else ""))
   return cv
+
+
+def _fold_result(path: str) -> dict | None:
+  """The metrics of a finished fold from its final_metrics.json, or None where the fold is
+  unfinished: no such file, or one that cannot be read (cut short by a full disk before results
+  were written atomically, or damaged since). That one is moved aside to <path>.unreadable, so
+  that only a result of the fold's next training counts, and the fold is trained again (it
+  resumes from its last checkpoint)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      metrics = json.load(f)["metrics"]
+    if not isinstance(metrics, dict) or not metrics:
+      raise ValueError("no metrics in it")
+    return metrics
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning("%s cannot be read (%s: %s): the fold counts as unfinished and is trained again; "
+                    "the file is moved to %s.unreadable", path, type(e).__name__, e, path)
+    try:
+      if jax.process_index() == 0:
+        os.replace(path, path + ".unreadable")
+    except OSError as moved:
+      raise WorkdirError(f"cannot move the unreadable {path} aside: {moved}") from None
+    return None

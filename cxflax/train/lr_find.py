@@ -4,7 +4,6 @@ suggested rate."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 
@@ -20,7 +19,7 @@ from cxflax.train import build
 from cxflax.train import optim, tasks
 from cxflax.train.losses import class_alpha
 from cxflax.train.steps import create_train_state, make_train_step
-from cxflax.train.workdir import announce, prepare_workdir
+from cxflax.train.workdir import announce, atomic_file, prepare_workdir, write_csv
 
 
 def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
@@ -60,10 +59,7 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
       break
   suggested = suggest_learning_rate([r[0] for r in rows], [r[2] for r in rows], f.skip_start, f.skip_end)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "lr_find.csv"), "w", newline="") as fh:
-      w = csv.writer(fh)
-      w.writerow(["learning_rate", "loss", "smoothed_loss"])
-      w.writerows(rows)
+    write_csv(os.path.join(workdir, "lr_find.csv"), rows, header=["learning_rate", "loss", "smoothed_loss"])
     _plot_lr_find(os.path.join(workdir, "lr_find.png"), rows, suggested)
   announce(f"LR range test over {len(rows)} steps: suggested learning rate {suggested:.3g} "
            f"(steepest descent of the smoothed loss, first {f.skip_start} and last {f.skip_end} "
@@ -107,4 +103,5 @@ def _plot_lr_find(path: str, rows, suggested: float) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path)
+  with atomic_file(path, "wb") as f:
+    fig.savefig(f, format="png")

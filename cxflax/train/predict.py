@@ -3,7 +3,6 @@ of images, written as CSV; for a segmentation run, lung masks written as PNGs.""
 
 from __future__ import annotations
 
-import csv
 import os
 
 import jax
@@ -22,7 +21,7 @@ from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train.scoring import run_evaluation
 from cxflax.train.steps import make_eval_step
 from cxflax.train.tasks import TASKS
-from cxflax.train.workdir import announce, prepare_workdir, write_json
+from cxflax.train.workdir import announce, prepare_workdir, write_csv, write_json
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -93,14 +92,14 @@ def predict_source(runs: list[tuple[str, int]], source, batch_size: int, mesh, r
 
 def _write_predictions(path: str, source, preds: np.ndarray, round_values: bool) -> None:
   """Header-less CSV rows: 'name,value' (regression), or 'name,class,probabilities...'."""
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    for i, v in enumerate(preds):
-      name = source.example_name(i)
-      if np.ndim(v) == 0:
-        w.writerow([name, f"{(np.round(v) if round_values else v):.4f}"])
-      else:
-        w.writerow([name, source.class_names[int(np.argmax(v))]] + [f"{x:.6f}" for x in v])
+  rows = []
+  for i, v in enumerate(preds):
+    name = source.example_name(i)
+    if np.ndim(v) == 0:
+      rows.append([name, f"{(np.round(v) if round_values else v):.4f}"])
+    else:
+      rows.append([name, source.class_names[int(np.argmax(v))]] + [f"{x:.6f}" for x in v])
+  write_csv(path, rows)
 
 
 def predict_masks(run: build.Run, source, batch_size: int, mesh, out_dir: str) -> str:

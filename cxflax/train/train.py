@@ -35,7 +35,7 @@ from cxflax.train.predict import predict_source
 from cxflax.train.scoring import run_evaluation
 from cxflax.train.steps import EvalStep, create_train_state, make_eval_step, make_train_step
 from cxflax.train.tasks import Task
-from cxflax.train.workdir import announce, prepare_workdir, write_json
+from cxflax.train.workdir import announce, checkpoint_writes, prepare_workdir, write_json
 
 
 @dataclasses.dataclass
@@ -111,7 +111,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if halted:
         ckpts.close()
         return metrics
-  ckpts.wait()
+  with checkpoint_writes(ckpts.directory):
+    ckpts.wait()
   writer.flush()
   if result is None:  # resumed after the last step: evaluate what was restored
     restored = ckpts.restore_model(latest, model_target)
@@ -236,12 +237,13 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
       logging.info("epoch %.2f, step %d: %s", local / steps_per_epoch, step,
                    ", ".join(f"{k}={v:.4f}" for k, v in scalars.items() if "/" not in k))
     if save_now:
-      with report.timed("checkpoint"):
+      with report.timed("checkpoint"), checkpoint_writes(run.ckpts.directory):
         run.ckpts.save(step, state, train_iter, meta)
     if preempted:
       break
   if step < stage_end:
-    run.ckpts.wait()
+    with checkpoint_writes(run.ckpts.directory):
+      run.ckpts.wait()
     writer.flush()
     why = ("preempted at step {} (SIGTERM): checkpoint saved" if preempted else
            "halted at step {} (config.halt_after_steps)").format(step)
