@@ -59,8 +59,9 @@ def test_throughput_on_two_devices_with_flops_and_torch(tmp_path):
   (row,) = result["rows"]
   assert row["devices"] == 2 and row["model"] == "resnet10t"
   for key in ("train_img_s", "sam_train_img_s", "eval_img_s", "eval_unfolded_img_s", "torch_train_img_s",
-              "torch_eval_img_s"):
+              "torch_eval_img_s", "train_img_s_per_device", "eval_img_s_per_device"):
     assert row[key] > 0, key
+  assert row["train_img_s_per_device"] < row["train_img_s"]  # global over the two devices
   # XLA's FLOP counts against the convolutions and products of the same network counted here
   # (XLA adds the elementwise work: BatchNorm, ReLU, pooling): forward for eval, about three
   # forwards for a train step.
@@ -73,7 +74,7 @@ def test_throughput_on_two_devices_with_flops_and_torch(tmp_path):
   assert result["matmul_ceiling_flop_s"] > 0
   for key in ("train_mfu", "torch_train_mfu", "torch_eval_mfu"):
     assert row[key] > 0, key
-  assert "train_vs_torch" in proc.stdout
+  assert "train_vs_torch" in proc.stdout and "train_img_s_per_device" in proc.stdout
 
 
 def test_time_alternately_takes_turns_in_alternating_order():
