@@ -258,3 +258,21 @@ def test_throughput_refuses_more_devices_than_it_sees(tmp_path, monkeypatch):
   n = len(jax.devices())
   with pytest.raises(SystemExit, match=f"--devices {n + 1}: this process sees {n} cpu device"):
     _run_here("throughput", tmp_path / "t.json", monkeypatch, "--devices", str(n + 1), "--models", "resnet10t")
+
+
+def test_gpu_check_halves_the_batch_until_it_fits():
+  from benchmarks.gpu_check import _largest_batch_that_fits
+  tried = []
+
+  def measure(batch):
+    tried.append(batch)
+    if batch > 32:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.5GiB.")
+    return {"train_img_s": 1.0}
+  assert _largest_batch_that_fits(measure, 128, 1) == {"batch": 32, "train_img_s": 1.0}
+  assert tried == [128, 64, 32]
+  import pytest
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):  # not below the least batch
+    _largest_batch_that_fits(measure, 128, 100)
+  with pytest.raises(ValueError):  # anything but memory is raised at once
+    _largest_batch_that_fits(lambda b: int("x"), 128, 1)
