@@ -65,7 +65,8 @@ def cxflax_task(name: str, batch: int, size: int, dtype: str, repeats: int, cpu_
   from cxflax.models import xla_cpu
   xla_cpu.set_mode(cpu_kernels)  # before anything is traced (xla_cpu's docstring)
   devices = jax.devices()[:1]
-  ceiling = throughput.matmul_ceiling(devices, matmul_n or throughput.default_matmul_n(devices), jnp.dtype(dtype))
+  n = matmul_n or throughput.default_matmul_n(devices)
+  ceiling = throughput.matmul_ceiling(devices, n, jnp.dtype(dtype))
   out = _largest_batch_that_fits(
       lambda b: throughput.cxflax_rates(name, b, size, dtype, devices, repeats, sam=False, unfolded=False),
       batch, 1)
@@ -162,7 +163,8 @@ def _mfu_and_ratios(rows: list[dict], ceiling: float) -> None:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--models", nargs="+", default=["resnet50", "resnest50d", "densenet169"])
-  ap.add_argument("--batch", type=int, default=128, help="batch on the one device (halved while it does not fit)")
+  ap.add_argument("--batch", type=int, default=128,
+                  help="batch on the one device (halved while it does not fit)")
   ap.add_argument("--image_size", type=int, default=224)
   ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
   ap.add_argument("--repeats", type=int, default=10, help="timed calls per step (the median)")
@@ -202,8 +204,8 @@ def main():
   print(f"\n{machine.get('device_kind', '?')}; {args.dtype} matmul ceiling "
         f"{f'{ceiling / 1e12:.3g} TFLOP/s' if ceiling else 'not measured'}; "
         f"{wall:.0f} s of a {args.budget_s:.0f} s budget; results in {path}\n")
-  print_table(rows, ["model", "impl", "batch", "train_img_s", "eval_img_s", "train_mfu", "eval_mfu", "train_vs_timm",
-                     "eval_vs_timm", "train_compile_s", "eval_compile_s", "peak_mb", "status"])
+  print_table(rows, ["model", "impl", "batch", "train_img_s", "eval_img_s", "train_mfu", "eval_mfu",
+                     "train_vs_timm", "eval_vs_timm", "train_compile_s", "eval_compile_s", "peak_mb", "status"])
 
 
 if __name__ == "__main__":
