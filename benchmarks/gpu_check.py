@@ -46,7 +46,7 @@ def _largest_batch_that_fits(measure, batch: int, least: int) -> dict:
   while True:
     try:
       return {"batch": batch, **measure(batch)}
-    except Exception as e:  # noqa: BLE001 - only memory errors are retried
+    except Exception as e:  # only running out of memory is retried
       if not _out_of_memory(e) or batch // 2 < least:
         raise
       print(f"batch {batch} does not fit ({str(e).splitlines()[0][:120]}); trying {batch // 2}", flush=True)
@@ -91,7 +91,7 @@ def torch_task(name: str, batch: int, size: int, dtype: str, repeats: int, compi
 def _call(conn, fn, args) -> None:
   try:
     conn.send(fn(*args))
-  except BaseException as e:  # noqa: BLE001 - reported in the table, not raised
+  except BaseException as e:  # reported in the table, not raised
     conn.send({"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
   finally:
     conn.close()
