@@ -58,11 +58,14 @@ def _fmt(v) -> str:
   return "" if v is None else str(v)
 
 
-def write_json(path: str, name: str, rows: Sequence[dict], **extra) -> str:
+def write_json(path: str, name: str, rows: Sequence[dict], machine: dict | None = None, **extra) -> str:
+  """`machine`: what a script measured elsewhere reports of its devices (benchmarks.gpu_check,
+  whose own process leaves the GPU alone); by default this process's jax devices."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                         "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]},
+                         **(machine if machine is not None else
+                            {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]})},
              "rows": list(rows), **extra}
   with open(path, "w") as f:
     json.dump(payload, f, indent=2)

@@ -6,17 +6,24 @@ count, is checked when the run starts (cxflax.parallel.check_batch_sizes).
 Recipe files in ``configs/`` call ``base_config()`` and change what their paper changes. Every
 field can be overridden on the command line (``--config.optim.learning_rate=3e-4``); unknown fields are
 refused by ml_collections.
+
+ml_collections is imported where it is used, not with this module: `base_config(plain=True)`
+builds the same defaults without it, for the benchmarks that run on machines which have jax but
+not ml_collections (benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-
-import ml_collections
+from typing import TYPE_CHECKING
 
 from cxflax.data.images import parse_window
 from cxflax.errors import ConfigError
+
+if TYPE_CHECKING:
+  import ml_collections
 
 DTYPES = ("float32", "bfloat16")
 # timm's pretrained weights on the Hugging Face Hub (cxflax/models/timm_weights.py fetches them).
@@ -24,12 +31,32 @@ HUB_NAME = re.compile(r"timm/(?P<arch>[A-Za-z0-9_]+)\.(?P<tag>[A-Za-z0-9_]+)")
 TARGETS = ("label", "lung_mask")
 
 
-def base_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
+class Fields(dict):
+  """A group of config fields as a plain dict read by attribute (config.optim.name), what
+  base_config(plain=True) builds: no command-line overrides, locking or type checks."""
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+  __setattr__ = dict.__setitem__
+
+
+def base_config(plain: bool = False) -> ml_collections.ConfigDict:
+  """The defaults, as ml_collections.ConfigDicts, or with `plain` as nested `Fields` (the same
+  values; clip_min's typed None a plain None), which need no ml_collections."""
+  if plain:
+    group, clip_min = Fields, None
+  else:
+    import ml_collections
+    group, clip_min = ml_collections.ConfigDict, ml_collections.FieldReference(None, field_type=float)
+  c = group()
   # Model: a timm backbone (unpooled) and a head.
   c.model = "resnet50"
   c.head = "linear"              # linear | mlp | multitask | fastai | embedding | embedding_classifier
-  c.head_kwargs = ml_collections.ConfigDict()  # the head's own fields, e.g. hidden=(500, 250)
+  c.head_kwargs = group()  # the head's own fields, e.g. hidden=(500, 250)
   c.pool = "avg"                 # avg | max | avgmax | catavgmax | hybrid (seed 001)
   c.head_dropout = 0.0            # dropout before the head's (last) linear layer
   # timm's drop_rate inside the backbone, where it has one before its pooled features: VGG's
@@ -52,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Loss (config.loss.*): smooth_l1 | mse | multitask | multitask_kl (regression); cross_entropy |
   # focal | triplet (classes; triplet trains an embedding).
-  c.loss = ml_collections.ConfigDict()
+  c.loss = group()
   c.loss.name = "smooth_l1"
   c.loss.beta = 1.0              # smooth_l1 / multitask: SmoothL1's β
   c.loss.label_smoothing = 0.0
@@ -63,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.mining = "batch_hard"   # triplet: batch_hard | batch_all
 
   # Optimisation (config.optim.*).
-  c.optim = ml_collections.ConfigDict()
+  c.optim = group()
   c.optim.name = "sgd"           # sgd | adam | adamw
   c.optim.learning_rate = 1e-3
   c.optim.momentum = 0.9
@@ -84,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.train_frozen_bn = True  # BatchNorm affine parameters stay trainable when frozen (fastai)
 
   # Learning-rate schedule (config.schedule.*), peaking at config.optim.learning_rate.
-  c.schedule = ml_collections.ConfigDict()
+  c.schedule = group()
   # constant | cosine (torch CosineAnnealingLR, periodic) | warmup_cosine | cosine_restarts | step |
   # one_cycle (fastai v1's fit_one_cycle, seed 002)
   c.schedule.name = "warmup_cosine"
@@ -139,21 +166,21 @@ def base_config() -> ml_collections.ConfigDict:
   # centred inside the lung mask, which the preprocessing appends as the last channel
   # (...|append_mask('lung_mask')): one random patch per image per training step; `num` patches
   # per image classified at once at evaluation, aggregated by mean probability or majority vote.
-  c.patches = ml_collections.ConfigDict()
+  c.patches = group()
   c.patches.num = 0              # > 0 turns the classifier into a patch classifier (K)
   c.patches.size = 224
   c.patches.aggregate = "mean"   # mean | vote
 
   # Learned ensembles of trained runs (--mode=ensemble): 'average' or 'se' (seed 000) over the
   # members' backbone outputs with a new head, or 'flannel' (seed 003) over their probabilities.
-  c.ensemble = ml_collections.ConfigDict()
+  c.ensemble = group()
   c.ensemble.kind = ""
   c.ensemble.members = ()        # workdirs of trained runs
   c.ensemble.activation = "tanh"  # flannel: tanh ('novel') or softmax
   c.ensemble.head_hidden = (500, 250)
 
   # --mode=predict: average the predictions of runs (folds) and of their last checkpoints.
-  c.predict = ml_collections.ConfigDict()
+  c.predict = group()
   c.predict.runs = ()            # workdirs (default: --workdir)
   c.predict.last_n = 1           # checkpoints per run (seed 001: the last 5 epochs)
   c.predict.split = "val"
@@ -161,12 +188,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict.round = False
   # Regression: every checkpoint's values clipped below at this value before averaging (seed 000's
   # authors set negative predictions to 0: clip_min=0.0); None: no clipping.
-  c.predict.clip_min = ml_collections.FieldReference(None, field_type=float)
+  c.predict.clip_min = clip_min
   c.predict.images = ""          # a folder of images to predict (segmentation: masks written as PNG)
 
   # Pseudo-labelling (seed 001): examples of another split, labelled by trained runs, join the
   # training examples.
-  c.pseudo_label = ml_collections.ConfigDict()
+  c.pseudo_label = group()
   c.pseudo_label.runs = ()
   c.pseudo_label.split = "val"
   c.pseudo_label.last_n = 1
@@ -174,14 +201,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --mode=lr_find: fastai v1's range test, the learning rate swept exponentially from start
   # towards end, one step each; the suggestion skips the first skip_start and last skip_end steps.
-  c.lr_find = ml_collections.ConfigDict()
+  c.lr_find = group()
   c.lr_find.start = 1e-7
   c.lr_find.end = 10.0
   c.lr_find.steps = 100
   c.lr_find.skip_start = 10
   c.lr_find.skip_end = 5
 
-  c.data = ml_collections.ConfigDict()
+  c.data = group()
   # phantom | per_covid19 | covidx | covid_ct | flannel | folder | csv | tfds (see data/sources/)
   c.data.source = "phantom"
   c.data.root = ""               # the dataset's folder (tfds: the TFDS data_dir)
@@ -204,7 +231,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.stats_images = 256      # normalize('dataset'): training images the statistics use
   c.data.train_pp = "to_rgb|resize({size})|flip_lr(0.5)|normalize('imagenet')"
   c.data.eval_pp = "to_rgb|resize({size})|normalize('imagenet')"
-  c.data.phantom = ml_collections.ConfigDict()
+  c.data.phantom = group()
   c.data.phantom.kind = "ct"     # ct (regression) | cxr (4 classes)
   c.data.phantom.num_subjects = 200
   c.data.phantom.slices_per_subject = (3, 6)
@@ -220,9 +247,14 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   before its centre crop).
 
   The unresolved specs are kept in data.train_pp_template / data.eval_pp_template so that
-  training stages of other image sizes can resolve them again.
+  training stages of other image sizes can resolve them again. A plain config (base_config(plain=True))
+  stays plain.
   """
-  config = ml_collections.ConfigDict(config.to_dict())
+  if isinstance(config, Fields):
+    config = copy.deepcopy(config)
+  else:
+    import ml_collections
+    config = ml_collections.ConfigDict(config.to_dict())
   if "train_pp_template" not in config.data:
     config.data.train_pp_template = config.data.train_pp
     config.data.eval_pp_template = config.data.eval_pp
@@ -256,6 +288,7 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
   """One finalized config per training stage: config.stages' overrides applied in turn. A key is
   a field path ('num_epochs', 'optim.learning_rate', 'data.image_size'); a bare key of
   config.data that is no top-level field (image_size) overrides the data field."""
+  import ml_collections
   if not config.stages:
     return [config]
   out = []
@@ -283,6 +316,7 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
 
 def _nested_hint(config: ml_collections.ConfigDict, key: str) -> str:
   """' (did you mean 'optim.freeze'?)' where a bare key is a field of a nested group."""
+  import ml_collections
   if "." in key:
     return ""
   paths = [f"{name}.{key}" for name, group in config.items()

@@ -59,8 +59,9 @@ def test_throughput_on_two_devices_with_flops_and_torch(tmp_path):
   (row,) = result["rows"]
   assert row["devices"] == 2 and row["model"] == "resnet10t"
   for key in ("train_img_s", "sam_train_img_s", "eval_img_s", "eval_unfolded_img_s", "torch_train_img_s",
-              "torch_eval_img_s"):
+              "torch_eval_img_s", "train_img_s_per_device", "eval_img_s_per_device"):
     assert row[key] > 0, key
+  assert row["train_img_s_per_device"] < row["train_img_s"]  # global over the two devices
   # XLA's FLOP counts against the convolutions and products of the same network counted here
   # (XLA adds the elementwise work: BatchNorm, ReLU, pooling): forward for eval, about three
   # forwards for a train step.
@@ -73,7 +74,7 @@ def test_throughput_on_two_devices_with_flops_and_torch(tmp_path):
   assert result["matmul_ceiling_flop_s"] > 0
   for key in ("train_mfu", "torch_train_mfu", "torch_eval_mfu"):
     assert row[key] > 0, key
-  assert "train_vs_torch" in proc.stdout
+  assert "train_vs_torch" in proc.stdout and "train_img_s_per_device" in proc.stdout
 
 
 def test_time_alternately_takes_turns_in_alternating_order():
@@ -177,3 +178,103 @@ def test_op_profile_runs_on_a_train_step(tmp_path):
   # the project's own train step (make_train_step's `step`, with its cross-entropy loss)
   assert any(r["scope"].startswith("jit(step)/") and "log_softmax" in r["scope"] for r in result["rows"])
   assert sum(k["ms"] for k in result["by_kind"]) > 0
+
+
+# --- the GPU check (benchmarks/gpu_check.py), on the CPU --------------------------------------------
+
+# What the GPU machine does not have (/work/.library/device/KINDS.md): the benchmark path must not
+# import them.
+ABSENT_ON_THE_GPU_MACHINE = ("ml_collections", "grain", "clu", "tensorflow", "tensorflow_datasets")
+
+
+def test_gpu_check_runs_without_the_modules_the_gpu_machine_lacks(tmp_path):
+  """The whole check, as the GPU machine would run it, in processes where importing any of
+  ABSENT_ON_THE_GPU_MACHINE fails: cxflax (the CPU-kernel switch off) and timm under
+  torch.compile (the 'eager' backend: the path, without generating code) on a tiny model."""
+  import math
+  import os
+  from tests.conftest import REPO
+  blocked = tmp_path / "blocked"
+  for name in ABSENT_ON_THE_GPU_MACHINE:
+    (blocked / name).mkdir(parents=True)
+    (blocked / name / "__init__.py").write_text(f"raise ImportError('{name}: not on the GPU machine')\n")
+  out = tmp_path / "g.json"
+  proc = run_python("", args=["-m", "benchmarks.gpu_check", "--out", str(out), "--models", "resnet10t",
+                              "--batch", "2", "--image_size", "32", "--repeats", "1", "--matmul_n", "256",
+                              "--variants", "cxflax off", "timm compile", "--compile_backend", "eager"],
+                    env={"PYTHONPATH": f"{blocked}{os.pathsep}{REPO}"}, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out) as f:
+    result = json.load(f)
+  rows = {r["impl"]: r for r in result["rows"]}
+  assert set(rows) == {"cxflax off", "timm compile"}
+  for impl, row in rows.items():
+    assert row["status"] == "ok" and row["model"] == "resnet10t" and row["batch"] == 2, row
+    for key in ("train_img_s", "eval_img_s", "train_compile_s", "eval_compile_s", "train_mfu", "eval_mfu"):
+      assert math.isfinite(row[key]) and row[key] > 0, (impl, key, row[key])
+    assert row["train_mfu"] <= 1 and row["eval_mfu"] <= 1, row
+  assert rows["cxflax off"]["train_compiled_mb"] > 0 and rows["cxflax off"]["train_vs_timm"] > 0
+  assert result["matmul_ceiling_flop_s"] > 0 and result["machine"]["torch_device"] == "cpu"
+  table = proc.stdout[proc.stdout.index("model  "):]
+  assert "cxflax off" in table and "timm compile" in table and "train_mfu" in table
+
+
+def test_gpu_check_skips_what_its_budget_leaves_no_time_for(tmp_path, monkeypatch, capsys):
+  result = _run_here("gpu_check", tmp_path / "g.json", monkeypatch, "--models", "resnet10t", "densenet121",
+                     "--budget_s", "0")
+  variants = ("cxflax off", "timm eager", "timm compile", "cxflax on")
+  assert [(r["model"], r["impl"]) for r in result["rows"]] == [
+      (m, v) for v in variants for m in ("resnet10t", "densenet121")]
+  for row in result["rows"]:
+    assert row["status"] == "skipped: 0 s of the budget left" and "train_img_s" not in row
+  assert "skipped: 0 s of the budget left" in capsys.readouterr().out
+
+
+def test_gpu_check_stops_a_measurement_at_its_limit_and_reports_errors():
+  import time
+  from benchmarks.gpu_check import run_isolated
+  t = time.monotonic()
+  assert run_isolated(time.sleep, (60,), 1.0) == {"status": "stopped at its 1 s limit"}
+  assert time.monotonic() - t < 30
+  assert run_isolated(int, ("x",), 30.0)["status"].startswith("error: ValueError: invalid literal")
+  assert run_isolated(divmod, (7, 2), 30.0) == (3, 1)
+
+
+def test_the_plain_config_holds_the_same_defaults_as_the_config_dict():
+  """base_config(plain=True), which the benchmarks build without ml_collections, against the
+  ConfigDict every run starts from, before and after finalize."""
+  from cxflax.config import Fields, base_config, finalize
+
+  def as_dicts(node):
+    return {k: as_dicts(v) for k, v in node.items()} if isinstance(node, dict) else node
+  plain = base_config(plain=True)
+  assert isinstance(plain.optim, Fields) and as_dicts(plain) == base_config().to_dict()
+  plain.data.image_size = 64
+  done = finalize(plain)
+  assert isinstance(done.data, Fields) and done.data.eval_pp == "to_rgb|resize(64)|normalize('imagenet')"
+  assert plain.data.eval_pp == "to_rgb|resize({size})|normalize('imagenet')"  # a copy was finalized
+
+
+def test_throughput_refuses_more_devices_than_it_sees(tmp_path, monkeypatch):
+  import pytest
+  n = len(jax.devices())
+  with pytest.raises(SystemExit, match=f"--devices {n + 1}: this process sees {n} cpu device"):
+    _run_here("throughput", tmp_path / "t.json", monkeypatch, "--devices", str(n + 1), "--models", "resnet10t")
+
+
+def test_gpu_check_halves_the_batch_until_it_fits():
+  from benchmarks.gpu_check import _largest_batch_that_fits
+  tried = []
+
+  def measure(batch):
+    tried.append(batch)
+    if batch > 32:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.5GiB.")
+    return {"train_img_s": 1.0}
+  assert _largest_batch_that_fits(measure, 128, 1) == {"batch": 32, "train_img_s": 1.0}
+  assert tried == [128, 64, 32]
+  import pytest
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):  # not below the least batch
+    _largest_batch_that_fits(measure, 128, 100)
+  with pytest.raises(ValueError):  # anything but memory is raised at once
+    _largest_batch_that_fits(lambda b: int("x"), 128, 1)
