@@ -305,9 +305,33 @@ def run_processes(commands: list[list[str]], envs: list[dict], timeout: float) -
   return [(p.returncode, "".join(out), "".join(err)) for p, (out, err) in zip(procs, streams)]
 
 
+def once_per_test_run(tmp_path_factory, name: str, make):
+  """make(folder) → value, made once for the whole test run and shared by the pytest-xdist
+  workers: the first to ask makes it (the others wait on a file lock) and leaves the value pickled
+  beside the folder. A session fixture alone is made once per worker, and the trained runs that
+  several tests read (tiny_run, ensemble members) would otherwise be trained by both workers."""
+  import fcntl
+  import pickle
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    return make(tmp_path_factory.mktemp(name))
+  folder = tmp_path_factory.getbasetemp().parent / f"shared-{name}"  # the run's, not a worker's
+  with open(f"{folder}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    done = f"{folder}.pickle"
+    if os.path.exists(done):
+      with open(done, "rb") as f:
+        return pickle.load(f)
+    shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed to make it left
+    folder.mkdir()
+    value = make(folder)
+    with open(done, "wb") as f:
+      pickle.dump(value, f)
+    return value
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """(workdir, MainRun) of the TINY resnest.py:runlocal run, trained once for every test that
   needs a trained regression run: two epochs, a checkpoint after each (both kept)."""
-  workdir = tmp_path_factory.mktemp("tiny_run") / "work"
-  return str(workdir), run_main(workdir, *TINY_RUN)
+  return once_per_test_run(tmp_path_factory, "tiny_run",
+                           lambda folder: (str(folder / "work"), run_main(folder / "work", *TINY_RUN)))

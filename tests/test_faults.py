@@ -72,8 +72,10 @@ def test_divergence_stops_the_run_at_its_step_whatever_the_log_interval(tmp_path
 
 
 def test_divergence_is_an_error_line_and_exit_code_2(tmp_path):
+  # _diverging's run (the same compiled programs, from the run's shared compilation cache), on the command line
   proc = run_python("", args=main_args(tmp_path / "w", *TINY_RUN, "--config.optim.name=sgd",
-                                       "--config.optim.learning_rate=1e6", "--config.schedule.name=constant"))
+                                       "--config.optim.learning_rate=1e6", "--config.optim.momentum=0.0",
+                                       "--config.schedule.name=constant"))
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error: training diverged at step" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -111,7 +113,7 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   import sys
   from tests.conftest import REPO, python_env, read_json
   wd = tmp_path / "w"
-  args = main_args(wd, *TINY_RUN, "--config.num_epochs=6", "--config.checkpoint_every_epochs=100")
+  args = main_args(wd, *TINY_RUN, "--config.num_epochs=3", "--config.checkpoint_every_epochs=100")
   proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=python_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   log = []
@@ -130,6 +132,6 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   step = int(m.group(1))
   assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == [step]
   assert not os.path.exists(wd / "final_metrics.json")
-  resumed = run_main(wd, *TINY_RUN, "--config.num_epochs=6", "--config.checkpoint_every_epochs=100")
+  resumed = run_main(wd, *TINY_RUN, "--config.num_epochs=3", "--config.checkpoint_every_epochs=100")
   assert f"resumed from {ckpt_lib.checkpoint_dir(str(wd))}/{step} " in resumed.log, resumed.log[-2000:]
   assert read_json(wd, "final_metrics.json")["step"] > step

@@ -153,7 +153,8 @@ class _TinyCNN(nn.Module):
 
 @pytest.mark.optimized
 def test_phantom_is_learnable():
-  """A tiny CNN trained 300 steps on 48-px slices beats predicting the training mean by far."""
+  """A tiny CNN trained 100 steps on 48-px slices beats predicting the training mean by far (MAE
+  0.34-0.35 of the baseline's at seeds 0-2, as after 300 steps)."""
   train, test = Phantom("ct", 120, 48, seed=0), Phantom("ct", 30, 48, seed=99)
   xs = np.stack([train[i]["image"] for i in range(len(train))]).astype(np.float32) / 255.0
   ys = np.array([train[i]["percentage"] for i in range(len(train))], np.float32)
@@ -163,7 +164,7 @@ def test_phantom_is_learnable():
 
   model = _TinyCNN()
   variables = model.init(jax.random.key(0), xs[:2], train=False)
-  tx = optax.adam(optax.cosine_decay_schedule(3e-3, 300))
+  tx = optax.adam(optax.cosine_decay_schedule(3e-3, 100))
   params, stats = variables["params"], variables["batch_stats"]
   opt = tx.init(params)
 
@@ -178,7 +179,7 @@ def test_phantom_is_learnable():
     return optax.apply_updates(params, updates), stats, opt, loss
 
   rng = np.random.default_rng(0)
-  for _ in range(300):
+  for _ in range(100):
     idx = rng.choice(len(xs), 32, replace=False)
     params, stats, opt, _ = step(params, stats, opt, xs[idx], ys[idx])
   pred = np.asarray(model.apply({"params": params, "batch_stats": stats}, xt, train=False)) * sd + mu

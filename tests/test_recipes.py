@@ -19,7 +19,7 @@ from cxflax.data.sources import make_source
 from cxflax.models.ensembles import FeatureEnsemble, ModelSE, NeuralWeightEnsemble
 from cxflax.train.metrics import classification_metrics
 from tests.conftest import (TINY, assert_same_variables, checkpoint_predictions, held_out, load_config,
-                            read_json, run_main, run_python, run_variables)
+                            once_per_test_run, read_json, run_main, run_python, run_variables)
 
 
 def _held_out(workdir):
@@ -178,6 +178,7 @@ def test_flannel_vgg19_bn_keeps_torchvisions_two_classifier_dropouts():
   np.testing.assert_array_equal(logits(f, jax.random.key(2), False), logits(f, jax.random.key(3), False))
 
 
+@pytest.mark.optimized
 def test_resnest_recipe_learns(tmp_path):
   """configs/resnest.py:runlocal at its own model and image size (resnest14d, 64 px), shortened
   to 8 of its 12 epochs on half its phantom subjects, beats the training-mean baseline clearly.
@@ -255,11 +256,18 @@ def two_members(base, *overrides, config: str) -> list[str]:
   return [first, second]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def members(tmp_path_factory):
-  """Two members of the smallest backbone per recipe: the mechanism is what is tested."""
-  return {recipe: two_members(tmp_path_factory.mktemp(recipe), config=f"{recipe}.py:resnet10t,runlocal")
-          for recipe in ("sensemble", "flannel")}
+  """members(recipe): two members of the smallest backbone (the mechanism is what is tested),
+  trained once per test run for each recipe a test asks for, whichever worker runs it."""
+  made = {}
+
+  def get(recipe):
+    if recipe not in made:
+      made[recipe] = once_per_test_run(tmp_path_factory, f"members-{recipe}", lambda folder: two_members(
+          folder, config=f"{recipe}.py:resnet10t,runlocal"))
+    return made[recipe]
+  return get
 
 
 @pytest.mark.parametrize("recipe,arg", [("sensemble", "ensemble"), ("sensemble", "average"),
@@ -267,10 +275,10 @@ def members(tmp_path_factory):
 def test_ensemble_stage_trains_on_frozen_members(tmp_path, members, recipe, arg):
   from cxflax.train.build import load_run
   wd = str(tmp_path / "ens")
-  run_main(wd, "--config.num_epochs=1", f"--config.ensemble.members={tuple(members[recipe])}",
+  run_main(wd, "--config.num_epochs=1", f"--config.ensemble.members={tuple(members(recipe))}",
            mode="ensemble", config=f"{recipe}.py:{arg},runlocal")
   ensemble = load_run(wd).variables["params"]
-  sources = [run_variables(m)["params"]["backbone"] for m in members[recipe]]
+  sources = [run_variables(m)["params"]["backbone"] for m in members(recipe)]
   assert not np.array_equal(*(s["conv1_0"]["kernel"] for s in sources))  # two different members
   for i, source in enumerate(sources):  # each in its place, unchanged by training
     inside = ensemble["backbone"][f"members_{i}"] if recipe == "sensemble" else ensemble[f"members_{i}"]["backbone"]
