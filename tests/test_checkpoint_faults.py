@@ -99,9 +99,10 @@ def test_a_run_killed_mid_step_mid_save_and_mid_delete_resumes_to_the_uninterrup
 
 
 def _copy(tiny_run, tmp_path) -> str:
-  """A copy of the tiny run's workdir, for runs that would resume it."""
+  """A workdir holding a copy of the tiny run's checkpoints, for runs that would resume it (only
+  the checkpoints: tests on the other pytest worker write result files into the shared run)."""
   wd = str(tmp_path / "copy")
-  shutil.copytree(tiny_run[0], wd)
+  shutil.copytree(os.path.join(tiny_run[0], "checkpoints"), os.path.join(wd, "checkpoints"))
   return wd
 
 
