@@ -164,6 +164,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict.clip_min = ml_collections.FieldReference(None, field_type=float)
   c.predict.images = ""          # a folder of images to predict (segmentation: masks written as PNG)
 
+  # --mode=eval's report (cxflax/train/report.py): predictions.csv, report/ and report.html.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.report = True
+  c.eval.bootstrap_samples = 1000  # resamples of the examples for the 95 % intervals (0: none)
+  c.eval.seed = 0                # the resamples' seed
+  c.eval.worst = 8               # worst-predicted examples shown with their images
+
   # Pseudo-labelling (seed 001): examples of another split, labelled by trained runs, join the
   # training examples.
   c.pseudo_label = ml_collections.ConfigDict()

@@ -97,10 +97,8 @@ def segmentation_metrics(counts: np.ndarray, class_names) -> dict[str, float]:
   An image where a class is neither predicted nor present scores 1 for it (a correct empty mask).
   """
   c = np.asarray(counts, np.float64)
-  inter, pred, true = c[..., 0], c[..., 1], c[..., 2]
-  union = pred + true - inter
-  jaccard = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-  dice = np.where(pred + true > 0, 2 * inter / np.maximum(pred + true, 1), 1.0)
+  inter, true = c[..., 0], c[..., 2]
+  jaccard, dice = overlap_scores(c)
   names = list(class_names)
   out = {"jaccard": float(jaccard[:, 1:].mean()), "dice": float(dice[:, 1:].mean()),
          "pixel_accuracy": float((inter.sum(1) / np.maximum(true.sum(1), 1)).mean())}
@@ -108,6 +106,18 @@ def segmentation_metrics(counts: np.ndarray, class_names) -> dict[str, float]:
     out[f"jaccard/{name}"] = float(jaccard[:, k].mean())
     out[f"dice/{name}"] = float(dice[:, k].mean())
   return out
+
+
+def overlap_scores(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per image and class, the Jaccard index and Dice coefficient (N, classes) from pixel counts
+  (N, classes, 3) of [intersection, predicted, true]; 1 where the class is neither predicted nor
+  present (a correct empty mask)."""
+  c = np.asarray(counts, np.float64)
+  inter, pred, true = c[..., 0], c[..., 1], c[..., 2]
+  union = pred + true - inter
+  jaccard = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+  dice = np.where(pred + true > 0, 2 * inter / np.maximum(pred + true, 1), 1.0)
+  return jaccard, dice
 
 
 def segmentation_baseline(true_counts: np.ndarray, class_names) -> dict[str, float]:
