@@ -160,13 +160,13 @@ def test_eval_report_of_a_regression_run(tiny_run, tmp_path):
 
 
 def test_eval_report_of_a_classification_run(tmp_path):
-  """A tiny 4-class run (one epoch): predictions.csv's probabilities give eval_metrics.json's
-  accuracy and AUCs; report.json's per-class values are eval_metrics.json's."""
+  """A tiny 4-class run (one step, checkpointed as if preempted: no evaluation while training):
+  predictions.csv's probabilities give eval_metrics.json's accuracy and AUCs; report.json's
+  per-class values are eval_metrics.json's."""
   wd = tmp_path / "cls"
   args = (*TINY_RUN, "--config.data.phantom.kind=cxr", "--config.loss.name=cross_entropy",
-          "--config.num_epochs=1", "--config.schedule.warmup_epochs=0.5", "--config.eval.bootstrap_samples=200",
-          "--config.eval.worst=3")
-  run_main(wd, *args)
+          "--config.eval.bootstrap_samples=200", "--config.eval.worst=3")
+  run_main(wd, *args, "--config.halt_after_steps=1")
   run_main(wd, *args, mode="eval")
   ev = read_json(wd, "eval_metrics.json")["metrics"]
   names = ("normal", "bacterial", "viral", "covid19")

@@ -17,6 +17,7 @@ import html
 import io
 import json
 import os
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -55,11 +56,9 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.nd
   """Percentile bootstrap interval over axis 0, ignoring resamples where the statistic is
   undefined (NaN, e.g. an AUC of a resample without positives)."""
   tail = 100 * (1 - level) / 2
-  with np.errstate(all="ignore"):
-    import warnings
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
-      return np.nanpercentile(values, tail, axis=0), np.nanpercentile(values, 100 - tail, axis=0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # a statistic never defined stays NaN
+    return np.nanpercentile(values, tail, axis=0), np.nanpercentile(values, 100 - tail, axis=0)
 
 
 def _estimate(value, low, high) -> dict:
@@ -350,7 +349,7 @@ def write_report(workdir: str, task_name: str, result: dict, source, class_names
     write_csv(os.path.join(out_dir, "confusion_matrix.csv"),
               [[c] + list(r) for c, r in zip(class_names, rep["confusion_matrix"])], ["true \\ predicted", *class_names])
     sections.append(("Per-class metrics (95 % bootstrap intervals)",
-                     _table(["class"] + [s.upper() if s in ("ppv", "npv", "auc") else s for s in CLASS_STATS + ("auc",)],
+                     _table(["class", "sensitivity", "specificity", "PPV", "NPV", "F1", "AUC"],
                             [[c] + [_with_ci(rep["per_class"][c][s]) for s in CLASS_STATS + ("auc",)] for c in class_names])))
     plots["confusion_matrix.png"] = plot_confusion(rep["confusion_matrix"], class_names)
     plots["roc.png"] = plot_roc(pred, labels, class_names, rep["per_class"])
@@ -460,7 +459,7 @@ def _html(summary: dict, metrics: dict, sections, plots: dict, worst: list, task
   if "worst.png" in plots:
     what = "Grad-CAM saliency over each image" if with_saliency else "no saliency maps in this report"
     parts += [f"<h2>Worst-predicted examples</h2><p class=small>{html.escape(what)}</p>",
-              _table(["name", "subject", task_name], [[w["name"], w["subject"], w["what"]] for w in worst]),
+              _table(["name", "subject", "label and prediction" if task_name != "segmentation" else "overlap"], [[w["name"], w["subject"], w["what"]] for w in worst]),
               _img(plots["worst.png"], "worst-predicted examples")]
   if config_text:
     parts.append(f"<h2>Full config</h2><details><summary>show</summary><pre>{html.escape(config_text)}</pre></details>")
