@@ -13,6 +13,7 @@ number of the page, the tables as CSV, the plots as PNG).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -201,7 +202,8 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str]) -> bytes:
   k = len(class_names)
   size = max(3.2, 0.75 * k + 1.8)
   fig = _figure(2 * size + 0.6, size)
-  for j, (values, title, fmt) in enumerate([(cm, "counts", "{:d}"), (norm, "row-normalised (recall)", "{:.2f}")]):
+  panels = [(cm, "counts", "{:d}"), (norm, "row-normalised (recall)", "{:.2f}")]
+  for j, (values, title, fmt) in enumerate(panels):
     ax = fig.add_subplot(1, 2, j + 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for (t, p), v in np.ndenumerate(values):
@@ -293,7 +295,8 @@ def plot_overlap(report: dict, class_names: Sequence[str]) -> bytes:
   return _png(fig)
 
 
-def plot_examples(images: Sequence[np.ndarray], titles: Sequence[str], maps: Sequence[np.ndarray] | None) -> bytes:
+def plot_examples(images: Sequence[np.ndarray], titles: Sequence[str],
+                  maps: Sequence[np.ndarray] | None) -> bytes:
   """The given images in a row (at most 4 a row), each titled; saliency maps over them where given."""
   cols = min(4, len(images))
   rows = -(-len(images) // cols)
@@ -323,87 +326,111 @@ def display_image(image: np.ndarray) -> np.ndarray:
 # --- the report --------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _Part:
+  """A task's share of the report: its numbers, HTML tables, plots, and how bad each example's
+  prediction is (higher: worse) with a line saying why."""
+  data: dict
+  sections: list
+  plots: dict
+  badness: np.ndarray
+  describe: Callable[[int], str]
+
+
 def write_report(workdir: str, task_name: str, result: dict, source, class_names, metrics: dict, *,
-                 summary: dict, config_text: str = "", round_predictions: bool = False, samples: int = 1000, seed: int = 0,
-                 worst: int = 8, saliency: Saliency | None = None) -> dict:
+                 summary: dict, config_text: str = "", round_predictions: bool = False,
+                 samples: int = 1000, seed: int = 0, worst: int = 8, saliency: Saliency | None = None) -> dict:
   """Writes predictions.csv (regression, classification), report/ and report.html in workdir for
   an evaluation `result` ('pred', 'label', 'index': eval-source indices) of `source`; `metrics`
   are eval_metrics.json's, shown beside; `summary` the run's settings for the page's table and
   config_text the whole config (shown folded). Returns what report/report.json holds."""
+  make = {"classification": _classification, "regression": _regression, "segmentation": _segmentation}
+  if task_name not in make:
+    logging.info("no evaluation report for a %s task", task_name)
+    return {}
   out_dir = os.path.join(workdir, "report")
   os.makedirs(out_dir, exist_ok=True)
   index = np.asarray(result["index"], np.int64)
+  all_subjects = source.subjects()
   names = [source.example_name(int(i)) for i in index]
-  subjects = source.subjects()
-  subject = [subjects[int(i)] for i in index]
-  pred, labels = np.asarray(result["pred"]), np.asarray(result["label"])
-  sections, plots, data = [], {}, {"summary": summary}
-  if task_name == "classification":
-    data["classification"] = rep = classification_report(pred, labels, class_names, samples, seed)
-    _write_predictions(os.path.join(workdir, "predictions.csv"), names, subject, pred,
-                       [class_names[int(v)] for v in labels], class_names, round_predictions)
-    header = ["class"] + [f"{s}{x}" for s in CLASS_STATS + ("auc",) for x in ("", " low", " high")]
-    rows = [[c] + [_cell(rep["per_class"][c][s][x]) for s in CLASS_STATS + ("auc",) for x in ("value", "low", "high")]
-            for c in class_names]
-    write_csv(os.path.join(out_dir, "class_metrics.csv"), rows, header)
-    write_csv(os.path.join(out_dir, "confusion_matrix.csv"),
-              [[c] + list(r) for c, r in zip(class_names, rep["confusion_matrix"])], ["true \\ predicted", *class_names])
-    sections.append(("Per-class metrics (95 % bootstrap intervals)",
-                     _table(["class", "sensitivity", "specificity", "PPV", "NPV", "F1", "AUC"],
-                            [[c] + [_with_ci(rep["per_class"][c][s]) for s in CLASS_STATS + ("auc",)] for c in class_names])))
-    plots["confusion_matrix.png"] = plot_confusion(rep["confusion_matrix"], class_names)
-    plots["roc.png"] = plot_roc(pred, labels, class_names, rep["per_class"])
-    badness = -pred[np.arange(len(labels)), labels.astype(np.int64)]  # the true class's probability
-    describe = lambda i: (f"true {class_names[int(labels[i])]}, predicted {class_names[int(pred[i].argmax())]} "
-                          f"(p={pred[i].max():.2f})")
-  elif task_name == "regression":
-    value = np.round(pred) if round_predictions else pred
-    data["regression"] = rep = regression_report(value, labels, samples, seed)
-    _write_predictions(os.path.join(workdir, "predictions.csv"), names, subject, value,
-                       [f"{v:.4f}" for v in labels], None, round_predictions)
-    write_csv(os.path.join(out_dir, "severity.csv"),
-              [[r["category"], r["range"], r["n"], _cell(r["mae"]), _cell(r["rmse"]), _cell(r["mean_error"])]
-               for r in rep["severity"]], ["category", "range", "n", "mae", "rmse", "mean_error"])
-    sections.append(("Error (95 % bootstrap intervals)",
-                     _table(["metric", "value"], [["MAE", _with_ci(rep["mae"])], ["RMSE", _with_ci(rep["rmse"])]])))
-    sections.append(("Error by severity category of the true value",
-                     _table(["category", "range", "n", "MAE", "RMSE", "mean error"],
-                            [[r["category"], r["range"], r["n"], _cell(r["mae"]), _cell(r["rmse"]), _cell(r["mean_error"])]
-                             for r in rep["severity"]])))
-    plots["scatter.png"], plots["bland_altman.png"] = plot_regression(value, labels)
-    badness = np.abs(value - labels)
-    describe = lambda i: f"true {labels[i]:.1f}, predicted {value[i]:.1f}"
-  elif task_name == "segmentation":
-    data["segmentation"] = rep = segmentation_report(pred, class_names, samples, seed)
-    fg = list(class_names)[1:]
-    jac, dice = np.asarray(rep["jaccard"]), np.asarray(rep["dice"])
-    write_csv(os.path.join(out_dir, "per_image.csv"),
-              [[n, s, *[f"{v:.6f}" for v in j], *[f"{v:.6f}" for v in d]] for n, s, j, d in zip(names, subject, jac, dice)],
-              ["name", "subject", *[f"jaccard/{c}" for c in fg], *[f"dice/{c}" for c in fg]])
-    sections.append(("Overlap, mean over images (95 % bootstrap intervals)",
-                     _table(["metric", "value"], [[k, _with_ci(v)] for k, v in rep["mean"].items()])))
-    plots["overlap.png"] = plot_overlap(rep, class_names)
-    badness = -jac.mean(1)
-    describe = lambda i: f"Jaccard {jac[i].mean():.3f}, Dice {dice[i].mean():.3f}"
-  else:
-    logging.info("no evaluation report for a %s task", task_name)
-    return {}
-  order = np.argsort(-badness, kind="stable")[:worst]
+  subjects = [all_subjects[int(i)] for i in index]
+  part = make[task_name](workdir, out_dir, np.asarray(result["pred"]), np.asarray(result["label"]), names,
+                         subjects, class_names, round_predictions, samples, seed)
+  data, plots = {"summary": summary, task_name: part.data}, dict(part.plots)
+  order = np.argsort(-part.badness, kind="stable")[:worst]
   if len(order):
     maps = saliency(index[order]) if saliency is not None else None
-    plots["worst.png"] = plot_examples([display_image(source.load(int(index[i]))["image"]) for i in order],
-                                       [f"{names[i]}\n{describe(i)}" for i in order], maps)
-    data["worst"] = [{"name": names[i], "subject": subject[i], "what": describe(i)} for i in order]
+    images = [display_image(source.load(int(index[i]))["image"]) for i in order]
+    plots["worst.png"] = plot_examples(images, [f"{names[i]}\n{part.describe(i)}" for i in order], maps)
+    data["worst"] = [{"name": names[i], "subject": subjects[i], "what": part.describe(i)} for i in order]
   for name, png in plots.items():
     with atomic_file(os.path.join(out_dir, name), "wb") as f:
       f.write(png)
   with atomic_file(os.path.join(out_dir, "report.json")) as f:
     json.dump(data, f, indent=2)
-  page = _html(summary, metrics, sections, plots, data.get("worst", []), task_name,
+  page = _html(summary, metrics, part.sections, plots, data.get("worst", []), task_name,
                with_saliency=saliency is not None, config_text=config_text)
   with atomic_file(os.path.join(workdir, "report.html")) as f:
     f.write(page)
   return data
+
+
+def _classification(workdir, out_dir, probs, labels, names, subjects, class_names, round_predictions,
+                    samples, seed) -> _Part:
+  rep = classification_report(probs, labels, class_names, samples, seed)
+  _write_predictions(os.path.join(workdir, "predictions.csv"), names, subjects, probs,
+                     [class_names[int(v)] for v in labels], class_names, round_predictions)
+  stats = CLASS_STATS + ("auc",)
+  write_csv(os.path.join(out_dir, "class_metrics.csv"),
+            [[c] + [_cell(rep["per_class"][c][s][x]) for s in stats for x in ("value", "low", "high")]
+             for c in class_names],
+            ["class"] + [f"{s}{x}" for s in stats for x in ("", " low", " high")])
+  write_csv(os.path.join(out_dir, "confusion_matrix.csv"),
+            [[c] + list(r) for c, r in zip(class_names, rep["confusion_matrix"])],
+            ["true \\ predicted", *class_names])
+  table = _table(["class", "sensitivity", "specificity", "PPV", "NPV", "F1", "AUC"],
+                 [[c] + [_with_ci(rep["per_class"][c][s]) for s in stats] for c in class_names])
+  plots = {"confusion_matrix.png": plot_confusion(rep["confusion_matrix"], class_names),
+           "roc.png": plot_roc(probs, labels, class_names, rep["per_class"])}
+  truth = labels.astype(np.int64)
+  return _Part(rep, [("Per-class metrics (95 % bootstrap intervals)", table)], plots,
+               -probs[np.arange(len(truth)), truth],  # the lower the true class's probability, the worse
+               lambda i: (f"true {class_names[truth[i]]}, predicted {class_names[int(probs[i].argmax())]} "
+                          f"(p={probs[i].max():.2f})"))
+
+
+def _regression(workdir, out_dir, pred, labels, names, subjects, class_names, round_predictions,
+                samples, seed) -> _Part:
+  value = np.round(pred) if round_predictions else pred  # as eval_metrics.json scores it
+  rep = regression_report(value, labels, samples, seed)
+  _write_predictions(os.path.join(workdir, "predictions.csv"), names, subjects, value,
+                     [f"{v:.4f}" for v in labels], None, round_predictions)
+  severity = [[r["category"], r["range"], r["n"], _cell(r["mae"]), _cell(r["rmse"]), _cell(r["mean_error"])]
+              for r in rep["severity"]]
+  write_csv(os.path.join(out_dir, "severity.csv"), severity,
+            ["category", "range", "n", "mae", "rmse", "mean_error"])
+  sections = [("Error (95 % bootstrap intervals)",
+               _table(["metric", "value"], [["MAE", _with_ci(rep["mae"])], ["RMSE", _with_ci(rep["rmse"])]])),
+              ("Error by severity category of the true value",
+               _table(["category", "range", "n", "MAE", "RMSE", "mean error"], severity))]
+  scatter, bland_altman = plot_regression(value, labels)
+  return _Part(rep, sections, {"scatter.png": scatter, "bland_altman.png": bland_altman},
+               np.abs(value - labels), lambda i: f"true {labels[i]:.1f}, predicted {value[i]:.1f}")
+
+
+def _segmentation(workdir, out_dir, counts, labels, names, subjects, class_names, round_predictions,
+                  samples, seed) -> _Part:
+  rep = segmentation_report(counts, class_names, samples, seed)
+  fg = list(class_names)[1:]
+  jac, dice = np.asarray(rep["jaccard"]), np.asarray(rep["dice"])
+  write_csv(os.path.join(out_dir, "per_image.csv"),
+            [[n, s, *[f"{v:.6f}" for v in j], *[f"{v:.6f}" for v in d]]
+             for n, s, j, d in zip(names, subjects, jac, dice)],
+            ["name", "subject", *[f"jaccard/{c}" for c in fg], *[f"dice/{c}" for c in fg]])
+  table = _table(["metric", "value"], [[k, _with_ci(v)] for k, v in rep["mean"].items()])
+  return _Part(rep, [("Overlap, mean over images (95 % bootstrap intervals)", table)],
+               {"overlap.png": plot_overlap(rep, class_names)}, -jac.mean(1),
+               lambda i: f"Jaccard {jac[i].mean():.3f}, Dice {dice[i].mean():.3f}")
 
 
 def _write_predictions(path, names, subjects, preds, labels, class_names, round_value) -> None:
@@ -457,11 +484,14 @@ def _html(summary: dict, metrics: dict, sections, plots: dict, worst: list, task
   parts.append("<h2>Plots</h2>")
   parts += [_img(png, name) for name, png in plots.items() if name != "worst.png"]
   if "worst.png" in plots:
-    what = "Grad-CAM saliency over each image" if with_saliency else "no saliency maps in this report"
+    what = ("saliency maps over the images (red: what drove the prediction)" if with_saliency
+            else "no saliency maps in this report")
+    column = "overlap" if task_name == "segmentation" else "label and prediction"
     parts += [f"<h2>Worst-predicted examples</h2><p class=small>{html.escape(what)}</p>",
-              _table(["name", "subject", "label and prediction" if task_name != "segmentation" else "overlap"], [[w["name"], w["subject"], w["what"]] for w in worst]),
+              _table(["name", "subject", column], [[w["name"], w["subject"], w["what"]] for w in worst]),
               _img(plots["worst.png"], "worst-predicted examples")]
   if config_text:
-    parts.append(f"<h2>Full config</h2><details><summary>show</summary><pre>{html.escape(config_text)}</pre></details>")
+    parts.append("<h2>Full config</h2><details><summary>show</summary>"
+                 f"<pre>{html.escape(config_text)}</pre></details>")
   return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cxflax evaluation report</title>"
           f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
