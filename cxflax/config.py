@@ -336,6 +336,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(f.steps >= 2, f"config.lr_find.steps must be at least 2, got {f.steps}")
   for key in ("skip_start", "skip_end"):
     need(f[key] >= 0, f"config.lr_find.{key} must be >= 0, got {f[key]}")
+  for key in ("bootstrap_samples", "worst"):
+    need(config.eval[key] >= 0, f"config.eval.{key} must be >= 0, got {config.eval[key]}")
   p = config.patches
   need(p.num >= 0, f"config.patches.num must be >= 0, got {p.num}")
   need(p.aggregate in ("mean", "vote"), f"config.patches.aggregate must be 'mean' or 'vote', got {p.aggregate!r}")

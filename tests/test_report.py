@@ -111,6 +111,15 @@ def test_segmentation_report_per_image_by_hand():
   assert seg["dice"] == pytest.approx((8 / 14 + 1) / 2) and seg["jaccard"] == pytest.approx(0.7)
 
 
+@pytest.mark.parametrize("override", ["--config.eval.bootstrap_samples=-1", "--config.eval.worst=-2"])
+def test_bad_report_settings_are_config_errors(override):
+  from cxflax.config import finalize
+  from cxflax.errors import ConfigError
+  key, value = override[len("--config."):].split("=")
+  with pytest.raises(ConfigError, match=rf"config\.{key} must be >= 0, got {value}"):
+    finalize(load_config("resnest.py:runlocal", override))
+
+
 def _rows(path):
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
@@ -138,7 +147,8 @@ def test_eval_report_of_a_regression_run(tiny_run, tmp_path):
   """predictions.csv has the evaluated examples (names, subjects and labels of the held-out fold;
   the MAE recomputed from it is eval_metrics.json's); report.json's MAE and RMSE are too."""
   wd = tmp_path / "eval"
-  run_main(wd, *TINY_RUN, "--config.eval.bootstrap_samples=200", mode="eval", checkpoint=tiny_run[0])
+  run = run_main(wd, *TINY_RUN, "--config.eval.bootstrap_samples=200", mode="eval", checkpoint=tiny_run[0])
+  assert f"; report: {wd / 'report.html'}" in run.stdout
   ev = read_json(wd, "eval_metrics.json")
   rows = _rows(wd / "predictions.csv")
   assert len(rows) == ev["num_examples"] and list(rows[0]) == ["name", "prediction", "subject", "label"]
@@ -159,6 +169,11 @@ def test_eval_report_of_a_regression_run(tiny_run, tmp_path):
   page = _check_page(wd, ("scatter.png", "bland_altman.png"))
   assert f"{rep['mae']['value']:.3f} [{rep['mae']['low']:.3f}, {rep['mae']['high']:.3f}]" in page
   assert "resnet10t" in page and "Error by severity category" in page
+  # Without the report: eval_metrics.json alone, the same.
+  off = tmp_path / "off"
+  run = run_main(off, *TINY_RUN, "--config.eval.report=False", mode="eval", checkpoint=tiny_run[0])
+  assert sorted(os.listdir(off)) == ["eval_metrics.json"] and "report:" not in run.stdout
+  assert read_json(off, "eval_metrics.json") == ev
 
 
 def test_eval_report_of_a_classification_run(tmp_path):

@@ -59,6 +59,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
   where = os.path.join(directory, str(step))
   write_json(workdir, "eval_metrics.json", {"checkpoint": where, "step": step, "metrics": metrics,
                                             "baseline": base, "num_examples": int(len(result["label"]))})
+  report = {}
   if config.eval.report and jax.process_index() == 0:
     summary = {"checkpoint": where, "step": step, "stage": stage, "task": task.name, "model": config.model,
                "head": config.head, "loss": config.loss.name, "data": config.data.source,
@@ -66,12 +67,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
                                 else f"split {config.data.eval_split}"),
                "image size": stages[min(stage, len(stages) - 1)].data.image_size,
                "examples": int(len(result["label"])), "round predictions": config.round_predictions}
-    report_lib.write_report(workdir, task.name, result, inp.eval_source, inp.class_names, metrics,
-                            summary=summary, config_text=config.to_json_best_effort(indent=2),
-                            round_predictions=config.round_predictions, samples=config.eval.bootstrap_samples,
-                            seed=config.eval.seed, worst=config.eval.worst, saliency=saliency)
+    report = report_lib.write_report(workdir, task.name, result, inp.eval_source, inp.class_names, metrics,
+                                     summary=summary, config_text=config.to_json_best_effort(indent=2),
+                                     round_predictions=config.round_predictions,
+                                     samples=config.eval.bootstrap_samples, seed=config.eval.seed,
+                                     worst=config.eval.worst, saliency=saliency)
   announce(f"Checkpoint {where}: {task.summary(metrics, base)}"
-           + (f"; report: {os.path.join(workdir, 'report.html')}" if config.eval.report else ""))
+           + (f"; report: {os.path.join(workdir, 'report.html')}" if report else ""))
   return metrics
 
 
