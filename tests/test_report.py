@@ -52,6 +52,18 @@ def test_class_statistics_match_scikit_learn_and_eval_metrics():
     assert c["auc"]["low"] is None  # no resamples, no interval
 
 
+def test_rank_auc_matches_scikit_learn_with_ties_row_by_row():
+  rng = np.random.default_rng(2)
+  scores = np.round(rng.uniform(size=(5, 40)), 1)  # many ties
+  positive = rng.uniform(size=(5, 40)) < 0.3
+  positive[4] = False  # no positives: undefined
+  aucs = metrics_lib.ranked_auc(scores, positive)
+  for b in range(4):
+    assert aucs[b] == pytest.approx(skm.roc_auc_score(positive[b], scores[b]), abs=1e-12)
+    assert metrics_lib.binary_auc(scores[b], positive[b]) == pytest.approx(aucs[b], abs=1e-12)
+  assert np.isnan(aucs[4]) and np.isnan(metrics_lib.binary_auc(scores[4], positive[4]))
+
+
 def test_undefined_ratios_are_zero_and_auc_of_an_absent_class_undefined():
   """A class never predicted nor present: PPV, sensitivity, F1 0 (scikit-learn's zero_division=0);
   its AUC has no positives: None (NaN) rather than a number."""

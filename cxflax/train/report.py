@@ -90,18 +90,6 @@ def class_statistics(cm: np.ndarray) -> dict[str, np.ndarray]:
           "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
 
 
-def ranked_auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-  """AUC of each row of scores (B, n) against positive (B, n) by the rank sum (ties count half),
-  vectorised over rows; NaN for a row without positives or negatives."""
-  from scipy.stats import rankdata
-  ranks = rankdata(scores, axis=-1)
-  pos = positive.sum(-1).astype(np.float64)
-  neg = positive.shape[-1] - pos
-  with np.errstate(all="ignore"):
-    auc = ((ranks * positive).sum(-1) - pos * (pos + 1) / 2) / (pos * neg)
-  return np.where((pos > 0) & (neg > 0), auc, np.nan)
-
-
 def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                           samples: int = 1000, seed: int = 0) -> dict:
   """Per class: sensitivity, specificity, PPV, NPV, F1 and one-vs-rest AUC, each with a 95 %
@@ -115,7 +103,7 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Se
     flat = (np.arange(b)[:, None] * k + labels[idx]) * k + pred[idx]
     cms = np.bincount(flat.ravel(), minlength=b * k * k).reshape(b, k, k)
     s = class_statistics(cms)
-    aucs = np.stack([ranked_auc(probs[idx, c], labels[idx] == c) for c in range(k)], -1)
+    aucs = np.stack([metrics_lib.ranked_auc(probs[idx, c], labels[idx] == c) for c in range(k)], -1)
     return np.stack([s[name] for name in CLASS_STATS] + [aucs], 1)
 
   point = stats(np.arange(n)[None])[0]
