@@ -191,6 +191,13 @@ def base_config(plain: bool = False) -> ml_collections.ConfigDict:
   c.predict.clip_min = clip_min
   c.predict.images = ""          # a folder of images to predict (segmentation: masks written as PNG)
 
+  # --mode=eval's report (cxflax/train/report.py): predictions.csv, report/ and report.html.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.report = True
+  c.eval.bootstrap_samples = 1000  # resamples of the examples for the 95 % intervals (0: none)
+  c.eval.seed = 0                # the resamples' seed
+  c.eval.worst = 8               # worst-predicted examples shown with their images
+
   # Pseudo-labelling (seed 001): examples of another split, labelled by trained runs, join the
   # training examples.
   c.pseudo_label = group()
@@ -363,6 +370,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(f.steps >= 2, f"config.lr_find.steps must be at least 2, got {f.steps}")
   for key in ("skip_start", "skip_end"):
     need(f[key] >= 0, f"config.lr_find.{key} must be >= 0, got {f[key]}")
+  for key in ("bootstrap_samples", "worst"):
+    need(config.eval[key] >= 0, f"config.eval.{key} must be >= 0, got {config.eval[key]}")
   p = config.patches
   need(p.num >= 0, f"config.patches.num must be >= 0, got {p.num}")
   need(p.aggregate in ("mean", "vote"), f"config.patches.aggregate must be 'mean' or 'vote', got {p.aggregate!r}")

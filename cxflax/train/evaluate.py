@@ -18,6 +18,7 @@ from cxflax.errors import CheckpointError, WorkdirError
 from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import metrics as metrics_lib
+from cxflax.train import report as report_lib
 from cxflax.train import tasks
 from cxflax.train.scoring import run_evaluation
 from cxflax.train.steps import make_eval_step
@@ -25,9 +26,11 @@ from cxflax.train.train import train_and_evaluate
 from cxflax.train.workdir import announce, prepare_workdir, workdir_lock, write_json
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None,
+             saliency: report_lib.Saliency | None = None) -> dict:
   """Restores the latest checkpoint of workdir (or `checkpoint`) and evaluates it on config's
-  evaluation split; writes eval_metrics.json in workdir."""
+  evaluation split; writes eval_metrics.json in workdir and, with config.eval.report, the
+  evaluation report (cxflax/train/report.py; `saliency` maps drawn over its worst examples)."""
   config = config_lib.finalize(config)
   workdir = prepare_workdir(workdir)
   mesh = parallel.make_mesh()
@@ -56,7 +59,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
   where = os.path.join(directory, str(step))
   write_json(workdir, "eval_metrics.json", {"checkpoint": where, "step": step, "metrics": metrics,
                                             "baseline": base, "num_examples": int(len(result["label"]))})
-  announce(f"Checkpoint {where}: {task.summary(metrics, base)}")
+  report = {}
+  if config.eval.report and jax.process_index() == 0:
+    summary = {"checkpoint": where, "step": step, "stage": stage, "task": task.name, "model": config.model,
+               "head": config.head, "loss": config.loss.name, "data": config.data.source,
+               "evaluated on": (f"fold {config.fold} of {config.num_folds}" if config.data.eval_split == "fold"
+                                else f"split {config.data.eval_split}"),
+               "image size": stages[min(stage, len(stages) - 1)].data.image_size,
+               "examples": int(len(result["label"])), "round predictions": config.round_predictions}
+    report = report_lib.write_report(workdir, task.name, result, inp.eval_source, inp.class_names, metrics,
+                                     summary=summary, config_text=config.to_json_best_effort(indent=2),
+                                     round_predictions=config.round_predictions,
+                                     samples=config.eval.bootstrap_samples, seed=config.eval.seed,
+                                     worst=config.eval.worst, saliency=saliency)
+  announce(f"Checkpoint {where}: {task.summary(metrics, base)}"
+           + (f"; report: {os.path.join(workdir, 'report.html')}" if report else ""))
   return metrics
 
 

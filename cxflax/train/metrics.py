@@ -19,21 +19,19 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> 
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
   """Area under the ROC curve: the probability that a positive outranks a negative (ties count
   half), by the Mann–Whitney rank sum. NaN when one of the two groups is empty."""
-  scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
-  n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-  if n_pos == 0 or n_neg == 0:
-    return float("nan")
-  order = np.argsort(scores, kind="mergesort")
-  ranks = np.empty(len(scores), np.float64)
-  sorted_scores = scores[order]
-  i = 0
-  while i < len(scores):  # average ranks over ties
-    j = i
-    while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-      j += 1
-    ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
-    i = j + 1
-  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+  return float(ranked_auc(np.asarray(scores, np.float64)[None], np.asarray(positive, bool)[None])[0])
+
+
+def ranked_auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+  """binary_auc of each row of scores (B, n) against positive (B, n) at once (the evaluation
+  report's bootstrap resamples); NaN for a row without positives or negatives."""
+  from scipy.stats import rankdata
+  ranks = rankdata(scores, axis=-1)  # ties get their average rank
+  pos = positive.sum(-1).astype(np.float64)
+  neg = positive.shape[-1] - pos
+  with np.errstate(all="ignore"):
+    auc = ((ranks * positive).sum(-1) - pos * (pos + 1) / 2) / (pos * neg)
+  return np.where((pos > 0) & (neg > 0), auc, np.nan)
 
 
 def classification_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int,
@@ -97,10 +95,8 @@ def segmentation_metrics(counts: np.ndarray, class_names) -> dict[str, float]:
   An image where a class is neither predicted nor present scores 1 for it (a correct empty mask).
   """
   c = np.asarray(counts, np.float64)
-  inter, pred, true = c[..., 0], c[..., 1], c[..., 2]
-  union = pred + true - inter
-  jaccard = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-  dice = np.where(pred + true > 0, 2 * inter / np.maximum(pred + true, 1), 1.0)
+  inter, true = c[..., 0], c[..., 2]
+  jaccard, dice = overlap_scores(c)
   names = list(class_names)
   out = {"jaccard": float(jaccard[:, 1:].mean()), "dice": float(dice[:, 1:].mean()),
          "pixel_accuracy": float((inter.sum(1) / np.maximum(true.sum(1), 1)).mean())}
@@ -108,6 +104,18 @@ def segmentation_metrics(counts: np.ndarray, class_names) -> dict[str, float]:
     out[f"jaccard/{name}"] = float(jaccard[:, k].mean())
     out[f"dice/{name}"] = float(dice[:, k].mean())
   return out
+
+
+def overlap_scores(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per image and class, the Jaccard index and Dice coefficient (N, classes) from pixel counts
+  (N, classes, 3) of [intersection, predicted, true]; 1 where the class is neither predicted nor
+  present (a correct empty mask)."""
+  c = np.asarray(counts, np.float64)
+  inter, pred, true = c[..., 0], c[..., 1], c[..., 2]
+  union = pred + true - inter
+  jaccard = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+  dice = np.where(pred + true > 0, 2 * inter / np.maximum(pred + true, 1), 1.0)
+  return jaccard, dice
 
 
 def segmentation_baseline(true_counts: np.ndarray, class_names) -> dict[str, float]:

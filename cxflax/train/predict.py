@@ -91,15 +91,17 @@ def predict_source(runs: list[tuple[str, int]], source, batch_size: int, mesh, r
 
 
 def _write_predictions(path: str, source, preds: np.ndarray, round_values: bool) -> None:
-  """Header-less CSV rows: 'name,value' (regression), or 'name,class,probabilities...'."""
-  rows = []
-  for i, v in enumerate(preds):
-    name = source.example_name(i)
-    if np.ndim(v) == 0:
-      rows.append([name, f"{(np.round(v) if round_values else v):.4f}"])
-    else:
-      rows.append([name, source.class_names[int(np.argmax(v))]] + [f"{x:.6f}" for x in v])
-  write_csv(path, rows)
+  """Header-less CSV rows (prediction_row) for every example of source."""
+  write_csv(path, [prediction_row(source.example_name(i), v, source.class_names, round_values)
+                   for i, v in enumerate(preds)])
+
+
+def prediction_row(name: str, value, class_names, round_value: bool) -> list[str]:
+  """One example's prediction as predict and eval write it: 'name,value' (regression; rounded
+  with round_value) or 'name,class,probabilities...'."""
+  if np.ndim(value) == 0:
+    return [name, f"{(np.round(value) if round_value else value):.4f}"]
+  return [name, class_names[int(np.argmax(value))]] + [f"{x:.6f}" for x in value]
 
 
 def predict_masks(run: build.Run, source, batch_size: int, mesh, out_dir: str) -> str:
