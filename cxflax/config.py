@@ -192,7 +192,7 @@ def base_config(plain: bool = False) -> ml_collections.ConfigDict:
   c.predict.images = ""          # a folder of images to predict (segmentation: masks written as PNG)
 
   # --mode=eval's report (cxflax/train/report.py): predictions.csv, report/ and report.html.
-  c.eval = ml_collections.ConfigDict()
+  c.eval = group()
   c.eval.report = True
   c.eval.bootstrap_samples = 1000  # resamples of the examples for the 95 % intervals (0: none)
   c.eval.seed = 0                # the resamples' seed
