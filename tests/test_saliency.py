@@ -127,29 +127,32 @@ def _patch_setup(batch):
   return pc, images, random_variables(pc, images)
 
 
-def test_probabilistic_grad_cam_puts_weighted_patch_maps_together():
-  """In numpy: each patch's Grad-CAM (of the image's aggregated class) scaled to [0, 1], weighted
-  by the patch's probability of that class, added at its position, divided by the coverage,
-  zero outside the lung mask."""
+@pytest.mark.parametrize("target", [None, 1])
+def test_probabilistic_grad_cam_puts_weighted_patch_maps_together(target):
+  """In numpy: each patch's Grad-CAM (of the image's aggregated class, or a chosen one) scaled to
+  [0, 1], weighted by the patch's probability of that class, added at its position, divided by
+  the coverage, zero outside the lung mask."""
   pc, images, v = _patch_setup(2)
-  got = jax.jit(lambda v, x: saliency.probabilistic_grad_cam(pc, v, x))(v, images)
+  got = jax.jit(lambda v, x: saliency.probabilistic_grad_cam(pc, v, x, target))(v, images)
   keys = jax.vmap(lambda m: saliency.mask_key(jax.random.key(pc.seed), m))(images[..., -1])
   patches, centers = pc.apply({}, images, 5, keys, method=PatchClassifier.patches)
   net_vars = {col: t["network"] for col, t in v.items()}
+  grad_cam = jax.jit(lambda v, x, c: saliency.grad_cam(pc.network, v, x, c))
   image_logp = np.asarray(pc.apply(v, images))
   for i in range(2):
-    cls = int(np.argmax(image_logp[i]))
-    maps = np.asarray(saliency.grad_cam(pc.network, net_vars, patches[i], cls)["map"])
+    cls = int(np.argmax(image_logp[i])) if target is None else target
+    maps = np.asarray(grad_cam(net_vars, patches[i], cls)["map"])
     logits = np.asarray(pc.network.apply(net_vars, patches[i]))
     r = np.exp(logits[:, cls]) / np.exp(logits).sum(-1)
     total, count = np.zeros((24, 24)), np.zeros((24, 24))
     for m, (r0, c0), rk in zip(maps, np.asarray(patch_starts(centers[i], 8, (24, 24))), r):
-      total[r0:r0 + 8, c0:c0 + 8] += rk * m / m.max()
+      total[r0:r0 + 8, c0:c0 + 8] += rk * m / max(m.max(), 1e-12)  # a patch whose map is 0 adds 0
       count[r0:r0 + 8, c0:c0 + 8] += 1
     want = np.where(count > 0, total / np.maximum(count, 1), 0) * images[i, ..., -1]
     assert int(got["class"][i]) == cls
     np.testing.assert_allclose(got["map"][i], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["coverage"][i], count)
+    np.testing.assert_allclose(got["probability"][i], np.exp(image_logp[i, cls]), rtol=1e-5)
     assert np.all(np.asarray(got["map"][i])[images[i, ..., -1] == 0] == 0) and want.max() > 0
 
 
