@@ -33,7 +33,8 @@ def _tiny(num_outputs=3):
 def _by_hand(v, x, target=None):
   """Grad-CAM of the tiny network in numpy: the head is mean-pool then linear, so
   ∂y_c/∂A_ijk = W_kc / (h·w) and α_k = W_kc / (h·w)."""
-  k, b = np.asarray(v["params"]["backbone"]["conv"]["kernel"])[0, 0], np.asarray(v["params"]["backbone"]["conv"]["bias"])
+  conv = v["params"]["backbone"]["conv"]
+  k, b = np.asarray(conv["kernel"])[0, 0], np.asarray(conv["bias"])
   a = np.maximum(x @ k + b, 0)
   n, hh, ww, c = a.shape
   a = a.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
@@ -48,16 +49,17 @@ def test_grad_cam_equals_hand_computation_and_per_image_calls():
   x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
   net = _tiny()
   v = random_variables(net, x)
-  run = jax.jit(lambda v, x, t: saliency.grad_cam(net, v, x, t))
+  predicted = jax.jit(lambda v, x: saliency.grad_cam(net, v, x))
+  chosen = jax.jit(lambda v, x, t: saliency.grad_cam(net, v, x, t))
   for target in (None, 2):
     want, cls = _by_hand(v, x, target)
-    got = run(v, x, target) if target is not None else jax.jit(lambda v, x: saliency.grad_cam(net, v, x))(v, x)
+    got = predicted(v, x) if target is None else chosen(v, x, target)
     assert np.array_equal(np.asarray(got["class"]), cls)
     np.testing.assert_allclose(got["cam"], want, rtol=1e-5, atol=1e-6)
     assert got["map"].shape == (3, 8, 8) and np.asarray(got["map"]).max() > 0
-  batch = jax.jit(lambda v, x: saliency.grad_cam(net, v, x))(v, x)
+  batch = predicted(v, x)
   for i in range(3):
-    one = jax.jit(lambda v, x: saliency.grad_cam(net, v, x))(v, x[i:i + 1])
+    one = predicted(v, x[i:i + 1])
     np.testing.assert_allclose(one["map"][0], batch["map"][i], rtol=1e-5, atol=1e-6)
 
 
@@ -94,7 +96,8 @@ def test_grad_cam_equals_timm_under_torch_autograd():
   logits.gather(1, cls[:, None]).sum().backward()
   a, g = kept["a"].detach(), kept["a"].grad
   cam = torch.relu((a * g.mean(dim=(2, 3), keepdim=True)).sum(1))
-  full = torch.nn.functional.interpolate(cam[:, None], size=(96, 96), mode="bilinear", align_corners=False)[:, 0]
+  full = torch.nn.functional.interpolate(cam[:, None], size=(96, 96), mode="bilinear",
+                                         align_corners=False)[:, 0]
 
   model = create_model("resnet10t", num_classes=3)
   v = load_timm_weights("resnet10t", tm.state_dict())
