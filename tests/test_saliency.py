@@ -11,7 +11,7 @@ import pytest
 
 from cxflax.errors import ConfigError
 from cxflax.models import create_model, saliency
-from cxflax.models.heads import LinearHead, Network
+from cxflax.models.heads import LinearHead, Network, create_network
 from cxflax.models.patches import PatchClassifier, patch_starts
 from cxflax.models.timm_weights import load_timm_weights
 from tests.conftest import random_variables
@@ -109,14 +109,23 @@ def test_grad_cam_equals_timm_under_torch_autograd():
   np.testing.assert_allclose(got["map"], full.numpy(), atol=1e-4 * scale)
 
 
-def test_named_layer_and_unknown_layer():
-  model = create_model("resnet10t", num_classes=2)
-  x = np.random.default_rng(2).normal(size=(1, 64, 64, 3)).astype(np.float32)
-  v = random_variables(model, x)
-  got = jax.jit(lambda v, x: saliency.grad_cam(model, v, x, layer="layer3_0"))(v, x)
-  assert got["cam"].shape == (1, 4, 4) and got["map"].shape == (1, 64, 64)
+def test_named_layers_module_inputs_and_defaults():
+  """A module path names a layer's output, 'path:input' what the module is given (layer4_0 is
+  given layer3_0's output: the same map and gradient); VGG's default is the map its pre-logits
+  convolutions are given (timm's forward_features), not their 1x1 output."""
+  model = create_network("resnet10t", "linear", 2)
+  x = np.random.default_rng(2).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  v = random_variables(model, x, seed=1)  # (seed 2's maps are all 0: every α·A is negative)
+  out = jax.jit(lambda v, x: saliency.grad_cam(model, v, x, layer="backbone/layer3_0"))(v, x)
+  given = jax.jit(lambda v, x: saliency.grad_cam(model, v, x, layer="backbone/layer4_0:input"))(v, x)
+  assert out["cam"].shape == (2, 4, 4) and out["map"].shape == (2, 64, 64)
+  assert np.asarray(out["cam"]).max() > 0
+  np.testing.assert_allclose(given["cam"], out["cam"], rtol=1e-5, atol=1e-7)
   with pytest.raises(ConfigError, match="config.explain.layer='layer9'"):
     saliency.grad_cam(model, v, x, layer="layer9")
+  vgg = create_network("vgg19_bn", "linear", 2)
+  shapes = jax.eval_shape(lambda: vgg.init(jax.random.key(0), x))
+  assert saliency.resolve_layer(vgg, shapes, x) == ("backbone/pre_logits:input", (2, 2, 2, 512))
 
 
 def _patch_setup(batch):

@@ -11,9 +11,11 @@ percentage).
 The layer is found without touching the models: flax's `nn.intercept_methods` sees every module
 call, records the outputs that are 4-D feature maps, and adds a zero `delta` to the chosen one;
 the gradient with respect to `delta` is the gradient with respect to that feature map. By default
-the layer is the backbone's output (the last feature map, what the head pools); where that is not
-a map (a backbone keeping timm's classifier, the ensembles) the last feature map any module
-returns. A module path ('backbone/layer3_0') names another layer.
+the layer is the feature map timm's forward_features returns: the backbone's output (what the head pools), or
+for VGG the map its pre-logits convolutions are given; where there is no backbone output map (a
+backbone keeping timm's classifier, the ensembles) the last feature map any module returns. A
+module path ('backbone/layer3_0', or 'backbone/pre_logits:input' for what a module is given)
+names another layer.
 
 Probabilistic Grad-CAM (Oh, Park & Ye, the patch classifier seed 003 builds on; seed 003 itself
 only names it): every patch k of an image gets the Grad-CAM map l_k of class c at its network's
@@ -46,14 +48,21 @@ def _path(context) -> str:
   return "/".join(context.module.path)
 
 
+INPUT = ":input"  # a layer named 'path:input' is the feature map that module path is given
+
+
 def feature_layers(model: nn.Module, variables, images) -> list[tuple[str, tuple[int, ...]]]:
-  """(module path, shape) of every module call whose output is a 4-D feature map, in the order
-  the calls return (traced only: nothing is computed)."""
+  """(layer, shape) of every 4-D feature map a module call returns (layer: its module path) or is
+  given (layer: 'path:input'), in the order the calls return (traced only: nothing computed)."""
   found = []
 
   def record(next_fun, args, kwargs, context):
+    called = context.method_name == "__call__"
+    given = args[0] if called and args and getattr(args[0], "ndim", 0) == 4 else None
     out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and getattr(out, "ndim", 0) == 4:
+    if given is not None:
+      found.append((_path(context) + INPUT, tuple(given.shape)))
+    if called and getattr(out, "ndim", 0) == 4:
       found.append((_path(context), tuple(out.shape)))
     return out
 
@@ -77,11 +86,23 @@ def resolve_layer(model: nn.Module, variables, images, layer: str = "") -> tuple
                         f"feature map; the last ones are {paths[-6:]}")
     chosen = layer
   else:
-    chosen = next((p for p in ("backbone", "network/backbone") if p in paths), paths[-1])
+    chosen = _default_layer(paths)
   if paths.count(chosen) > 1:
     raise ConfigError(f"layer {chosen!r} is called {paths.count(chosen)} times in one forward pass; "
                       "name a layer that runs once (config.explain.layer)")
   return chosen, dict(found)[chosen]
+
+
+def _default_layer(paths: list[str]) -> str:
+  """The feature map timm's forward_features ends with: the backbone's output, or where the
+  backbone ends in timm's pre-logits (VGG's fully connected layers as convolutions, whose map is
+  1x1 at the usual sizes) the map those are given; without a backbone (a bare model, the
+  ensembles' members keeping their classifiers) the last one returned."""
+  pre_logits = [p for p in paths if p.endswith("pre_logits" + INPUT)]
+  if pre_logits:
+    return pre_logits[-1]
+  outputs = [p for p in paths if not p.endswith(INPUT)]
+  return next((p for p in ("backbone", "network/backbone") if p in outputs), outputs[-1])
 
 
 def class_scores(out, target: Target = None):
@@ -115,8 +136,12 @@ def grad_cam(model: nn.Module, variables, images, target: Target = None, layer: 
     kept = []
 
     def perturb(next_fun, args, kwargs, context):
+      here = _path(context) if context.method_name == "__call__" else None
+      if here is not None and here + INPUT == path:
+        kept.append(args[0])
+        args = (args[0] + delta.astype(args[0].dtype),) + tuple(args[1:])
       out = next_fun(*args, **kwargs)
-      if context.method_name == "__call__" and _path(context) == path:
+      if here == path:
         kept.append(out)
         out = out + delta.astype(out.dtype)
       return out
