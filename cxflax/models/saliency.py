@@ -9,16 +9,17 @@ predicted value itself: the map shows where the features raise the prediction (e
 percentage).
 
 The layer is found without touching the models: flax's `nn.intercept_methods` sees every module
-call, records the outputs that are 4-D feature maps, and adds a zero `delta` to the chosen one;
-the gradient with respect to `delta` is the gradient with respect to that feature map. By default
-the layer is the feature map timm's forward_features returns: the backbone's output (what the head pools), or
-for VGG the map its pre-logits convolutions are given; where there is no backbone output map (a
-backbone keeping timm's classifier, the ensembles) the last feature map any module returns. A
-module path ('backbone/layer3_0', or 'backbone/pre_logits:input' for what a module is given)
-names another layer.
+call, records the 4-D feature maps modules return (or are given), and adds a zero `delta` to the
+chosen one; the gradient with respect to `delta` is the gradient with respect to that map. By
+default the layer is the map timm's forward_features returns: the backbone's output (what the
+head pools), or for VGG the map its pre-logits convolutions are given; where there is no backbone
+output map (a backbone keeping timm's classifier, the ensembles) the last feature map any module
+returns (an ensemble: its last member's). A module path ('backbone/layer3_0', or
+'backbone/pre_logits:input' for what a module is given) names another layer.
 
 Probabilistic Grad-CAM (Oh, Park & Ye, the patch classifier seed 003 builds on; seed 003 itself
-only names it): every patch k of an image gets the Grad-CAM map l_k of class c at its network's
+only names it, and its exact formula was not at hand here; this follows the issue's reading of
+it): every patch k of an image gets the Grad-CAM map l_k of class c at its network's
 last feature map, scaled to [0, 1] (so that patches are comparable) and weighted by the patch's
 own probability r_k of class c; the weighted maps are added at their patch positions in the image
 frame, divided by how many patches covered each pixel, and kept inside the lung mask only. The

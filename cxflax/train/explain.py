@@ -5,8 +5,11 @@ over the image as the model saw it: grayscale underneath, the map in colour over
 the predicted and true label and the probability. Overlays go to workdir/explain/<name>.png, a
 table of them to workdir/explain/saliency.csv, and a grid of them to TensorBoard (clu).
 
-Maps are computed a batch at a time in one compiled call, on process 0's devices (unsharded: a
-handful of images), and each is scaled to its own maximum for display; the CSV keeps the maximum.
+Maps are computed config.eval_batch_size images at a time in one compiled call (unsharded: a
+handful of images; every process computes them, process 0 writes), and each is scaled to its own
+maximum for display; the CSV keeps the maximum. Grad-CAM keeps the activations for a backward
+pass, and a patch classifier's batch is B·K patches: lower config.eval_batch_size if it does not
+fit the device.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
   batches = pipeline.eval_dataset(source, indices, pp=run.config.data.eval_pp,
                                   global_batch=min(config.eval_batch_size, len(indices)))
   out_dir = os.path.join(workdir, "explain")
-  rows, overlays = [], []
+  rows, overlays, used = [], [], set()
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
   for batch in batches:
@@ -67,7 +70,11 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
       heat = np.asarray(result["map"][j], np.float64)
       title, row = _describe(result, j, batch["label"][j], class_names)
       overlay = render_overlay(shown, heat, title, e.alpha)
-      path = os.path.join(out_dir, _png_name(name))
+      png = _png_name(name)
+      if png in used:  # two images of one name (classes' folders): the second keeps its index
+        png = f"{os.path.splitext(png)[0]}_{int(batch['index'][j])}.png"
+      used.add(png)
+      path = os.path.join(out_dir, png)
       if jax.process_index() == 0:
         with atomic_file(path, "wb") as f:
           Image.fromarray(overlay).save(f, format="PNG")
