@@ -17,9 +17,8 @@ output map (a backbone keeping timm's classifier, the ensembles) the last featur
 returns (an ensemble: its last member's). A module path ('backbone/layer3_0', or
 'backbone/pre_logits:input' for what a module is given) names another layer.
 
-Probabilistic Grad-CAM (Oh, Park & Ye, the patch classifier seed 003 builds on; seed 003 itself
-only names it, and its exact formula was not at hand here; this follows the issue's reading of
-it): every patch k of an image gets the Grad-CAM map l_k of class c at its network's
+Probabilistic Grad-CAM (Oh, Park & Ye, the patch classifier seed 003 builds on; seed 003 only
+names it, so this follows Oh et al. as issue 20 summarises them): every patch k of an image gets the Grad-CAM map l_k of class c at its network's
 last feature map, scaled to [0, 1] (so that patches are comparable) and weighted by the patch's
 own probability r_k of class c; the weighted maps are added at their patch positions in the image
 frame, divided by how many patches covered each pixel, and kept inside the lung mask only. The
