@@ -198,6 +198,15 @@ def base_config(plain: bool = False) -> ml_collections.ConfigDict:
   c.eval.seed = 0                # the resamples' seed
   c.eval.worst = 8               # worst-predicted examples shown with their images
 
+  # --mode=explain: Grad-CAM overlays (probabilistic Grad-CAM for a patch classifier, seed 003) of
+  # the evaluation split's first `num` images, or of the images named, or of config.predict.images.
+  c.explain = group()
+  c.explain.num = 8
+  c.explain.images = ()          # file names (as predictions list them) instead of the first num
+  c.explain.target = "predicted"  # the class each map explains: predicted | a class index or name
+  c.explain.layer = ""           # a module path ('backbone/layer3_0'); '' = the last feature map
+  c.explain.alpha = 0.4          # opacity of the map's colours over the grayscale image
+
   # Pseudo-labelling (seed 001): examples of another split, labelled by trained runs, join the
   # training examples.
   c.pseudo_label = group()
@@ -364,6 +373,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(f"config.data.window: {e}") from None
   need(config.predict.last_n >= 1, f"config.predict.last_n must be >= 1, got {config.predict.last_n}")
+  e = config.explain
+  need(e.num >= 1, f"config.explain.num must be >= 1, got {e.num}")
+  need(0 <= e.alpha <= 1, f"config.explain.alpha must be in [0, 1], got {e.alpha}")
   f = config.lr_find
   need(0 < f.start < f.end, f"config.lr_find.start and config.lr_find.end must satisfy 0 < start < end, got "
        f"{f.start} and {f.end}")

@@ -9,6 +9,8 @@ field overrides (--config.batch_size=16). Modes:
   ensemble  trains the ensemble stage (config.ensemble) on its members' checkpoints;
   predict   averages runs' (folds') and checkpoints' predictions for a split, written as CSV;
   lr_find   the learning-rate range test (CSV, PNG and a suggested rate);
+  explain   Grad-CAM overlays (PNG, CSV, TensorBoard) of the latest checkpoint (or --checkpoint)
+            for the evaluation split's first images (config.explain) or config.predict.images;
   describe  prints every stage's effective settings and writes them to --workdir/recipe.json.
 """
 
@@ -25,11 +27,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (c
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "cv", "ensemble", "predict", "lr_find",
-                                             "describe"],
+                                             "describe", "explain"],
                           "What to run.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "--mode=eval: a workdir, checkpoints/ folder or step folder to "
-                                  "evaluate instead of --workdir's latest checkpoint.")
+                                  "--mode=eval / explain: a workdir, checkpoints/ folder or step folder "
+                                  "to use instead of --workdir's latest checkpoint.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process runs: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: process count.")
@@ -68,7 +70,7 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None):
 
 def _run(mode: str, config, workdir: str, checkpoint: str | None):
   from cxflax.errors import ConfigError
-  from cxflax.train import describe, evaluate, lr_find, predict, train
+  from cxflax.train import describe, evaluate, explain, lr_find, predict, train
   from cxflax.train.workdir import prepare_workdir, workdir_lock
 
   if mode in ("train", "ensemble"):
@@ -89,6 +91,8 @@ def _run(mode: str, config, workdir: str, checkpoint: str | None):
     return lr_find.lr_find(config, workdir)
   if mode == "describe":
     return describe.describe(config, workdir)
+  if mode == "explain":
+    return explain.explain(config, workdir, checkpoint)
   raise ConfigError(f"unknown mode {mode!r}")
 
 

@@ -34,11 +34,19 @@ def sample_centers(key, mask, num: int):
   return jnp.stack([flat // w, flat % w], axis=-1).astype(jnp.int32)
 
 
+def patch_starts(centers, size: int, image_hw):
+  """(K, 2) top-left corners of the `size` patches centred at `centers` (K, 2) in an image of
+  `image_hw`, shifted inside it where they would cross the border (crop_patches' placement,
+  which the saliency maps put back)."""
+  h, w = image_hw
+  return jnp.clip(centers - size // 2, 0, jnp.array([h - size, w - size]))
+
+
 def crop_patches(image, centers, size: int):
   """(K, size, size, C) patches of `image` (H, W, C) centred at `centers` (K, 2), each shifted
   inside the image where it would cross the border."""
-  h, w, c = image.shape
-  starts = jnp.clip(centers - size // 2, 0, jnp.array([h - size, w - size]))
+  c = image.shape[-1]
+  starts = patch_starts(centers, size, image.shape[:2])
   return jax.vmap(lambda s: lax.dynamic_slice(image, (s[0], s[1], 0), (size, size, c)))(starts)
 
 
