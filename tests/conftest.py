@@ -167,6 +167,17 @@ def run_python(code: str, devices: int | None = None, env: dict | None = None, t
                         timeout=timeout)
 
 
+def data_config(source: str, root, **fields):
+  """config.data of the defaults, reading `source` from `root` with `fields` set: what the
+  sources' tests build a source from."""
+  from cxflax.config import base_config
+  d = base_config().data
+  d.source, d.root = source, str(root)
+  for k, v in fields.items():
+    d[k] = v
+  return d
+
+
 def read_json(*path) -> dict:
   import json
   with open(os.path.join(*map(str, path))) as f:

@@ -14,19 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxflax.config import base_config
 from cxflax.data.images import read_image, write_image
 from cxflax.data.sources import make_source
 from cxflax.data.sources.tables import is_number
 from cxflax.errors import DataError
-
-
-def _data(source, root, **kw):
-  d = base_config().data
-  d.source, d.root = source, str(root)
-  for k, v in kw.items():
-    d[k] = v
-  return d
+from tests.conftest import data_config
 
 
 def _png(arr) -> bytes:
@@ -139,7 +131,7 @@ def test_bad_images_in_a_layout_name_the_file_or_are_skipped(tmp_path, caplog, v
     (tmp_path / cls).mkdir()
     write_image(tmp_path / cls / "good.png", np.full((8, 8), 9, np.uint8))
   bad = _bad_images(tmp_path / "a")
-  d = _data("folder", tmp_path, verify_images=verify)
+  d = data_config("folder", tmp_path, verify_images=verify)
   if verify:
     with pytest.raises(DataError, match="|".join(os.path.basename(p) for p in bad)):
       make_source(d)
@@ -154,7 +146,7 @@ def test_bad_images_in_a_layout_name_the_file_or_are_skipped(tmp_path, caplog, v
       else:
         assert src.load(i)["image"].shape == (8, 8, 1)
   with caplog.at_level("WARNING"):
-    kept = make_source(_data("folder", tmp_path, on_bad_data="skip", verify_images=verify))
+    kept = make_source(data_config("folder", tmp_path, on_bad_data="skip", verify_images=verify))
   assert sorted(kept.paths) == [str(tmp_path / "a" / "good.png"), str(tmp_path / "b" / "good.png")]
   assert f"skipped {len(bad)} bad entries" in caplog.text
 
@@ -167,7 +159,7 @@ def test_decompression_bomb_in_a_grain_worker_names_the_file(tmp_path):
     for k in range(2):
       write_image(tmp_path / cls / f"{k}.png", np.full((8, 8), k, np.uint8))
   (tmp_path / "b" / "1.png").write_bytes(_png_header(20000, 20000))
-  src = make_source(_data("folder", tmp_path))
+  src = make_source(data_config("folder", tmp_path))
   ds = pipeline.eval_dataset(src, np.arange(len(src)), pp="to_rgb", global_batch=4, workers=1)
   with pytest.raises(DataError, match=r"b/1\.png: .*decompression bomb"):
     next(iter(ds))
@@ -180,7 +172,7 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
   (tmp_path / "NonCOVID" / "notes.txt").write_text("no images here")
   for policy in ("error", "skip"):
     with pytest.raises(DataError, match=f"class folder {tmp_path / 'NonCOVID'} holds no images"):
-      make_source(_data("folder", tmp_path, on_bad_data=policy))
+      make_source(data_config("folder", tmp_path, on_bad_data=policy))
 
 
 def test_folder_names_with_glob_characters_are_read(tmp_path):
@@ -190,7 +182,7 @@ def test_folder_names_with_glob_characters_are_read(tmp_path):
   for cls in ("COVID[a]", "Non*COVID"):
     (root / cls).mkdir(parents=True)
     write_image(root / cls / "x.png", np.zeros((4, 4), np.uint8))
-  assert len(make_source(_data("folder", root))) == 2
+  assert len(make_source(data_config("folder", root))) == 2
   from cxflax.data.sources import image_folder
   assert len(image_folder(str(root))) == 2
 
@@ -282,10 +274,10 @@ def test_fuzzed_images_end_in_a_data_error_naming_the_file(tmp_path, caplog):
   assert not wrong, "\n".join(wrong)
   assert len(readable) < len(files) / 4  # the fuzz mostly makes unreadable files
   with pytest.raises(DataError) as e:
-    make_source(_data("folder", root, verify_images=True))
+    make_source(data_config("folder", root, verify_images=True))
   assert any(path in str(e.value) for path in set(files) - readable), str(e.value)
   with caplog.at_level("WARNING"):
-    kept = make_source(_data("folder", root, on_bad_data="skip"))
+    kept = make_source(data_config("folder", root, on_bad_data="skip"))
   assert set(kept.paths) == readable
   assert f"skipped {len(files) - len(readable)} bad entries" in caplog.text
 
@@ -368,23 +360,23 @@ def test_fuzzed_label_files_end_in_a_data_error_or_counted_skips(tmp_path, caplo
     bad = len(lines) - good
     if bad:
       with pytest.raises(DataError, match=re.escape(table)):
-        make_source(_data(source, tmp_path, **overrides))
+        make_source(data_config(source, tmp_path, **overrides))
     else:
-      assert len(make_source(_data(source, tmp_path, **overrides))) == good
+      assert len(make_source(data_config(source, tmp_path, **overrides))) == good
     caplog.clear()
     with caplog.at_level("WARNING"):
       if good:
-        assert len(make_source(_data(source, tmp_path, on_bad_data="skip", **overrides))) == good, lines
+        assert len(make_source(data_config(source, tmp_path, on_bad_data="skip", **overrides))) == good, lines
       else:
         with pytest.raises(DataError, match=f"no examples.*{re.escape(table)}"):
-          make_source(_data(source, tmp_path, on_bad_data="skip", **overrides))
+          make_source(data_config(source, tmp_path, on_bad_data="skip", **overrides))
     assert sum(int(n) for n in re.findall(r"skipped (\d+) bad entr", caplog.text)) == bad, (lines, caplog.text)
   text = path.read_bytes()
   for trial in range(10):
     path.write_bytes(rng.bytes(int(rng.integers(1, 300))) if trial % 2 else text[:rng.integers(0, len(text))])
     for policy in ("error", "skip"):
       try:
-        make_source(_data(source, tmp_path, on_bad_data=policy, **overrides))
+        make_source(data_config(source, tmp_path, on_bad_data=policy, **overrides))
       except DataError as e:
         assert table in str(e), str(e)
 
@@ -401,8 +393,8 @@ def test_tfds_labels_are_range_checked_and_bad_records_named(tmp_path, monkeypat
   data_dir = str(tmp_path / "tfds")
   export.export_per_covid19(str(tmp_path / "pc"), num_subjects=2, image_size=32, num_val_subjects=0)
   export.export_covid_ct(str(tmp_path / "ct"), num_subjects=5, image_size=32)
-  ct_train = [os.path.basename(p) for p in make_source(_data("covid_ct", tmp_path / "ct")).paths]
-  broken = {os.path.basename(make_source(_data("per_covid19", tmp_path / "pc")).paths[0]): 120.0,
+  ct_train = [os.path.basename(p) for p in make_source(data_config("covid_ct", tmp_path / "ct")).paths]
+  broken = {os.path.basename(make_source(data_config("per_covid19", tmp_path / "pc")).paths[0]): 120.0,
             ct_train[-1]: -1}
   real_load, real_gray8, marker = FileSource.load, tfds_builders.to_gray8, np.zeros((3, 5, 1), np.uint8)
 
@@ -421,13 +413,13 @@ def test_tfds_labels_are_range_checked_and_bad_records_named(tmp_path, monkeypat
                      ("covid_ct", r"label -1 is not a class index 0..1 \(NonCOVID, COVID\)")):
     bad = next(n for n in broken if (n.startswith("Image") if name == "per_covid19" else "%" in n))
     with pytest.raises(DataError, match=rf"{re.escape(bad)} \(tfds {name} train, record \d+\): {said}"):
-      make_source(_data("tfds", data_dir, tfds_name=name))
+      make_source(data_config("tfds", data_dir, tfds_name=name))
     caplog.clear()
     with caplog.at_level("WARNING"):
-      kept = make_source(_data("tfds", data_dir, tfds_name=name, on_bad_data="skip"))
+      kept = make_source(data_config("tfds", data_dir, tfds_name=name, on_bad_data="skip"))
     assert "skipped 1 bad entry" in caplog.text and bad in caplog.text
     names = [kept.example_name(i) for i in range(len(kept))]
-    layout = make_source(_data(name, tmp_path / ("pc" if name == "per_covid19" else "ct")))
+    layout = make_source(data_config(name, tmp_path / ("pc" if name == "per_covid19" else "ct")))
     files = {os.path.basename(p): i for i, p in enumerate(layout.paths)}
     assert sorted(names) == sorted(set(files) - {bad}) and (name == "per_covid19" or ct_train[0] in names)
     for i, n in enumerate(names):  # each kept record still reads its own image and label

@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxflax.config import base_config
 from cxflax.data import export
 from cxflax.data.images import read_dicom, read_image
 from cxflax.data.phantom import CXR_CLASS_NAMES, Phantom
 from cxflax.data.sources import FLANNEL_CLASSES, PhantomSource, known_sources, make_source, register
 from cxflax.errors import ConfigError, DataError
-
-
-def _data(source, root, **kw):
-  d = base_config().data
-  d.source, d.root = source, str(root)
-  for k, v in kw.items():
-    d[k] = v
-  return d
+from tests.conftest import data_config
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +40,11 @@ def test_per_covid19_challenge_and_original_release(layouts):
   truth = Phantom("ct", 6, 32, seed=3)
   expected = np.array([truth.percentage(i) for i in range(len(truth))], np.float32)
   for key in ("per_covid19", "per_covid19_original"):
-    src = make_source(_data("per_covid19", layouts[key]))
+    src = make_source(data_config("per_covid19", layouts[key]))
     np.testing.assert_allclose(src.labels(), expected, atol=1e-4)
     assert src.subjects() == [f"phantom{truth.subject(i):05d}" for i in range(len(truth))]
     np.testing.assert_array_equal(src.load(3)["image"], truth[3]["image"])
-  val = make_source(_data("per_covid19", layouts["per_covid19"]), "val")
+  val = make_source(data_config("per_covid19", layouts["per_covid19"]), "val")
   assert len(val) == len(Phantom("ct", 2, 32, seed=4))
 
 
@@ -60,8 +52,8 @@ def test_per_covid19_challenge_and_original_release(layouts):
     ("covidx", ("normal", "pneumonia", "COVID-19")),
     ("covidx4", ("normal", "bacteria", "viral", "COVID-19"))])
 def test_covidx_three_and_four_classes(layouts, key, classes):
-  src = make_source(_data("covidx", layouts[key]))
-  test = make_source(_data("covidx", layouts[key]), "test")
+  src = make_source(data_config("covidx", layouts[key]))
+  test = make_source(data_config("covidx", layouts[key]), "test")
   assert src.class_names == classes and test.class_names == classes
   truth = Phantom("cxr", 24, 32, (1, 2), seed=3)
   by_subject = {f"phantom{s:05d}": CXR_CLASS_NAMES[truth.subject_class(s)] for s in range(24)}
@@ -76,7 +68,7 @@ def test_covidx_three_and_four_classes(layouts, key, classes):
 
 
 def test_covid_ct_splits_and_percent_names(layouts):
-  d = _data("covid_ct", layouts["covid_ct"])
+  d = data_config("covid_ct", layouts["covid_ct"])
   splits = {s: make_source(d, s) for s in ("train", "val", "test")}
   assert all(len(s) > 0 for s in splits.values())
   assert any("%" in p for p in splits["train"].paths)
@@ -89,7 +81,7 @@ def test_covid_ct_splits_and_percent_names(layouts):
 
 
 def test_flannel_uses_ap_pa_xrays_and_kaggle_names(layouts):
-  src = make_source(_data("flannel", layouts["flannel"]))
+  src = make_source(data_config("flannel", layouts["flannel"]))
   assert src.class_names == FLANNEL_CLASSES
   assert not any("lateral" in p or p.endswith("ct.png") for p in src.paths)
   for path, label in zip(src.paths, src.labels()):
@@ -104,13 +96,13 @@ def test_flannel_uses_ap_pa_xrays_and_kaggle_names(layouts):
 
 
 def test_folder_and_csv(layouts):
-  folder = make_source(_data("folder", layouts["folder"]))
+  folder = make_source(data_config("folder", layouts["folder"]))
   assert folder.class_names == tuple(sorted(CXR_CLASS_NAMES))
-  ordered = make_source(_data("folder", layouts["folder"], class_names=CXR_CLASS_NAMES))
+  ordered = make_source(data_config("folder", layouts["folder"], class_names=CXR_CLASS_NAMES))
   assert ordered.class_names == CXR_CLASS_NAMES
   for p, label in zip(ordered.paths, ordered.labels()):
     assert os.path.basename(os.path.dirname(p)) == CXR_CLASS_NAMES[label]
-  table = make_source(_data("csv", layouts["csv"], train_file="train.csv", class_names=CXR_CLASS_NAMES))
+  table = make_source(data_config("csv", layouts["csv"], train_file="train.csv", class_names=CXR_CLASS_NAMES))
   truth = Phantom("cxr", 12, 32, (1, 2), seed=3)
   assert [CXR_CLASS_NAMES[v] for v in table.labels()] == [
       CXR_CLASS_NAMES[truth.subject_class(truth.subject(i))] for i in range(len(truth))]
@@ -120,7 +112,7 @@ def test_csv_regression_labels(tmp_path):
   (tmp_path / "a.png").write_bytes(b"")
   Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
   (tmp_path / "t.csv").write_text("image,target\na.png,12.5\na.png,0\n")
-  src = make_source(_data("csv", tmp_path, train_file="t.csv"))
+  src = make_source(data_config("csv", tmp_path, train_file="t.csv"))
   assert src.task == "regression" and list(src.labels()) == [12.5, 0.0]
 
 
@@ -137,10 +129,10 @@ def test_missing_file_errors_or_is_skipped_and_counted(layouts, tmp_path, caplog
   root = _broken_copy(layouts, tmp_path)
   (root / "Train" / "Image_00002.png").unlink()
   with pytest.raises(DataError, match=r"missing.*Image_00002\.png \(Train\.csv line 3\)"):
-    make_source(_data("per_covid19", root))
-  full = len(make_source(_data("per_covid19", layouts["per_covid19"])))
+    make_source(data_config("per_covid19", root))
+  full = len(make_source(data_config("per_covid19", layouts["per_covid19"])))
   with caplog.at_level("WARNING"):
-    src = make_source(_data("per_covid19", root, on_bad_data="skip"))
+    src = make_source(data_config("per_covid19", root, on_bad_data="skip"))
   assert len(src) == full - 1
   assert "skipped 1 bad entry" in caplog.text and "Image_00002.png" in caplog.text
 
@@ -152,15 +144,15 @@ def test_percentage_out_of_range_and_unknown_class(layouts, tmp_path):
   lines[1] = f"{name},120,{subject}"
   (root / "Train.csv").write_text("\n".join(lines) + "\n")
   with pytest.raises(DataError, match="Train.csv line 2: percentage 120.0 is outside 0..100"):
-    make_source(_data("per_covid19", root))
-  assert len(make_source(_data("per_covid19", root, on_bad_data="skip"))) == len(lines) - 1
+    make_source(data_config("per_covid19", root))
+  assert len(make_source(data_config("per_covid19", root, on_bad_data="skip"))) == len(lines) - 1
   cx = _broken_copy(layouts, tmp_path, "covidx")
   listing = cx / "train_COVIDx.txt"
   rows = listing.read_text().splitlines()
   rows[0] = rows[0].replace(rows[0].split()[2], "tuberculosis")
   listing.write_text("\n".join(rows) + "\n")
   with pytest.raises(DataError, match=r"train_COVIDx.txt line 1: unknown class 'tuberculosis'"):
-    make_source(_data("covidx", cx))
+    make_source(data_config("covidx", cx))
 
 
 def test_corrupt_image_found_before_training(layouts, tmp_path, caplog):
@@ -168,9 +160,9 @@ def test_corrupt_image_found_before_training(layouts, tmp_path, caplog):
   path = root / "Train" / "Image_00001.png"
   path.write_bytes(path.read_bytes()[:40])  # truncated
   with pytest.raises(DataError, match=r"Image_00001\.png.*Train\.csv line 2"):
-    make_source(_data("per_covid19", root, verify_images=True))
+    make_source(data_config("per_covid19", root, verify_images=True))
   with caplog.at_level("WARNING"):
-    src = make_source(_data("per_covid19", root, on_bad_data="skip"))
+    src = make_source(data_config("per_covid19", root, on_bad_data="skip"))
   assert not any(p.endswith("Image_00001.png") for p in src.paths)
   assert "skipped 1 bad entry" in caplog.text
 
@@ -179,16 +171,16 @@ def test_empty_split_wrong_columns_and_bad_config(tmp_path):
   (tmp_path / "Train").mkdir()
   (tmp_path / "Train.csv").write_text("Slice_Name,Covid-19_percentage,Subject\n")
   with pytest.raises(DataError, match="no examples"):
-    make_source(_data("per_covid19", tmp_path))
+    make_source(data_config("per_covid19", tmp_path))
   (tmp_path / "Train.csv").write_text("Slice_Name,Score\nx.png,3\n")
   with pytest.raises(DataError, match=r"lacks column\(s\) \['Covid-19_percentage', 'Subject'\]"):
-    make_source(_data("per_covid19", tmp_path))
+    make_source(data_config("per_covid19", tmp_path))
   with pytest.raises(ConfigError, match="unknown data source 'imagenet'"):
-    make_source(_data("imagenet", tmp_path))
+    make_source(data_config("imagenet", tmp_path))
   with pytest.raises(ConfigError, match="on_bad_data"):
-    make_source(_data("per_covid19", tmp_path, on_bad_data="ignore"))
+    make_source(data_config("per_covid19", tmp_path, on_bad_data="ignore"))
   with pytest.raises(DataError, match="no validation split"):
-    make_source(_data("covidx", tmp_path), "val")
+    make_source(data_config("covidx", tmp_path), "val")
 
 
 # --- DICOM ---------------------------------------------------------------------------------------
@@ -265,7 +257,7 @@ def test_unknown_layout_lists_the_registered_ones_and_a_name_registers_once(monk
   from cxflax.data.sources import registry
   with pytest.raises(ConfigError, match=r"^config.data.source: unknown data source 'imagenet'; use one of "
                      + ", ".join(LAYOUT_NAMES) + "$"):
-    make_source(_data("imagenet", ""))
+    make_source(data_config("imagenet", ""))
   csv_factory = registry.SOURCES.get("csv")
   with pytest.raises(ValueError, match=r"data source 'csv' is registered twice \(cxflax.data.sources.csv "
                      r"and tests.test_sources\)"):
@@ -282,10 +274,10 @@ def test_unknown_layout_lists_the_registered_ones_and_a_name_registers_once(monk
     opened.append((split, unlabeled_ok))
     return PhantomSource("ct", 2, 16, (1, 1), seed=0)
 
-  src = make_source(_data("toy", ""), "val", unlabeled_ok=True)
+  src = make_source(data_config("toy", ""), "val", unlabeled_ok=True)
   assert opened == [("val", True)] and isinstance(src, PhantomSource) and len(src) == 2
   with pytest.raises(ConfigError, match=r"use one of .*per_covid19, phantom, tfds, toy$"):
-    make_source(_data("imagenet", ""))
+    make_source(data_config("imagenet", ""))
 
 
 @pytest.mark.parametrize("first", ["cxflax.data.phantom", "cxflax.data.sources.per_covid19",
