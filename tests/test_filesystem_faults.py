@@ -45,13 +45,14 @@ def _no_data_loading(monkeypatch):
   shows that it came first."""
   def loaded(*args, **kwargs):
     raise AssertionError("data was loaded before the workdir was checked")
-  from cxflax.train import evaluate, lr_find, predict, train
+  from cxflax.train import evaluate, explain, lr_find, predict, train
   for module, name in ((train, "create_input"), (train, "pseudo_labelled"), (evaluate, "create_input"),
-                       (lr_find, "create_input"), (predict, "make_source"), (predict, "image_folder")):
+                       (lr_find, "create_input"), (predict, "make_source"), (predict, "image_folder"),
+                       (explain, "image_folder"), (explain.build, "load_run")):
     monkeypatch.setattr(module, name, loaded)
 
 
-@pytest.mark.parametrize("mode", ["train", "cv", "eval", "predict", "lr_find", "describe"])
+@pytest.mark.parametrize("mode", ["train", "cv", "eval", "predict", "lr_find", "describe", "explain"])
 def test_an_uncreatable_workdir_is_refused_before_any_data_is_read(tmp_path, monkeypatch, mode):
   _no_data_loading(monkeypatch)
   blocker = tmp_path / "a_file"
