@@ -72,6 +72,7 @@ def stage_settings(c: ml_collections.ConfigDict) -> dict:
   s.update({f"predict.{k}": json_ready(v) for k, v in c.predict.items()})
   s["round_predictions"], s["keep_checkpoints"] = c.round_predictions, c.keep_checkpoints
   s.update({f"lr_find.{k}": json_ready(v) for k, v in c.lr_find.items()})
+  s.update({f"{group}.{k}": json_ready(v) for group in ("eval", "explain") for k, v in c[group].items()})
   if c.pseudo_label.runs:
     s.update({f"pseudo_label.{k}": json_ready(v) for k, v in c.pseudo_label.items()})
   return s
