@@ -41,7 +41,7 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
   config = config_lib.finalize(config)
   workdir = prepare_workdir(workdir)
   run = build.load_run(checkpoint or workdir)
-  if run.meta["task"] not in ("regression", "classification"):
+  if run.meta["task"] not in EXPLAINED_TASKS:
     raise ConfigError(f"--mode=explain: {run.path} is a {run.meta['task']} run; saliency maps explain "
                       "a regressed value or a class")
   e = config.explain
@@ -54,7 +54,7 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
   class_names = list(run.meta.get("class_names") or [])
   target = _target(e.target, class_names)
   mask_last = isinstance(run.model, PatchClassifier)
-  compute = jax.jit(lambda v, x: saliency.saliency(run.model, v, x, target, e.layer))
+  compute = saliency_function(run.model, target, e.layer)
   batches = pipeline.eval_dataset(source, indices, pp=run.config.data.eval_pp,
                                   global_batch=min(config.eval_batch_size, len(indices)))
   out_dir = os.path.join(workdir, "explain")
@@ -66,10 +66,8 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
     result = jax.device_get(compute(run.variables, images))
     for j in np.flatnonzero(np.asarray(batch["valid"]) > 0):
       name = source.example_name(int(batch["index"][j]))
-      shown = images[j, ..., :-1] if mask_last else images[j]
+      overlay, row = draw_saliency(result, images, batch["label"], j, class_names, mask_last, e.alpha)
       heat = np.asarray(result["map"][j], np.float64)
-      title, row = _describe(result, j, batch["label"][j], class_names)
-      overlay = render_overlay(shown, heat, title, e.alpha)
       png = _png_name(name)
       if png in used:  # two images of one name (classes' folders): the second keeps its index
         png = f"{os.path.splitext(png)[0]}_{int(batch['index'][j])}.png"
@@ -87,6 +85,43 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
   writer.flush()
   announce(f"Saliency overlays of {len(rows)} images (checkpoint {run.path}) written to {out_dir}")
   return out_dir
+
+
+EXPLAINED_TASKS = ("regression", "classification")  # a map explains a regressed value or a class
+
+
+def saliency_function(model, target: saliency.Target = None, layer: str = ""):
+  """(variables, images) -> saliency.saliency's dict, compiled once for every batch of one shape:
+  the one way explain, the evaluation report and training's TensorBoard grid compute maps."""
+  return jax.jit(lambda v, x: saliency.saliency(model, v, x, target, layer))
+
+
+def draw_saliency(result: dict, images: np.ndarray, labels, j: int, class_names: list[str],
+                  mask_last: bool, alpha: float = 0.4) -> tuple[np.ndarray, list[str]]:
+  """(overlay picture, CSV row's true, predicted, explained, probability) of example j of a batch
+  and its saliency `result`; a patch classifier's image is shown without its lung-mask channel."""
+  shown = images[j, ..., :-1] if mask_last else images[j]
+  title, row = _describe(result, j, labels[j], class_names)
+  return render_overlay(shown, np.asarray(result["map"][j], np.float64), title, alpha), row
+
+
+def report_saliency(model, variables, source, pp: str, layer: str = ""):
+  """The evaluation report's saliency hook (report.Saliency) for a regression or classification
+  model: Grad-CAM (probabilistic for a patch classifier) of the predicted value or class of the
+  given eval-source examples, preprocessed by `pp` as evaluated, in one compiled call. The
+  variables are copied to this host first: only process 0 writes the report, so the call must
+  not span other processes' devices."""
+  compute = saliency_function(model, None, layer)
+  host = jax.device_get(variables)
+
+  def maps(indices: np.ndarray) -> list[np.ndarray]:
+    [batch] = list(pipeline.eval_dataset(source, indices, pp=pp, global_batch=len(indices)))
+    result = jax.device_get(compute(host, np.asarray(batch["image"])))
+    by_index = {int(i): np.asarray(m, np.float64)
+                for i, m, ok in zip(batch["index"], result["map"], batch["valid"]) if ok}
+    return [by_index[int(i)] for i in indices]
+
+  return maps
 
 
 def _chosen(source, candidates: np.ndarray, e, where: str) -> np.ndarray:
