@@ -180,18 +180,19 @@ def _png_name(name: str) -> str:
   return f"{stem}.png"
 
 
-def render_overlay(image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.4) -> np.ndarray:
+def render_overlay(image: np.ndarray, heat: np.ndarray | None, title: str, alpha: float = 0.4) -> np.ndarray:
   """(H', W', 3) uint8 picture: `image` (H, W, C) as the model saw it, in grayscale (its channel
-  mean, scaled to its own range), under `heat` (H, W) — the map at the image's size — in the jet
-  colour map scaled to the map's maximum, with `title` above."""
+  mean, scaled to its own range), under `heat` (H, W) — the map at the image's size, or a mask —
+  in the jet colour map scaled to the map's maximum (None: the image alone), with `title` above."""
   gray = np.asarray(image, np.float64).mean(axis=-1)
   gray = (gray - gray.min()) / max(gray.max() - gray.min(), 1e-12)
   fig = Figure(figsize=(4, 4.5), dpi=100)
   canvas = FigureCanvasAgg(fig)
   ax = fig.add_axes((0.02, 0.02, 0.96, 0.84))
   ax.imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-  ax.imshow(heat / max(float(heat.max()), 1e-12), cmap="jet", vmin=0, vmax=1, alpha=alpha,
-            interpolation="nearest")
+  if heat is not None:
+    ax.imshow(heat / max(float(heat.max()), 1e-12), cmap="jet", vmin=0, vmax=1, alpha=alpha,
+              interpolation="nearest")
   ax.set_axis_off()
   fig.suptitle(title, fontsize=9, y=0.97)
   canvas.draw()
