@@ -162,7 +162,7 @@ def test_eval_report_of_a_regression_run(tiny_run, tmp_path, monkeypatch):
   drawn = []
 
   def plot_examples(images, titles, maps):
-    drawn.append(maps)
+    drawn.append((images, maps))
     return real(images, titles, maps)
 
   real = report.plot_examples
@@ -208,7 +208,7 @@ def _check_worst_maps(workdir, source, fold, worst: list[str], drawn: list) -> N
   from cxflax.data.transforms import Preprocess
   from cxflax.models.saliency import saliency
   from cxflax.train.build import load_run
-  [maps] = drawn
+  [(shown, maps)] = drawn
   by_name = {source.example_name(int(i)): int(i) for i in fold}
   run = load_run(str(workdir))
   pp = Preprocess(run.config.data.eval_pp)
@@ -218,6 +218,10 @@ def _check_worst_maps(workdir, source, fold, worst: list[str], drawn: list) -> N
   assert len(maps) == len(worst) == 3 and maps[0].shape == images.shape[1:3]
   assert expected.max() > 0  # a map with something in it, not only the ReLU's zeros
   np.testing.assert_allclose(np.stack(maps), expected, rtol=1e-3, atol=1e-4 * expected.max())
+  # Drawn over the images as evaluated, in grayscale (display_image stretches each to [0, 1]).
+  gray = images.mean(-1)
+  lo, hi = gray.min(axis=(1, 2), keepdims=True), gray.max(axis=(1, 2), keepdims=True)
+  np.testing.assert_allclose(np.stack(shown), (gray - lo) / (hi - lo), atol=1e-5)
 
 
 def test_eval_report_of_a_classification_run(tmp_path):
@@ -263,7 +267,7 @@ def test_segmentation_report_files_and_saliency_hook(tmp_path):
 
   def saliency(indices):
     seen.append(list(indices))
-    return [np.outer(np.arange(8), np.arange(8)) for _ in indices]
+    return [(source.load(int(i))["image"], np.outer(np.arange(8), np.arange(8))) for i in indices]
 
   data = report.write_report(str(tmp_path), "segmentation", result, source, ("background", "lung"),
                              {"jaccard": 0.5}, summary={"model": "fc_densenet"}, samples=50, worst=2,

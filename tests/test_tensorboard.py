@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import types
 
+import flax.linen as nn
 import numpy as np
 from PIL import Image
 
+from cxflax.models.patches import PatchClassifier
 from cxflax.train import train
 from cxflax.train.explain import render_overlay
 
@@ -55,6 +57,22 @@ def test_training_writes_inputs_and_saliency_grids(tiny_run):
   assert np.ptp(inputs.astype(int), axis=-1).max() <= 2  # the inputs are shown alone, in gray
 
 
+def _assert_top_left_marked(picture):
+  """An overlay whose mask covers the image's top-left quadrant: jet's red there, its blue in the
+  bottom-right (at opacity 0.4 over the gray image)."""
+  picture = picture.astype(float)
+  drawn = (picture < 250).any(-1)
+  rows = np.flatnonzero(drawn.mean(1) > 0.5)
+  cols = np.flatnonzero(drawn[rows].mean(0) > 0.5)
+
+  def at(f):  # mean colour around a point a fraction f down and across the drawn image
+    r, c = int(rows[0] + f * (rows[-1] - rows[0])), int(cols[0] + f * (cols[-1] - cols[0]))
+    return picture[r - 3:r + 4, c - 3:c + 4].reshape(-1, 3).mean(0)
+
+  hot, cold = at(0.25), at(0.75)
+  assert hot[0] > hot[2] + 30 and cold[2] > cold[0] + 30
+
+
 class _Writer:
   def __init__(self):
     self.images = []
@@ -68,9 +86,10 @@ def _run(n, model=None, class_names=None):
                                class_names=class_names, writer=_Writer())
 
 
-def test_input_grid_draws_a_segmentation_mask_and_labels():
+def test_input_grid_draws_masks():
   """A segmentation batch's mask is drawn over its image (jet's red where the mask is, its blue
-  elsewhere); a classification batch's images are shown alone, in gray; 0 writes nothing."""
+  elsewhere), and a patch classifier's lung-mask channel over its image channels; a classification
+  batch's images are shown alone, in gray; 0 writes nothing."""
   rng = np.random.default_rng(0)
   image = rng.uniform(0.3, 0.7, (3, 32, 32, 3)).astype(np.float32)
   masks = np.zeros((3, 32, 32), np.int32)
@@ -81,23 +100,20 @@ def test_input_grid_draws_a_segmentation_mask_and_labels():
   grid = written["train/inputs"]
   h, w, _ = render_overlay(image[0], None, "t").shape
   assert step == 7 and grid.shape == (1, h, 2 * w, 3)
-  picture = grid[0, :, :w].astype(float)
-  drawn = (picture < 250).any(-1)
-  rows = np.flatnonzero(drawn.mean(1) > 0.5)
-  cols = np.flatnonzero(drawn[rows].mean(0) > 0.5)
-
-  def at(f):  # mean colour around a point a fraction f down and across the drawn image
-    r, c = int(rows[0] + f * (rows[-1] - rows[0])), int(cols[0] + f * (cols[-1] - cols[0]))
-    return picture[r - 3:r + 4, c - 3:c + 4].reshape(-1, 3).mean(0)
-
-  hot, cold = at(0.25), at(0.75)
-  assert hot[0] > hot[2] + 30 and cold[2] > cold[0] + 30  # jet's top and bottom at opacity 0.4
+  _assert_top_left_marked(grid[0, :, :w])
   cls = _run(3, class_names=("normal", "covid19"))
   train._write_inputs(cls, {"image": image, "label": np.array([1, 0, 1])}, 1)
   [(_, written)] = cls.writer.images
   grid = written["train/inputs"]
   assert grid.shape == (1, h, 3 * w, 3)
   assert np.abs(grid[0].astype(int) - grid[0].mean(-1, keepdims=True)).max() <= 2  # gray: no map
+  # A patch classifier's input: image channels and the lung mask last, drawn over them.
+  patches = _run(1, model=PatchClassifier(nn.Dense(2)), class_names=("normal", "covid19"))
+  with_mask = np.concatenate([image, masks[..., None].astype(np.float32)], -1)
+  train._write_inputs(patches, {"image": with_mask, "label": np.array([1, 0, 1])}, 1)
+  [(_, written)] = patches.writer.images
+  assert written["train/inputs"].shape == (1, h, w, 3)
+  _assert_top_left_marked(written["train/inputs"][0])
   off = _run(0)
   train._write_inputs(off, {"image": image, "label": masks}, 1)
   assert off.writer.images == []

@@ -107,18 +107,22 @@ def draw_saliency(result: dict, images: np.ndarray, labels, j: int, class_names:
 
 def report_saliency(model, variables, source, pp: str, layer: str = ""):
   """The evaluation report's saliency hook (report.Saliency) for a regression or classification
-  model: Grad-CAM (probabilistic for a patch classifier) of the predicted value or class of the
-  given eval-source examples, preprocessed by `pp` as evaluated, in one compiled call. The
-  variables are copied to this host first: only process 0 writes the report, so the call must
-  not span other processes' devices."""
+  model: (image, map) of the given eval-source examples, preprocessed by `pp` as evaluated (in
+  grayscale, as render_overlay shows it: its channel mean, a patch classifier's lung mask left
+  out), and its Grad-CAM (probabilistic for a patch classifier) of the predicted value or class,
+  all in one compiled call. The variables are copied to this host first: only process 0 writes
+  the report, so the call must not span other processes' devices."""
   compute = saliency_function(model, None, layer)
+  mask_last = isinstance(model, PatchClassifier)
   host = jax.device_get(variables)
 
-  def maps(indices: np.ndarray) -> list[np.ndarray]:
+  def maps(indices: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     [batch] = list(pipeline.eval_dataset(source, indices, pp=pp, global_batch=len(indices)))
-    result = jax.device_get(compute(host, np.asarray(batch["image"])))
-    by_index = {int(i): np.asarray(m, np.float64)
-                for i, m, ok in zip(batch["index"], result["map"], batch["valid"]) if ok}
+    images = np.asarray(batch["image"])
+    result = jax.device_get(compute(host, images))
+    shown = (images[..., :-1] if mask_last else images).mean(-1)
+    by_index = {int(i): (shown[j], np.asarray(result["map"][j], np.float64))
+                for j, i in enumerate(batch["index"]) if batch["valid"][j]}
     return [by_index[int(i)] for i in indices]
 
   return maps
