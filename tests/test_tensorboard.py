@@ -9,6 +9,7 @@ import types
 
 import flax.linen as nn
 import numpy as np
+import pytest
 from PIL import Image
 
 from cxflax.models.patches import PatchClassifier
@@ -117,3 +118,20 @@ def test_input_grid_draws_masks():
   off = _run(0)
   train._write_inputs(off, {"image": image, "label": masks}, 1)
   assert off.writer.images == []
+
+
+def test_no_saliency_grid_when_off_or_for_segmentation():
+  """tensorboard_images=0, or a task without Grad-CAM (segmentation, embeddings): no evaluation
+  examples are prepared and each evaluation writes no picture."""
+  from cxflax.config import finalize
+  from cxflax.errors import ConfigError
+  from tests.conftest import load_config
+  stage = types.SimpleNamespace(inp=types.SimpleNamespace(eval_indices=np.arange(5)))
+  for n, task in ((0, "regression"), (4, "segmentation"), (4, "embedding")):
+    run = _run(n)
+    run.task = types.SimpleNamespace(name=task)
+    pictures = train._EvalPictures(run, stage)
+    pictures.write(3, None)
+    assert pictures.batch is None and run.writer.images == []
+  with pytest.raises(ConfigError, match="config.tensorboard_images must be >= 0, got -1"):
+    finalize(load_config("resnest.py:runlocal", "--config.tensorboard_images=-1"))

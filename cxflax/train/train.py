@@ -293,7 +293,8 @@ class _EvalPictures:
   """At each evaluation, TensorBoard's grid (eval/saliency) of the first config.tensorboard_images
   evaluation examples with prediction, label and Grad-CAM map (explain.py's; regression and
   classification only). The examples are preprocessed and the map function compiled once per
-  stage; process 0 alone computes them, on a host copy of the replicated variables, and writes."""
+  stage; process 0 alone computes them (on a host copy of the replicated variables where there are
+  several processes) and writes."""
 
   def __init__(self, run: _Run, stage: _Stage):
     inp, self.run, self.batch = stage.inp, run, None
@@ -306,7 +307,9 @@ class _EvalPictures:
     if self.batch is None:
       return
     run, images = self.run, np.asarray(self.batch["image"])
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if jax.process_count() > 1:  # a call on them would span the other processes' devices
+      variables = jax.device_get(variables)
     result = jax.device_get(self.compute(variables, images))
     mask_last = isinstance(run.model, PatchClassifier)
     pictures = [draw_saliency(result, images, self.batch["label"], j, list(run.class_names or []), mask_last,
