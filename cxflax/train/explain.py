@@ -10,6 +10,10 @@ handful of images; every process computes them, process 0 writes), and each is s
 maximum for display; the CSV keeps the maximum. Grad-CAM keeps the activations for a backward
 pass, and a patch classifier's batch is B·K patches: lower config.eval_batch_size if it does not
 fit the device.
+
+The map function (saliency_function) and the overlay (draw_saliency, render_overlay) are also
+those of the evaluation report's worst examples (report_saliency, --mode=eval) and of training's
+TensorBoard grids (train.py): one way to compute and draw a map.
 """
 
 from __future__ import annotations
