@@ -147,6 +147,10 @@ def base_config(plain: bool = False) -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1
   c.checkpoint_every_epochs = 1
   c.keep_checkpoints = 3
+  # TensorBoard pictures while training: a grid of this many augmented inputs of each stage's first
+  # batch, and at each evaluation one of this many evaluation examples with their Grad-CAM maps
+  # (regression and classification); 0: neither.
+  c.tensorboard_images = 4
   # A checkpoint made by another run (resume, eval, predict; checkpoint.RUN_FIELDS: model, head,
   # task, class names and their order, the stage's image size, number of stages, optimizer):
   # 'error' refuses it, listing every difference; 'accept' only logs them. Variables or an
@@ -393,6 +397,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need("append_mask" in config.data.train_pp and "append_mask" in config.data.eval_pp,
          "config.patches.num > 0: the patch classifier samples patches inside the lung mask, which "
          "both preprocessing specs must end with ('...|append_mask(\'lung_mask\')')")
+  need(config.tensorboard_images >= 0, f"config.tensorboard_images must be >= 0, got {config.tensorboard_images}")
   for key in ("batch_size", "eval_batch_size"):
     need(config[key] > 0, f"config.{key} must be positive, got {config[key]}")
   if config.init_from and not os.path.exists(config.init_from):

@@ -155,11 +155,21 @@ def _check_page(workdir, pngs: tuple[str, ...]) -> str:
   return page
 
 
-def test_eval_report_of_a_regression_run(tiny_run, tmp_path):
+def test_eval_report_of_a_regression_run(tiny_run, tmp_path, monkeypatch):
   """predictions.csv has the evaluated examples (names, subjects and labels of the held-out fold;
-  the MAE recomputed from it is eval_metrics.json's); report.json's MAE and RMSE are too."""
+  the MAE recomputed from it is eval_metrics.json's); report.json's MAE and RMSE are too; the maps
+  drawn over the worst examples are Grad-CAM's."""
+  drawn = []
+
+  def plot_examples(images, titles, maps):
+    drawn.append((images, maps))
+    return real(images, titles, maps)
+
+  real = report.plot_examples
+  monkeypatch.setattr(report, "plot_examples", plot_examples)
   wd = tmp_path / "eval"
-  run = run_main(wd, *TINY_RUN, "--config.eval.bootstrap_samples=200", mode="eval", checkpoint=tiny_run[0])
+  run = run_main(wd, *TINY_RUN, "--config.eval.bootstrap_samples=200", "--config.eval.worst=3", mode="eval",
+                 checkpoint=tiny_run[0])
   assert f"; report: {wd / 'report.html'}" in run.stdout
   ev = read_json(wd, "eval_metrics.json")
   rows = _rows(wd / "predictions.csv")
@@ -181,11 +191,37 @@ def test_eval_report_of_a_regression_run(tiny_run, tmp_path):
   page = _check_page(wd, ("scatter.png", "bland_altman.png"))
   assert f"{rep['mae']['value']:.3f} [{rep['mae']['low']:.3f}, {rep['mae']['high']:.3f}]" in page
   assert "resnet10t" in page and "Error by severity category" in page
+  assert "saliency maps over the images" in page
+  _check_worst_maps(tiny_run[0], source, fold, [w["name"] for w in read_json(wd, "report", "report.json")["worst"]],
+                    drawn)
   # Without the report: eval_metrics.json alone, the same.
   off = tmp_path / "off"
   run = run_main(off, *TINY_RUN, "--config.eval.report=False", mode="eval", checkpoint=tiny_run[0])
   assert sorted(os.listdir(off)) == ["eval_metrics.json"] and "report:" not in run.stdout
   assert read_json(off, "eval_metrics.json") == ev
+
+
+def _check_worst_maps(workdir, source, fold, worst: list[str], drawn: list) -> None:
+  """The maps --mode=eval drew over the worst examples (its saliency hook) are those a direct
+  saliency() call gives for those images, each preprocessed on its own as evaluated."""
+  import jax
+  from cxflax.data.transforms import Preprocess
+  from cxflax.models.saliency import saliency
+  from cxflax.train.build import load_run
+  [(shown, maps)] = drawn
+  by_name = {source.example_name(int(i)): int(i) for i in fold}
+  run = load_run(str(workdir))
+  pp = Preprocess(run.config.data.eval_pp)
+  images = np.stack([pp.random_map(dict(source.load(by_name[n])), np.random.default_rng(0))["image"]
+                     for n in worst])
+  expected = np.asarray(jax.device_get(saliency(run.model, run.variables, images)["map"]))
+  assert len(maps) == len(worst) == 3 and maps[0].shape == images.shape[1:3]
+  assert expected.max() > 0  # a map with something in it, not only the ReLU's zeros
+  np.testing.assert_allclose(np.stack(maps), expected, rtol=1e-3, atol=1e-4 * expected.max())
+  # Drawn over the images as evaluated, in grayscale (display_image stretches each to [0, 1]).
+  gray = images.mean(-1)
+  lo, hi = gray.min(axis=(1, 2), keepdims=True), gray.max(axis=(1, 2), keepdims=True)
+  np.testing.assert_allclose(np.stack(shown), (gray - lo) / (hi - lo), atol=1e-5)
 
 
 def test_eval_report_of_a_classification_run(tmp_path):
@@ -231,7 +267,7 @@ def test_segmentation_report_files_and_saliency_hook(tmp_path):
 
   def saliency(indices):
     seen.append(list(indices))
-    return [np.outer(np.arange(8), np.arange(8)) for _ in indices]
+    return [(source.load(int(i))["image"], np.outer(np.arange(8), np.arange(8))) for i in indices]
 
   data = report.write_report(str(tmp_path), "segmentation", result, source, ("background", "lung"),
                              {"jaccard": 0.5}, summary={"model": "fc_densenet"}, samples=50, worst=2,
@@ -245,3 +281,4 @@ def test_segmentation_report_files_and_saliency_hook(tmp_path):
   assert not os.path.exists(tmp_path / "predictions.csv")
   page = _check_page(tmp_path, ("overlap.png",))
   assert "saliency maps over the images" in page
+

@@ -17,6 +17,7 @@ from cxflax.data.pipeline import create_input
 from cxflax.errors import CheckpointError, WorkdirError
 from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
+from cxflax.train import explain
 from cxflax.train import metrics as metrics_lib
 from cxflax.train import report as report_lib
 from cxflax.train import tasks
@@ -30,7 +31,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
              saliency: report_lib.Saliency | None = None) -> dict:
   """Restores the latest checkpoint of workdir (or `checkpoint`) and evaluates it on config's
   evaluation split; writes eval_metrics.json in workdir and, with config.eval.report, the
-  evaluation report (cxflax/train/report.py; `saliency` maps drawn over its worst examples)."""
+  evaluation report (cxflax/train/report.py; `saliency` maps drawn over its worst examples: by
+  default Grad-CAM of a regression or classification model, none for other tasks)."""
   config = config_lib.finalize(config)
   workdir = prepare_workdir(workdir)
   mesh = parallel.make_mesh()
@@ -61,6 +63,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | 
                                             "baseline": base, "num_examples": int(len(result["label"]))})
   report = {}
   if config.eval.report and jax.process_index() == 0:
+    if saliency is None and task.name in explain.EXPLAINED_TASKS:  # not embeddings, not segmentation
+      saliency = explain.report_saliency(model, variables, inp.eval_source, inp.eval_pp, config.explain.layer)
     summary = {"checkpoint": where, "step": step, "stage": stage, "task": task.name, "model": config.model,
                "head": config.head, "loss": config.loss.name, "data": config.data.source,
                "evaluated on": (f"fold {config.fold} of {config.num_folds}" if config.data.eval_split == "fold"

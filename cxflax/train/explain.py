@@ -10,6 +10,10 @@ handful of images; every process computes them, process 0 writes), and each is s
 maximum for display; the CSV keeps the maximum. Grad-CAM keeps the activations for a backward
 pass, and a patch classifier's batch is B·K patches: lower config.eval_batch_size if it does not
 fit the device.
+
+The map function (saliency_function) and the overlay (draw_saliency, render_overlay) are also
+those of the evaluation report's worst examples (report_saliency, --mode=eval) and of training's
+TensorBoard grids (train.py): one way to compute and draw a map.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
   config = config_lib.finalize(config)
   workdir = prepare_workdir(workdir)
   run = build.load_run(checkpoint or workdir)
-  if run.meta["task"] not in ("regression", "classification"):
+  if run.meta["task"] not in EXPLAINED_TASKS:
     raise ConfigError(f"--mode=explain: {run.path} is a {run.meta['task']} run; saliency maps explain "
                       "a regressed value or a class")
   e = config.explain
@@ -54,7 +58,7 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
   class_names = list(run.meta.get("class_names") or [])
   target = _target(e.target, class_names)
   mask_last = isinstance(run.model, PatchClassifier)
-  compute = jax.jit(lambda v, x: saliency.saliency(run.model, v, x, target, e.layer))
+  compute = saliency_function(run.model, target, e.layer)
   batches = pipeline.eval_dataset(source, indices, pp=run.config.data.eval_pp,
                                   global_batch=min(config.eval_batch_size, len(indices)))
   out_dir = os.path.join(workdir, "explain")
@@ -66,10 +70,8 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
     result = jax.device_get(compute(run.variables, images))
     for j in np.flatnonzero(np.asarray(batch["valid"]) > 0):
       name = source.example_name(int(batch["index"][j]))
-      shown = images[j, ..., :-1] if mask_last else images[j]
+      overlay, row = draw_saliency(result, images, batch["label"], j, class_names, mask_last, e.alpha)
       heat = np.asarray(result["map"][j], np.float64)
-      title, row = _describe(result, j, batch["label"][j], class_names)
-      overlay = render_overlay(shown, heat, title, e.alpha)
       png = _png_name(name)
       if png in used:  # two images of one name (classes' folders): the second keeps its index
         png = f"{os.path.splitext(png)[0]}_{int(batch['index'][j])}.png"
@@ -87,6 +89,47 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
   writer.flush()
   announce(f"Saliency overlays of {len(rows)} images (checkpoint {run.path}) written to {out_dir}")
   return out_dir
+
+
+EXPLAINED_TASKS = ("regression", "classification")  # a map explains a regressed value or a class
+
+
+def saliency_function(model, target: saliency.Target = None, layer: str = ""):
+  """(variables, images) -> saliency.saliency's dict, compiled once for every batch of one shape:
+  the one way explain, the evaluation report and training's TensorBoard grid compute maps."""
+  return jax.jit(lambda v, x: saliency.saliency(model, v, x, target, layer))
+
+
+def draw_saliency(result: dict, images: np.ndarray, labels, j: int, class_names: list[str],
+                  mask_last: bool, alpha: float = 0.4) -> tuple[np.ndarray, list[str]]:
+  """(overlay picture, CSV row's true, predicted, explained, probability) of example j of a batch
+  and its saliency `result`; a patch classifier's image is shown without its lung-mask channel."""
+  shown = images[j, ..., :-1] if mask_last else images[j]
+  title, row = _describe(result, j, labels[j], class_names)
+  return render_overlay(shown, np.asarray(result["map"][j], np.float64), title, alpha), row
+
+
+def report_saliency(model, variables, source, pp: str, layer: str = ""):
+  """The evaluation report's saliency hook (report.Saliency) for a regression or classification
+  model: (image, map) of the given eval-source examples, preprocessed by `pp` as evaluated (in
+  grayscale, as render_overlay shows it: its channel mean, a patch classifier's lung mask left
+  out), and its Grad-CAM (probabilistic for a patch classifier) of the predicted value or class,
+  all in one compiled call. The variables are copied to this host first: only process 0 writes
+  the report, so the call must not span other processes' devices."""
+  compute = saliency_function(model, None, layer)
+  mask_last = isinstance(model, PatchClassifier)
+  host = jax.device_get(variables)
+
+  def maps(indices: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    [batch] = list(pipeline.eval_dataset(source, indices, pp=pp, global_batch=len(indices)))
+    images = np.asarray(batch["image"])
+    result = jax.device_get(compute(host, images))
+    shown = (images[..., :-1] if mask_last else images).mean(-1)
+    by_index = {int(i): (shown[j], np.asarray(result["map"][j], np.float64))
+                for j, i in enumerate(batch["index"]) if batch["valid"][j]}
+    return [by_index[int(i)] for i in indices]
+
+  return maps
 
 
 def _chosen(source, candidates: np.ndarray, e, where: str) -> np.ndarray:
@@ -145,18 +188,19 @@ def _png_name(name: str) -> str:
   return f"{stem}.png"
 
 
-def render_overlay(image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.4) -> np.ndarray:
+def render_overlay(image: np.ndarray, heat: np.ndarray | None, title: str, alpha: float = 0.4) -> np.ndarray:
   """(H', W', 3) uint8 picture: `image` (H, W, C) as the model saw it, in grayscale (its channel
-  mean, scaled to its own range), under `heat` (H, W) — the map at the image's size — in the jet
-  colour map scaled to the map's maximum, with `title` above."""
+  mean, scaled to its own range), under `heat` (H, W) — the map at the image's size, or a mask —
+  in the jet colour map scaled to the map's maximum (None: the image alone), with `title` above."""
   gray = np.asarray(image, np.float64).mean(axis=-1)
   gray = (gray - gray.min()) / max(gray.max() - gray.min(), 1e-12)
   fig = Figure(figsize=(4, 4.5), dpi=100)
   canvas = FigureCanvasAgg(fig)
   ax = fig.add_axes((0.02, 0.02, 0.96, 0.84))
   ax.imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-  ax.imshow(heat / max(float(heat.max()), 1e-12), cmap="jet", vmin=0, vmax=1, alpha=alpha,
-            interpolation="nearest")
+  if heat is not None:
+    ax.imshow(heat / max(float(heat.max()), 1e-12), cmap="jet", vmin=0, vmax=1, alpha=alpha,
+              interpolation="nearest")
   ax.set_axis_off()
   fig.suptitle(title, fontsize=9, y=0.97)
   canvas.draw()

@@ -33,10 +33,12 @@ CLASS_STATS = ("sensitivity", "specificity", "ppv", "npv", "f1")
 # The severity bins of the regressed infection percentage (Per-COVID-19's categories, the ones
 # seed 001's folds are stratified by; cxflax/data/sources/per_covid19.py).
 SEVERITY_RANGES = ("0 %", "(0, 10] %", "(10, 25] %", "(25, 50] %", "(50, 75] %", "(75, 100] %")
-# A saliency hook: given the eval-source indices of the worst-predicted examples, one 2-D map per
-# example (any size; stretched over the image), drawn over it in the report. Grad-CAM
-# (--mode=explain) is meant to fill it; without one the images are shown alone.
-Saliency = Callable[[np.ndarray], Sequence[np.ndarray]]
+# A saliency hook: given the eval-source indices of the worst-predicted examples, one (image, map)
+# pair per example: the image as the model saw it (its preprocessing may crop the source's image,
+# which is therefore not the map's frame), shown in place of the source's, and the 2-D map of it
+# (any size; stretched over the image). --mode=eval fills it with Grad-CAM
+# (explain.report_saliency); without one the source's images are shown alone.
+Saliency = Callable[[np.ndarray], Sequence[tuple[np.ndarray, np.ndarray]]]
 
 
 # --- bootstrap ---------------------------------------------------------------------------------------
@@ -347,8 +349,11 @@ def write_report(workdir: str, task_name: str, result: dict, source, class_names
   data, plots = {"summary": summary, task_name: part.data}, dict(part.plots)
   order = np.argsort(-part.badness, kind="stable")[:worst]
   if len(order):
-    maps = saliency(index[order]) if saliency is not None else None
-    images = [display_image(source.load(int(index[i]))["image"]) for i in order]
+    if saliency is not None:
+      seen, maps = zip(*saliency(index[order]))
+      images = [display_image(image) for image in seen]
+    else:
+      maps, images = None, [display_image(source.load(int(index[i]))["image"]) for i in order]
     plots["worst.png"] = plot_examples(images, [f"{names[i]}\n{part.describe(i)}" for i in order], maps)
     data["worst"] = [{"name": names[i], "subject": subjects[i], "what": part.describe(i)} for i in order]
   for name, png in plots.items():

@@ -23,13 +23,15 @@ from clu import metric_writers, parameter_overview, periodic_actions
 
 from cxflax import config as config_lib
 from cxflax import parallel
-from cxflax.data.pipeline import Input, create_input
+from cxflax.data.pipeline import Input, create_input, eval_dataset
 from cxflax.data.sources import RelabeledSource, make_source
 from cxflax.errors import DivergenceError
+from cxflax.models.patches import PatchClassifier
 from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import metrics as metrics_lib
 from cxflax.train import optim, tasks
+from cxflax.train.explain import EXPLAINED_TASKS, draw_saliency, image_grid, render_overlay, saliency_function
 from cxflax.train.losses import class_alpha
 from cxflax.train.predict import predict_source
 from cxflax.train.scoring import run_evaluation
@@ -204,9 +206,15 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
   pending: list[tuple[int, dict]] = []  # (step, metrics) since the last log line
   unchecked: list[tuple[int, dict]] = []  # (step, metrics) not yet checked for non-finite values
   metrics, result = {}, None
+  pictures = _EvalPictures(run, stage)
+  first = True
   while step < min(stage_end, halt):
-    state, step_metrics = train_step(state, parallel.shard_batch(next(train_iter), run.mesh))
+    batch = next(train_iter)
+    state, step_metrics = train_step(state, parallel.shard_batch(batch, run.mesh))
     step += 1
+    if first:  # what this (fresh or resumed) stage trains on, once
+      _write_inputs(run, batch, step)
+      first = False
     local = step - stage_start
     pending.append((step, step_metrics))
     unchecked.append((step, step_metrics))
@@ -234,6 +242,7 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
         metrics = run.task.metrics(result, run.class_names, config.round_predictions)
       scalars = metrics_lib.scalar_metrics(metrics)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+      pictures.write(step, state)
       logging.info("epoch %.2f, step %d: %s", local / steps_per_epoch, step,
                    ", ".join(f"{k}={v:.4f}" for k, v in scalars.items() if "/" not in k))
     if save_now:
@@ -250,6 +259,62 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     announce(f"{why}; run the same command again to resume")
     return state, metrics, result, True
   return state, metrics, result, False
+
+
+def _write_inputs(run: _Run, batch: dict, step: int) -> None:
+  """TensorBoard's grid (train/inputs) of the first config.tensorboard_images inputs of a batch as
+  augmented, titled with their labels: what the model trains on. A segmentation's mask is drawn
+  over its image, and a patch classifier's lung-mask channel (where its patches are drawn from)
+  over the image channels."""
+  n = min(run.config.tensorboard_images, len(batch["image"]))
+  if not n or jax.process_index() > 0:
+    return
+  mask_last = isinstance(run.model, PatchClassifier)
+  pictures = []
+  for j in range(n):
+    image, label = np.asarray(batch["image"][j], np.float32), np.asarray(batch["label"][j])
+    if label.ndim == 2:  # segmentation: the label is the mask
+      shown, heat, title = image, label, "mask"
+    else:
+      shown, heat = (image[..., :-1], image[..., -1]) if mask_last else (image, None)
+      title = _label_text(label, run.class_names)
+    pictures.append(render_overlay(shown, heat, title))
+  run.writer.write_images(step, {"train/inputs": image_grid(pictures)[None]})
+
+
+def _label_text(label: np.ndarray, class_names) -> str:
+  value = float(label)
+  if class_names and not np.isnan(value) and 0 <= value < len(class_names):
+    return f"label {class_names[int(value)]}"
+  return f"label {value:.4g}"
+
+
+class _EvalPictures:
+  """At each evaluation, TensorBoard's grid (eval/saliency) of the first config.tensorboard_images
+  evaluation examples with prediction, label and Grad-CAM map (explain.py's; regression and
+  classification only). The examples are preprocessed and the map function compiled once per
+  stage; process 0 alone computes them (on a host copy of the replicated variables where there are
+  several processes) and writes."""
+
+  def __init__(self, run: _Run, stage: _Stage):
+    inp, self.run, self.batch = stage.inp, run, None
+    n = min(run.config.tensorboard_images, len(inp.eval_indices))
+    if n and jax.process_index() == 0 and run.task.name in EXPLAINED_TASKS:
+      [self.batch] = list(eval_dataset(inp.eval_source, inp.eval_indices[:n], pp=inp.eval_pp, global_batch=n))
+      self.compute = saliency_function(run.model, None, run.config.explain.layer)
+
+  def write(self, step: int, state) -> None:
+    if self.batch is None:
+      return
+    run, images = self.run, np.asarray(self.batch["image"])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if jax.process_count() > 1:  # a call on them would span the other processes' devices
+      variables = jax.device_get(variables)
+    result = jax.device_get(self.compute(variables, images))
+    mask_last = isinstance(run.model, PatchClassifier)
+    pictures = [draw_saliency(result, images, self.batch["label"], j, list(run.class_names or []), mask_last,
+                              run.config.explain.alpha)[0] for j in range(len(images))]
+    run.writer.write_images(step, {"eval/saliency": image_grid(pictures)[None]})
 
 
 class Preemption:

@@ -1,0 +1,137 @@
+"""What TensorBoard shows while training (cxflax/train/train.py, config.tensorboard_images): a grid
+of a stage's first augmented inputs and, at each evaluation, one of evaluation examples with their
+Grad-CAM maps; read back from the tiny run's event file."""
+
+from __future__ import annotations
+
+import io
+import types
+
+import flax.linen as nn
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxflax.models.patches import PatchClassifier
+from cxflax.train import train
+from cxflax.train.explain import render_overlay
+
+
+def _events(workdir):
+  """{tag: [(step, image (H, W, 3))]} of the images, and {tag: [steps]} of the scalars, in workdir's
+  event files (clu writes TF2 summaries: an image is a string tensor [width, height, png...])."""
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+  acc.Reload()
+  images, scalars = {}, {}
+  for tag in acc.Tags()["tensors"]:
+    for ev in acc.Tensors(tag):
+      values = ev.tensor_proto.string_val
+      if ev.tensor_proto.dtype == 7 and len(values) >= 3:  # DT_STRING: an image summary
+        width, height = int(values[0]), int(values[1])
+        pngs = [np.asarray(Image.open(io.BytesIO(v))) for v in values[2:]]
+        assert all(p.shape[:2] == (height, width) for p in pngs), tag
+        images.setdefault(tag, []).extend((ev.step, p) for p in pngs)
+      else:
+        scalars.setdefault(tag, []).append(ev.step)
+  for tag in acc.Tags()["scalars"]:
+    scalars[tag] = [ev.step for ev in acc.Scalars(tag)]
+  return images, scalars
+
+
+def test_training_writes_inputs_and_saliency_grids(tiny_run):
+  """The tiny regression run (2 epochs, evaluated after each, tensorboard_images 4 by default):
+  one grid of 4 augmented inputs at its first step, and a grid of 4 evaluation examples with maps at
+  each evaluation's step (those of its eval/ scalars), each 4 overlays of explain's size wide."""
+  images, scalars = _events(tiny_run[0])
+  assert sorted(images) == ["eval/saliency", "train/inputs"]
+  h, w, _ = render_overlay(np.zeros((32, 32, 3)), None, "t").shape
+  [(step, inputs)] = images["train/inputs"]
+  assert step == 1 and inputs.shape == (h, 4 * w, 3)
+  eval_steps = sorted(set(scalars["eval/mae"]))
+  assert len(eval_steps) == 2
+  assert [s for s, _ in images["eval/saliency"]] == eval_steps
+  for _, grid in images["eval/saliency"]:
+    assert grid.shape == (h, 4 * w, 3)
+    # The jet maps over the grayscale images (at 32 px resnet10t's last map is 1x1: one colour).
+    assert (np.ptp(grid.astype(int), axis=-1) > 30).mean() > 0.3
+  assert np.ptp(inputs.astype(int), axis=-1).max() <= 2  # the inputs are shown alone, in gray
+
+
+def _assert_top_left_marked(picture):
+  """An overlay whose mask covers the image's top-left quadrant: jet's red there, its blue in the
+  bottom-right (at opacity 0.4 over the gray image)."""
+  picture = picture.astype(float)
+  drawn = (picture < 250).any(-1)
+  rows = np.flatnonzero(drawn.mean(1) > 0.5)
+  cols = np.flatnonzero(drawn[rows].mean(0) > 0.5)
+
+  def at(f):  # mean colour around a point a fraction f down and across the drawn image
+    r, c = int(rows[0] + f * (rows[-1] - rows[0])), int(cols[0] + f * (cols[-1] - cols[0]))
+    return picture[r - 3:r + 4, c - 3:c + 4].reshape(-1, 3).mean(0)
+
+  hot, cold = at(0.25), at(0.75)
+  assert hot[0] > hot[2] + 30 and cold[2] > cold[0] + 30
+
+
+class _Writer:
+  def __init__(self):
+    self.images = []
+
+  def write_images(self, step, images):
+    self.images.append((step, images))
+
+
+def _run(n, model=None, class_names=None):
+  return types.SimpleNamespace(config=types.SimpleNamespace(tensorboard_images=n), model=model,
+                               class_names=class_names, writer=_Writer())
+
+
+def test_input_grid_draws_masks():
+  """A segmentation batch's mask is drawn over its image (jet's red where the mask is, its blue
+  elsewhere), and a patch classifier's lung-mask channel over its image channels; a classification
+  batch's images are shown alone, in gray; 0 writes nothing."""
+  rng = np.random.default_rng(0)
+  image = rng.uniform(0.3, 0.7, (3, 32, 32, 3)).astype(np.float32)
+  masks = np.zeros((3, 32, 32), np.int32)
+  masks[:, :16, :16] = 1
+  seg = _run(2)
+  train._write_inputs(seg, {"image": image, "label": masks}, 7)
+  [(step, written)] = seg.writer.images
+  grid = written["train/inputs"]
+  h, w, _ = render_overlay(image[0], None, "t").shape
+  assert step == 7 and grid.shape == (1, h, 2 * w, 3)
+  _assert_top_left_marked(grid[0, :, :w])
+  cls = _run(3, class_names=("normal", "covid19"))
+  train._write_inputs(cls, {"image": image, "label": np.array([1, 0, 1])}, 1)
+  [(_, written)] = cls.writer.images
+  grid = written["train/inputs"]
+  assert grid.shape == (1, h, 3 * w, 3)
+  assert np.abs(grid[0].astype(int) - grid[0].mean(-1, keepdims=True)).max() <= 2  # gray: no map
+  # A patch classifier's input: image channels and the lung mask last, drawn over them.
+  patches = _run(1, model=PatchClassifier(nn.Dense(2)), class_names=("normal", "covid19"))
+  with_mask = np.concatenate([image, masks[..., None].astype(np.float32)], -1)
+  train._write_inputs(patches, {"image": with_mask, "label": np.array([1, 0, 1])}, 1)
+  [(_, written)] = patches.writer.images
+  assert written["train/inputs"].shape == (1, h, w, 3)
+  _assert_top_left_marked(written["train/inputs"][0])
+  off = _run(0)
+  train._write_inputs(off, {"image": image, "label": masks}, 1)
+  assert off.writer.images == []
+
+
+def test_no_saliency_grid_when_off_or_for_segmentation():
+  """tensorboard_images=0, or a task without Grad-CAM (segmentation, embeddings): no evaluation
+  examples are prepared and each evaluation writes no picture."""
+  from cxflax.config import finalize
+  from cxflax.errors import ConfigError
+  from tests.conftest import load_config
+  stage = types.SimpleNamespace(inp=types.SimpleNamespace(eval_indices=np.arange(5)))
+  for n, task in ((0, "regression"), (4, "segmentation"), (4, "embedding")):
+    run = _run(n)
+    run.task = types.SimpleNamespace(name=task)
+    pictures = train._EvalPictures(run, stage)
+    pictures.write(3, None)
+    assert pictures.batch is None and run.writer.images == []
+  with pytest.raises(ConfigError, match="config.tensorboard_images must be >= 0, got -1"):
+    finalize(load_config("resnest.py:runlocal", "--config.tensorboard_images=-1"))
