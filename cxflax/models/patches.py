@@ -26,9 +26,10 @@ from cxflax.models import xla_cpu
 AGGREGATES = ("mean", "vote")
 
 # Patch pixels per chunk where the CPU kernels are on (xla_cpu.enabled()): CHUNK_PIXELS / size²
-# patches per pass (4 of 224 px). Activations grow with chunk · size²; on this CPU, resnet18 at
-# 224 px ran fastest at chunks of 2-8 patches and slowed past 16, when a pass's activations no
-# longer stay in cache (benchmarks/NOTES.md, §4). Elsewhere (GPUs) all patches go in one pass.
+# patches per pass (4 of 224 px). A pass's activations grow with chunk · size² (resnet18's stem
+# output alone is 3.2 MB per 224-px patch); on the 2-core development CPU, resnet18 on 224-px
+# patches ran 14% faster in chunks of 4 than in one pass over 100 or 200 patches, chunks of 16
+# and 32 no faster than one pass (benchmarks/NOTES.md, §4). Elsewhere (GPUs) all go in one pass.
 CHUNK_PIXELS = 4 * 224 * 224
 
 
