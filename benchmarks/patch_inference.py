@@ -145,9 +145,10 @@ def main():
       n = args.images
       row = {"K": k, "images": n, "chunk": chunk}
       row.update({f"{name}_img_s": n / t for name, t in timings.items()})
+      reference = timings.get("reference")
       row.update({"vs_loop": timings["loop"] / timings["batched"],
                   "one_pass_vs_loop": timings["loop"] / timings["one_pass"],
-                  "vs_reference": timings["reference"] / timings["batched"] if "reference" in timings else None,
+                  "vs_reference": reference / timings["batched"] if reference else None,
                   "batched_compile_s": compile_s["batched"], "same_votes": True})
       rows.append(row)
       print(", ".join(f"{key} {v:.3g}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
