@@ -145,8 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.patches.aggregate = "mean"   # mean | vote
   # Patches per forward pass at evaluation (the B·K patches of a batch go through one compiled
   # network `chunk` at a time); 0 = automatic: a few patches (4 of 224 px) where the CPU kernels
-  # are on (config.cpu_kernels), where XLA's CPU backend is faster on small batches, else all at
-  # once. Same predictions whatever the chunk (float rounding apart).
+  # are on (config.cpu_kernels) on one device, where XLA's CPU backend is faster on small
+  # batches, else all at once. Same predictions whatever the chunk (float rounding apart).
   c.patches.chunk = 0
 
   # Learned ensembles of trained runs (--mode=ensemble): 'average' or 'se' (seed 000) over the

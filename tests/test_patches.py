@@ -144,7 +144,7 @@ def test_chunked_passes_give_the_results_of_one_pass(patch_model):
   assert _passes(dataclasses.replace(model, chunk=36), variables, x) == []
 
 
-def test_the_automatic_chunk_is_small_on_the_cpu_kernels_only(patch_model):
+def test_the_automatic_chunk_is_small_on_the_cpu_kernels_only(patch_model, monkeypatch):
   model, variables = patch_model
   x = jnp.asarray(_inputs(2))
   with xla_cpu.mode("on"):  # a few patches per pass, fewer the larger they are, at least one
@@ -154,6 +154,9 @@ def test_the_automatic_chunk_is_small_on_the_cpu_kernels_only(patch_model):
     assert _passes(per_image, variables, x) == [2]  # traced only: two chunks of one image's patches
   with xla_cpu.mode("off"):  # GPUs: all patches in one pass
     assert default_chunk(224) == 0 and _passes(per_image, variables, x) == []
+  with xla_cpu.mode("on"):  # a batch sharded over devices is not looped over
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    assert default_chunk(224) == 0
   config = load_config("patched_flannel.py:resnet10t,runlocal", "--config.patches.chunk=-1")
   with pytest.raises(ConfigError, match="config.patches.chunk"):
     config_lib.validate(config)

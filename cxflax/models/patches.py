@@ -35,8 +35,11 @@ CHUNK_PIXELS = 4 * 224 * 224
 
 def default_chunk(patch_size: int) -> int:
   """Patches per forward pass when config.patches.chunk is 0: a few where XLA's CPU kernels are
-  on, else 0 (all at once: GPUs want large batches)."""
-  return max(1, CHUNK_PIXELS // (patch_size * patch_size)) if xla_cpu.enabled() else 0
+  on and there is one device, else 0 (all at once: GPUs want large batches, and a loop over
+  chunks of a batch sharded over devices would make the SPMD partitioner gather it)."""
+  if not xla_cpu.enabled() or jax.device_count() > 1:
+    return 0
+  return max(1, CHUNK_PIXELS // (patch_size * patch_size))
 
 
 def sample_centers(key, mask, num: int):
