@@ -174,6 +174,11 @@ def base_config(plain: bool = False) -> ml_collections.ConfigDict:
   c.patches.num = 0              # > 0 turns the classifier into a patch classifier (K)
   c.patches.size = 224
   c.patches.aggregate = "mean"   # mean | vote
+  # Patches per forward pass at evaluation (the B·K patches of a batch go through one compiled
+  # network `chunk` at a time); 0 = automatic: a few patches (4 of 224 px) where the CPU kernels
+  # are on (config.cpu_kernels) on one device, where XLA's CPU backend is faster on small
+  # batches, else all at once. Same predictions whatever the chunk (float rounding apart).
+  c.patches.chunk = 0
 
   # Learned ensembles of trained runs (--mode=ensemble): 'average' or 'se' (seed 000) over the
   # members' backbone outputs with a new head, or 'flannel' (seed 003) over their probabilities.
@@ -390,6 +395,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.eval[key] >= 0, f"config.eval.{key} must be >= 0, got {config.eval[key]}")
   p = config.patches
   need(p.num >= 0, f"config.patches.num must be >= 0, got {p.num}")
+  need(p.get("chunk", 0) >= 0, f"config.patches.chunk must be >= 0 (0 = automatic), got {p.get('chunk')}")
   need(p.aggregate in ("mean", "vote"), f"config.patches.aggregate must be 'mean' or 'vote', got {p.aggregate!r}")
   if p.num:
     need(32 <= p.size <= config.data.image_size, f"config.patches.size={p.size} must be between 32 "

@@ -1,18 +1,24 @@
 """Patch sampling and cropping, the patch classifier (one batched pass against a patch-by-patch
-loop, independence from batch composition), FC-DenseNet and the segmentation metrics."""
+loop, chunked passes against one pass, independence from batch composition), FC-DenseNet and the
+segmentation metrics."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxflax.models import create_model
+from cxflax import config as config_lib
+from cxflax.errors import ConfigError
+from cxflax.models import create_model, xla_cpu
 from cxflax.models.fc_densenet import FCDenseNet
 from cxflax.models.heads import create_network
-from cxflax.models.patches import PatchClassifier, aggregate, crop_patches, mask_key, sample_centers
+from cxflax.models.patches import (PatchClassifier, aggregate, crop_patches, default_chunk, mask_key,
+                                   sample_centers)
 from cxflax.train import metrics as metrics_lib
 from cxflax.train.tasks import segmentation_counts
-from tests.conftest import random_variables
+from tests.conftest import load_config, random_variables
 
 
 def _blob_mask(h, w, rows, cols):
@@ -95,6 +101,65 @@ def test_batched_patches_give_the_votes_of_a_patch_by_patch_loop(patch_model):
     patches = crop_patches(x[i, ..., :-1], centers, model.patch_size)
     votes = np.bincount([int(np.argmax(single(net_vars, p))) for p in patches], minlength=3)
     np.testing.assert_allclose(batched[i], votes / votes.sum(), atol=1e-5)
+
+
+def _passes(model, variables, x):
+  """The lengths of the loops over chunks of patches (scans running the network) in model's
+  inference, traced only; [] when all patches go through one pass."""
+  lengths = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "scan" and "conv_general_dilated" in str(eqn.params["jaxpr"]):
+        lengths.append(eqn.params["length"])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+            walk(getattr(sub, "jaxpr", sub))
+
+  walk(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x).jaxpr)
+  return lengths
+
+
+def test_chunked_passes_give_the_results_of_one_pass(patch_model):
+  model, variables = patch_model
+  patches = jnp.asarray(np.random.default_rng(1).normal(size=(11, 32, 32, 3)).astype(np.float32))
+
+  classify = {chunk: jax.jit(lambda v, p, m=dataclasses.replace(model, chunk=chunk):
+                             m.apply(v, p, method=PatchClassifier.classify)[None])
+              for chunk in (11, 4)}  # 11 patches: one pass, or 2 chunks of 4 and a pass over the last 3
+  # The random head's bias outweighs what the patches change: centre it so that they disagree.
+  head = variables["params"]["network"]["head"]["fc"]
+  bias = head["bias"] - jnp.mean(classify[11](variables, patches)[0], axis=0)
+  variables = {**variables, "params": {"network": {**variables["params"]["network"],
+                                                   "head": {"fc": {**head, "bias": bias}}}}}
+  one_pass, chunked = classify[11](variables, patches), classify[4](variables, patches)
+  assert len(set(np.argmax(np.asarray(one_pass[0]), -1))) == 3  # votes for every class
+  np.testing.assert_array_equal(np.asarray(aggregate(chunked, "vote")),
+                                np.asarray(aggregate(one_pass, "vote")))
+  np.testing.assert_allclose(np.asarray(jax.nn.softmax(aggregate(chunked, "mean"))),
+                             np.asarray(jax.nn.softmax(aggregate(one_pass, "mean"))), rtol=1e-5, atol=1e-6)
+  x = jnp.asarray(_inputs(3))  # 36 patches in the model: 7 chunks of 5 and a pass over the last one
+  assert _passes(dataclasses.replace(model, chunk=5), variables, x) == [7]
+  assert _passes(dataclasses.replace(model, chunk=36), variables, x) == []
+
+
+def test_the_automatic_chunk_is_small_on_the_cpu_kernels_only(patch_model, monkeypatch):
+  model, variables = patch_model
+  x = jnp.asarray(_inputs(2))
+  with xla_cpu.mode("on"):  # a few patches per pass, fewer the larger they are, at least one
+    assert 1 <= default_chunk(224) <= 8 and default_chunk(112) == 4 * default_chunk(224)
+    assert default_chunk(2048) == 1
+    per_image = dataclasses.replace(model, num_patches=default_chunk(model.patch_size))
+    assert _passes(per_image, variables, x) == [2]  # traced only: two chunks of one image's patches
+  with xla_cpu.mode("off"):  # GPUs: all patches in one pass
+    assert default_chunk(224) == 0 and _passes(per_image, variables, x) == []
+  with xla_cpu.mode("on"):  # a batch sharded over devices is not looped over
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    assert default_chunk(224) == 0
+  config = load_config("patched_flannel.py:resnet10t,runlocal", "--config.patches.chunk=-1")
+  with pytest.raises(ConfigError, match="config.patches.chunk"):
+    config_lib.validate(config)
 
 
 def test_training_draws_fresh_patches_inside_the_mask(patch_model):

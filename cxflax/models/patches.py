@@ -5,8 +5,10 @@ The input is the masked image with its lung mask as the last channel (preprocess
 among the mask's pixels; a patch whose centre lies near the border is shifted inside the image
 (clipped), never padded. Training classifies one fresh random patch per image per step.
 Inference crops K patches per image on the device — `jax.vmap` over `lax.dynamic_slice` — and
-classifies all B·K of them in one forward pass; the K answers are aggregated by mean probability
-or by majority vote.
+classifies all B·K of them in one compiled pass, `chunk` patches at a time (`lax.map`: one
+compiled network, looped over on the device); the K answers are aggregated by mean probability
+or by majority vote. On XLA's CPU backend a pass over all B·K patches at once is slower than
+passes over a few (benchmarks/NOTES.md, §4), so there the chunk is chosen small by default.
 
 Inference patches are drawn from a key derived from the image's own mask, so an image gets the
 same patches whichever batch it is in and however large the batch is.
@@ -19,7 +21,25 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cxflax.models import xla_cpu
+
 AGGREGATES = ("mean", "vote")
+
+# Patch pixels per chunk where the CPU kernels are on (xla_cpu.enabled()): CHUNK_PIXELS / size²
+# patches per pass (4 of 224 px). A pass's activations grow with chunk · size² (resnet18's stem
+# output alone is 3.2 MB per 224-px patch); on the 2-core development CPU, resnet18 on 224-px
+# patches ran 14% faster in chunks of 4 than in one pass over 100 or 200 patches, chunks of 16
+# and 32 no faster than one pass (benchmarks/NOTES.md, §4). Elsewhere (GPUs) all go in one pass.
+CHUNK_PIXELS = 4 * 224 * 224
+
+
+def default_chunk(patch_size: int) -> int:
+  """Patches per forward pass when config.patches.chunk is 0: a few where XLA's CPU kernels are
+  on and there is one device, else 0 (all at once: GPUs want large batches, and a loop over
+  chunks of a batch sharded over devices would make the SPMD partitioner gather it)."""
+  if not xla_cpu.enabled() or jax.device_count() > 1:
+    return 0
+  return max(1, CHUNK_PIXELS // (patch_size * patch_size))
 
 
 def sample_centers(key, mask, num: int):
@@ -78,6 +98,7 @@ class PatchClassifier(nn.Module):
   num_patches: int = 100
   aggregate: str = "mean"
   seed: int = 0
+  chunk: int = 0  # patches per forward pass at inference; 0 = default_chunk(patch_size)
 
   def patches(self, x, num: int, key):
     """(B, num, p, p, C) patches of images x (B, H, W, C + 1) (mask last), and their centres."""
@@ -96,5 +117,16 @@ class PatchClassifier(nn.Module):
       return self.network(patches[:, 0], train=True)
     keys = jax.vmap(mask_key, (None, 0))(jax.random.key(self.seed), x[..., -1])
     patches, _ = self.patches(x, self.num_patches, keys)
-    logits = self.network(patches.reshape((b * self.num_patches,) + patches.shape[2:]), train=False)
+    logits = self.classify(patches.reshape((b * self.num_patches,) + patches.shape[2:]))
     return aggregate(logits.reshape(b, self.num_patches, -1), self.aggregate)
+
+  def classify(self, patches):
+    """Eval-mode logits (N, classes) of patches (N, p, p, C), `chunk` patches per pass: one
+    compiled network that `lax.map` loops over on the device, the last N mod chunk patches in a
+    pass of their own (no padding). Same logits as one pass over all N, float rounding apart."""
+    chunk = self.chunk if self.chunk > 0 else default_chunk(self.patch_size)
+    if self.is_initializing() or not chunk or chunk >= patches.shape[0]:
+      return self.network(patches, train=False)
+    network, variables = self.network.unbind()
+    one = lambda p: network.apply(variables, p[None], train=False)[0]
+    return lax.map(one, patches, batch_size=chunk)

@@ -57,7 +57,7 @@ def build_model(config, task: Task, class_names=None) -> nn.Module:
     if not isinstance(task, Classification):
       raise ConfigError(f"config.patches.num > 0: patch classifiers classify; this is a {task.name} task")
     return PatchClassifier(network=network, patch_size=p.size, num_patches=p.num, aggregate=p.aggregate,
-                           seed=config.seed)
+                           seed=config.seed, chunk=p.get("chunk", 0))
   return network
 
 
