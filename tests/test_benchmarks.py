@@ -132,10 +132,11 @@ def test_input_pipeline_with_and_without_workers(tmp_path, monkeypatch):
 
 def test_patch_inference_agrees_with_the_loop(tmp_path):
   _, result = _run("patch_inference", tmp_path / "p.json", "--model", "resnet10t", "--image_size", "96",
-                   "--patch", "32", "--ks", "3", "--images", "2", "--repeats", "1")
-  (row,) = result["rows"]
+                   "--patch", "32", "--ks", "3", "--images", "2", "--repeats", "1", "--chunks", "4")
+  (row,) = result["rows"]  # the 6 patches in chunks of 4 too: a full pass and a leftover of 2
   assert row["K"] == 3 and row["same_votes"] is True
   assert row["batched_img_s"] > 0 and row["loop_img_s"] > 0 and row["reference_img_s"] > 0
+  assert row["chunk_4_img_s"] > 0
 
 
 def test_scaling_shows_a_split_batch_and_one_gradient_reduction(tmp_path):
