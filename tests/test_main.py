@@ -3,6 +3,7 @@ input. Runs go through cxflax.main.run in this process (tests/conftest.py's run_
 command line itself (exit codes, process launch) is exercised by the subprocess tests at the end."""
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -43,6 +44,13 @@ def test_train_writes_checkpoints_events_and_metrics(tiny_run):
   assert "Total:" in run.log  # clu parameter overview
   assert "steps/s" in run.log and "ETA" in run.log  # clu ReportProgress
   assert "eval/mae" in run.log  # clu's logging writer
+  # Each epoch's seconds and training images/s: one line per epoch, counting the epoch's batches.
+  epochs = re.findall(r"epoch (\d+) took ([\d.]+) s: training ([\d.]+) s \((\d+) images, ([\d.]+) images/s\), "
+                      r"evaluation ([\d.]+) s, checkpoint ([\d.]+) s", run.log)
+  from tests.conftest import TINY
+  batch = load_config("resnest.py:runlocal", *TINY, *TINY_RUN).batch_size
+  assert [(int(e[0]), int(e[3])) for e in epochs] == [(1, steps[0] * batch), (2, steps[0] * batch)]
+  assert all(float(e[4]) > 0 for e in epochs)
 
 
 def test_eval_mode_restores_any_checkpoint_path(tiny_run, tmp_path):
