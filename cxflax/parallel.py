@@ -63,18 +63,28 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
 # peer that is alive but will never send (measured: hung until killed), and jax's own health
 # checks only act once a process has died and missed its heartbeats (100 s), and then abort with
 # no word of the cause. So the first process to fail publishes why in the coordination service's
-# key-value store before it exits, and a thread in every other process waits on that key, reports
-# the failure and ends its process, after jax's shutdown barrier (which the failing process also
+# key-value store before it exits and wakes a thread in every other process, which reports the
+# failure and ends its process, after jax's shutdown barrier (which the failing process also
 # passes on its way out: none is left waiting for another). Measured with two processes on a busy
 # 2-core machine: both gone 3 s after the failure. A process that never reaches the barrier
 # holds the others there for jax's shutdown timeout (300 s) at most.
+#
+# Each process's thread waits on its own wake key, which the process sets itself when it ends
+# (successfully or not), and the thread is joined before the interpreter exits: a thread still
+# blocked in the client's C++ call when Python finalises is unwound by pthread_exit through C++
+# frames, and the process aborts ("FATAL: exception not rethrown") after a successful run.
 
 _FAILURE_KEY = "cxflax/failure"
+
+
+def _wake_key(process: int) -> str:
+  return f"cxflax/wake/{process}"
 
 
 @dataclasses.dataclass
 class _Watch:
   client: Any  # jax's coordination-service client
+  thread: threading.Thread | None = None
   # Taken by whichever path ends this process first: the main thread (its own failure, or the
   # end of the run) or the watch thread (another process's failure); the other stands down.
   lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -87,17 +97,19 @@ def _watch_for_failures() -> None:
   global _watch
   from jax._src.distributed import global_state
   _watch = _Watch(global_state.client)
-  threading.Thread(target=_wait_for_failure, args=(_watch,), name="cxflax-failure-watch",
-                   daemon=True).start()
+  _watch.thread = threading.Thread(target=_wait_for_failure, args=(_watch,),
+                                   name="cxflax-failure-watch", daemon=True)
+  _watch.thread.start()
 
 
 def _wait_for_failure(watch: _Watch) -> None:
-  """The watch thread: blocks on the failure key (no polling: one call per hour); once another
-  process publishes a failure, reports it and ends this process (its main thread may be stuck in
-  a collective that will never finish). Returns when the client shuts down (the run's end)."""
+  """The watch thread: blocks on this process's wake key (no polling: one call per hour); once
+  another process publishes a failure there, reports it and ends this process (its main thread
+  may be stuck in a collective that will never finish). Returns when this process sets the key
+  itself (its run ended) or the client shuts down."""
   while True:
     try:
-      failure = watch.client.blocking_key_value_get(_FAILURE_KEY, 3600 * 1000)
+      failure = watch.client.blocking_key_value_get(_wake_key(jax.process_index()), 3600 * 1000)
       break
     except Exception as e:  # jax's runtime error: a timeout (wait again), or the client shut down
       if "DEADLINE_EXCEEDED" not in str(e):
@@ -112,6 +124,21 @@ def _wait_for_failure(watch: _Watch) -> None:
   sys.stdout.flush()
   jax.distributed.shutdown()  # the barrier the failing process waits at on its way out
   os._exit(2)
+
+
+def _wake(process: int, message: str) -> None:
+  try:  # refused when the key is set already: that process has ended, or was woken before
+    _watch.client.key_value_set(_wake_key(process), message)
+  except Exception:  # jax's runtime error
+    pass
+
+
+def _end_watch() -> None:
+  """Wakes this process's own watch thread (the caller holds the lock, so it returns) and waits
+  for it, so that no thread is inside the client when the interpreter finalises."""
+  _wake(jax.process_index(), "")
+  if _watch.thread is not None:
+    _watch.thread.join(timeout=30)
 
 
 def share_failure(error: Exception) -> str | None:
@@ -132,15 +159,20 @@ def share_failure(error: Exception) -> str | None:
       first = _watch.client.key_value_try_get(_FAILURE_KEY)
     except Exception:
       pass
+  for process in range(jax.process_count()):
+    if process != jax.process_index():
+      _wake(process, first)
+  _end_watch()
   if isinstance(error, CxflaxError):
     return own
   return None if first == own else f"{first}; process {jax.process_index()} stopped too"
 
 
 def stop_watching() -> None:
-  """At the end of a run: another process's later failure no longer ends this one."""
-  if _watch is not None:
-    _watch.lock.acquire(blocking=False)
+  """At the end of a run: another process's later failure no longer ends this one, and the watch
+  thread is gone before the interpreter exits."""
+  if _watch is not None and _watch.lock.acquire(blocking=False):
+    _end_watch()
 
 
 def check_batch_sizes(config) -> None:
