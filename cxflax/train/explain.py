@@ -164,19 +164,28 @@ def _target(value: str, class_names: list[str]) -> int | None:
                     f"{len(class_names)} or a class name, one of {class_names}")
 
 
+def label_text(label, class_names) -> str:
+  """A label as pictures show it: its class name, its value (regression), or '?' (none, or a class
+  index outside the classes)."""
+  value = float(label)
+  if np.isnan(value):
+    return "?"
+  if class_names:
+    return class_names[int(value)] if 0 <= value < len(class_names) else "?"
+  return f"{value:.4g}"
+
+
 def _describe(result: dict, j: int, label, class_names: list[str]) -> tuple[str, list[str]]:
   """The overlay's title and the CSV row's (true, predicted, explained, probability)."""
   out = result["output"]
   out = np.asarray(out["prediction"] if isinstance(out, dict) else out, np.float64)[j]
+  true = label_text(label, class_names)
   if not class_names:  # regression: the map is the predicted value's gradient
-    true = "?" if np.isnan(label) else f"{float(label):.4g}"
     pred = f"{out[0]:.4g}"
     return f"predicted {pred} · true {true}", [true, pred, "value", ""]
   probs = np.exp(out - out.max())
   probs /= probs.sum()
   pred, explained = int(np.argmax(probs)), int(result["class"][j])
-  label = float(label)
-  true = class_names[int(label)] if not np.isnan(label) and 0 <= label < len(class_names) else "?"
   title = f"predicted {class_names[pred]} (p={probs[pred]:.2f}) · true {true}"
   if explained != pred:
     title += f"\nmap of {class_names[explained]} (p={probs[explained]:.2f})"

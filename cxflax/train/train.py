@@ -32,7 +32,8 @@ from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import metrics as metrics_lib
 from cxflax.train import optim, tasks
-from cxflax.train.explain import EXPLAINED_TASKS, draw_saliency, image_grid, render_overlay, saliency_function
+from cxflax.train.explain import (EXPLAINED_TASKS, draw_saliency, image_grid, label_text, render_overlay,
+                                  saliency_function)
 from cxflax.train.losses import class_alpha
 from cxflax.train.predict import predict_source
 from cxflax.train.scoring import run_evaluation
@@ -316,16 +317,9 @@ def _write_inputs(run: _Run, batch: dict, step: int) -> None:
       shown, heat, title = image, label, "mask"
     else:
       shown, heat = (image[..., :-1], image[..., -1]) if mask_last else (image, None)
-      title = _label_text(label, run.class_names)
+      title = f"label {label_text(label, run.class_names)}"
     pictures.append(render_overlay(shown, heat, title))
   run.writer.write_images(step, {"train/inputs": image_grid(pictures)[None]})
-
-
-def _label_text(label: np.ndarray, class_names) -> str:
-  value = float(label)
-  if class_names and not np.isnan(value) and 0 <= value < len(class_names):
-    return f"label {class_names[int(value)]}"
-  return f"label {value:.4g}"
 
 
 class _EvalPictures:
