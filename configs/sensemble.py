@@ -29,8 +29,8 @@ first use); predict clips negative predictions at 0 as the authors' code does
 Departs from the paper and the authors' code: `steps_per_epoch` — each epoch's last partial
 batch is dropped (the authors' DataLoader keeps it, drop_last=False), so that every train step
 has one shape; `data.eval_pp` — evaluation is the deterministic resize and centre crop (the authors'
-validation and test loaders reuse the training augmentation); `dtype` — float32 rather than the
-authors' float16 (set --config.dtype=bfloat16 on GPUs). Members also run in inference mode
+validation and test loaders reuse the training augmentation); `dtype` — bfloat16 on GPUs ('auto')
+rather than the authors' float16, float32 on CPU. Members also run in inference mode
 inside the ensemble (the authors' frozen members kept updating their BatchNorm statistics, an
 artefact of training them inside a module in training mode). In the epoch's last, shorter
 accumulation the gradient is the mean over its batches, where Lightning divides their sum by 4.
@@ -78,8 +78,8 @@ def get_config(arg: str | None = None):
          "keeps it, drop_last=False) so that every train step has one shape and splits over the devices")
   depart(c, "data.eval_pp", "evaluation is the deterministic resize and centre crop; the authors' "
          "validation and test loaders reuse the training augmentation (flip, shift-scale-rotate)")
-  depart(c, "dtype", "float32 rather than the authors' float16 mixed precision (Lightning "
-         "precision=16); --config.dtype=bfloat16 on GPUs")
+  depart(c, "dtype", "'auto': bfloat16 on GPUs rather than the authors' float16 mixed precision "
+         "(Lightning precision=16; bfloat16 needs no loss scaling), float32 on CPU")
   if "ensemble" in flags or "average" in flags:
     c.ensemble.kind = "average" if "average" in flags else "se"
     c.init_from = ""  # the members bring their trained weights

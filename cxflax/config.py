@@ -25,7 +25,7 @@ from cxflax.errors import ConfigError
 if TYPE_CHECKING:
   import ml_collections
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 # timm's pretrained weights on the Hugging Face Hub (cxflax/models/timm_weights.py fetches them).
 HUB_NAME = re.compile(r"timm/(?P<arch>[A-Za-z0-9_]+)\.(?P<tag>[A-Za-z0-9_]+)")
 TARGETS = ("label", "lung_mask")
@@ -66,7 +66,9 @@ def base_config(plain: bool = False) -> ml_collections.ConfigDict:
   c.drop_rate = 0.0
   c.backbone_classes = 0         # >0 keeps timm's classifier under the head (seed 000: 1000)
   c.drop_path_rate = 0.0
-  c.dtype = "float32"            # computation dtype; parameters stay float32
+  # Computation dtype; parameters, optimizer state, BatchNorm statistics and losses stay float32.
+  # auto: bfloat16 where JAX's default backend is a GPU or TPU, float32 on CPU (resolve_dtype).
+  c.dtype = "auto"
   # Kernels written for XLA's CPU backend (cxflax/models/xla_cpu.py: convolutions as matrix
   # products, closed-form BatchNorm backward, ...): auto (on where JAX's default backend is the
   # CPU) | on | off (plain flax/XLA). Same function and parameters either way; it holds for the
@@ -283,10 +285,20 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if "train_pp_template" not in config.data:
     config.data.train_pp_template = config.data.train_pp
     config.data.eval_pp_template = config.data.eval_pp
+  config.dtype = resolve_dtype(config.dtype)
   for key in ("train_pp", "eval_pp"):
     config.data[key] = resolve_pp(config.data[f"{key}_template"], config.data.image_size, f"config.data.{key}")
   validate(config)
   return config
+
+
+def resolve_dtype(dtype: str) -> str:
+  """config.dtype as the run computes: 'auto' is bfloat16 on GPUs and TPUs (their matrix units
+  run it at twice float32's rate or more) and float32 on CPU; another value is itself."""
+  if dtype != "auto":
+    return dtype
+  import jax
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 _SIZE_TERM = re.compile(r"size(?:([+-])(\d+))?")

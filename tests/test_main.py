@@ -131,7 +131,7 @@ def test_bfloat16_trains_evaluates_and_predicts(tmp_path):
   run_main(workdir, *bf16)
   mae = read_json(workdir, "final_metrics.json")["metrics"]["mae"]
   assert {np.asarray(v).dtype for v in jax.tree.leaves(run_variables(workdir))} == {np.dtype("float32")}
-  run_main(workdir, "--config.model=resnet10t", mode="eval")  # the float32 default
+  run_main(workdir, "--config.model=resnet10t", mode="eval")  # float32: dtype 'auto' on CPU
   assert mae == pytest.approx(read_json(workdir, "eval_metrics.json")["metrics"]["mae"], rel=0.05)
   run_main(workdir, *bf16, "--config.predict.last_n=1", mode="predict")  # the latest checkpoint alone
   rows = [r.split(",") for r in open(os.path.join(workdir, "predictions_val.csv")).read().splitlines()]
@@ -139,6 +139,32 @@ def test_bfloat16_trains_evaluates_and_predicts(tmp_path):
   assert [r[0] for r in rows] == [val.example_name(i) for i in range(len(val))]
   f32 = checkpoint_predictions(workdir, val, np.arange(len(val)))
   np.testing.assert_allclose([float(r[1]) for r in rows], f32, atol=0.03 * np.abs(f32).max() + 0.05)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_every_recipe_computes_in_bfloat16_on_accelerators_by_default(monkeypatch, backend):
+  """config.dtype='auto' (every recipe's default): bfloat16 where JAX's backend is a GPU or TPU,
+  float32 on CPU, in the finalized config the run logs and in the model it builds; a dtype set
+  on the command line is kept."""
+  import glob
+  import jax
+  import jax.numpy as jnp
+  from cxflax.config import finalize
+  from cxflax.train.build import build_model
+  from cxflax.train import tasks
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  expected = "float32" if backend == "cpu" else "bfloat16"
+  recipes = sorted(os.path.basename(p) for p in glob.glob("configs/*.py") if not p.endswith(
+      ("common.py", "__init__.py")))
+  assert len(recipes) >= 7, recipes
+  for recipe in recipes:
+    config = load_config(recipe)
+    assert config.dtype == "auto", recipe
+    assert finalize(config).dtype == expected, recipe
+  config = finalize(load_config("resnest.py:runlocal"))
+  model = build_model(config, tasks.resolve(config, "regression"))
+  assert jnp.dtype(model.backbone.dtype) == jnp.dtype(expected)
+  assert finalize(load_config("resnest.py:runlocal", "--config.dtype=float32")).dtype == "float32"
 
 
 # --- bad input -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def build_model(config, task: Task, class_names=None) -> nn.Module:
     raise ConfigError(f"config.ensemble.kind must be one of {ENSEMBLES}, got {kind!r}")
   if kind:
     return _build_ensemble(config, task, class_names)
-  dtype = jnp.dtype(config.dtype)
+  dtype = jnp.dtype(config_lib.resolve_dtype(config.dtype))
   if task.per_pixel:
     if config.model not in SEGMENTATION_MODELS:
       raise ConfigError(f"segmentation (config.data.target={config.data.target!r}) needs a "
