@@ -4,6 +4,7 @@ figures are measured by running them at full size; no timing is asserted here)."
 import json
 
 import jax
+import pytest
 
 from tests.conftest import run_python
 
@@ -279,3 +280,21 @@ def test_gpu_check_halves_the_batch_until_it_fits():
     _largest_batch_that_fits(measure, 128, 100)
   with pytest.raises(ValueError):  # anything but memory is raised at once
     _largest_batch_that_fits(lambda b: int("x"), 128, 1)
+
+
+def test_fed_step_reads_the_epoch_lines_the_main_job_logs(caplog):
+  """benchmarks/fed_step.py reads the main job's training rate from its per-epoch log line: the
+  pattern must keep matching what train's epoch clock logs (else the benchmark finds no epoch)."""
+  import logging
+  import types
+  from benchmarks.fed_step import EPOCH_LINE
+  from cxflax.train.train import _EpochClock
+  written = []
+  clock = _EpochClock(examples_per_step=16)
+  clock.steps, clock.start = 5, clock.start - 2.0  # five steps in two seconds
+  with caplog.at_level(logging.INFO):
+    clock.end_epoch(3, 15, types.SimpleNamespace(write_scalars=lambda step, s: written.append(s)))
+  [(epoch, seconds, images)] = EPOCH_LINE.findall(caplog.text)
+  assert (epoch, images) == ("3", "80")
+  assert float(seconds) == pytest.approx(2.0, abs=0.1)
+  assert 80 / float(seconds) == pytest.approx(written[0]["train/images_per_second"], rel=0.05)
