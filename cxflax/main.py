@@ -69,11 +69,13 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None):
 
 
 def _run(mode: str, config, workdir: str, checkpoint: str | None):
+  # Each mode imports what it needs: training and explain write TensorBoard through clu, whose
+  # writers import TensorFlow (~7 s here); eval, predict, describe and lr_find do not.
   from cxflax.errors import ConfigError
-  from cxflax.train import describe, evaluate, explain, lr_find, predict, train
   from cxflax.train.workdir import prepare_workdir, workdir_lock
 
   if mode in ("train", "ensemble"):
+    from cxflax.train import train
     if mode == "ensemble" and not config.ensemble.kind:
       raise ConfigError("--mode=ensemble needs config.ensemble.kind and config.ensemble.members")
     # Training (and cv) writes checkpoints: one run per workdir. The other modes write only their
@@ -81,17 +83,23 @@ def _run(mode: str, config, workdir: str, checkpoint: str | None):
     with workdir_lock(prepare_workdir(workdir)):
       return train.train_and_evaluate(config, workdir)
   if mode == "eval":
+    from cxflax.train import evaluate
     return evaluate.evaluate(config, workdir, checkpoint)
   if mode == "cv":
+    from cxflax.train import evaluate
     with workdir_lock(prepare_workdir(workdir)):
       return evaluate.cross_validate(config, workdir)
   if mode == "predict":
+    from cxflax.train import predict
     return predict.predict(config, workdir)
   if mode == "lr_find":
+    from cxflax.train import lr_find
     return lr_find.lr_find(config, workdir)
   if mode == "describe":
+    from cxflax.train import describe
     return describe.describe(config, workdir)
   if mode == "explain":
+    from cxflax.train import explain
     return explain.explain(config, workdir, checkpoint)
   raise ConfigError(f"unknown mode {mode!r}")
 

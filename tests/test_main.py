@@ -306,6 +306,16 @@ def test_bad_input_is_an_error_line_and_exit_code_2(tmp_path):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_eval_predict_describe_and_lr_find_start_without_tensorflow():
+  """Only training and explain write TensorBoard (clu's writers import TensorFlow, ~7 s per
+  start here); the other modes' modules, and the command line itself, do not import it."""
+  proc = run_python("import sys\nfrom cxflax import main\n"
+                    "from cxflax.train import describe, evaluate, lr_find, predict\n"
+                    "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "[]"
+
+
 def test_classification_on_a_real_layout(tmp_path):
   """COVIDx written from phantom X-rays, its label files renamed and named by
   data.train_file / data.test_file, trained, evaluated on its test split, and predicted."""

@@ -23,7 +23,6 @@ from cxflax.train import report as report_lib
 from cxflax.train import tasks
 from cxflax.train.scoring import run_evaluation
 from cxflax.train.steps import make_eval_step
-from cxflax.train.train import train_and_evaluate
 from cxflax.train.workdir import announce, prepare_workdir, workdir_lock, write_json
 
 
@@ -85,6 +84,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict | No
   """Trains every fold (workdir/fold_K, each resumable) and writes per-fold and averaged metrics
   to workdir/cv_metrics.json. A fold whose training stops early (preempted, or
   config.halt_after_steps) stops the cross-validation too: None, and the same command resumes."""
+  from cxflax.train import train  # imports TensorFlow (clu's writers): only cv trains here
   workdir = prepare_workdir(workdir)
   per_fold = []
   for k in range(config.num_folds):
@@ -99,7 +99,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict | No
       continue
     logging.info("cross-validation: fold %d of %d", k + 1, config.num_folds)
     with workdir_lock(prepare_workdir(fold_dir)):
-      per_fold.append(train_and_evaluate(c, fold_dir))
+      per_fold.append(train.train_and_evaluate(c, fold_dir))
     if not os.path.isfile(done):  # stopped before its last step: it resumes on the next run
       announce(f"cross-validation stopped in fold {k} of {config.num_folds}; run the same command "
                "again to resume")

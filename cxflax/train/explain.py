@@ -23,7 +23,6 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -84,6 +83,7 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
       rows.append([name] + row + [f"{heat.max():.6g}", os.path.basename(path)])
   if jax.process_index() == 0:
     write_csv(os.path.join(out_dir, "saliency.csv"), rows, HEADER)
+  from clu import metric_writers  # imports TensorFlow: only explain's own run writes TensorBoard
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_images(run.step, {"explain/saliency": image_grid(overlays)[None]})
   writer.flush()
