@@ -254,6 +254,8 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
       with report.timed("checkpoint"), clock.timed("checkpoint"), checkpoint_writes(run.ckpts.directory):
         run.ckpts.save(step, state, train_iter, meta)
     if local % steps_per_epoch == 0 or step == stage_end:
+      # Steps are dispatched asynchronously: the epoch's time is its steps' once they are done.
+      jax.block_until_ready(step_metrics)
       clock.end_epoch(int(math.ceil(local / steps_per_epoch)), step, writer)
     if preempted:
       break
