@@ -8,7 +8,8 @@ For each image size:
 - *bare*: the train step the main job compiles for the config (its model, head, loss, optimizer
   with SAM and the rest, built by the same functions), called `--repeats` times on one real
   batch of the config's own input pipeline that is already on the device: images/s with nothing
-  to wait for;
+  to wait for; measured before and after the main job, and the mean taken (this machine's rate
+  drifts by 10-20% between minutes);
 - *fed*: `python -m cxflax.main --config=configs/CONFIG` in a fresh process with the same
   overrides, its data workers as the config sets them (`data.workers`), the built-in phantom
   data at that size; the steady-state training images/s is read from the per-epoch log lines
@@ -29,7 +30,6 @@ import sys
 import tempfile
 
 import jax
-import numpy as np
 
 from benchmarks.common import default_out, print_table, time_call, write_json
 
@@ -46,8 +46,9 @@ def overrides(args, size: int) -> list[str]:
           "--config.tensorboard_images=0"]
 
 
-def bare_rate(config_file: str, flags: list[str], repeats: int) -> dict:
-  """Images/s of the config's train step on one batch from its own pipeline, already on device."""
+def bare_rate(config_file: str, flags: list[str], repeats: int):
+  """(a function measuring the images/s of the config's train step on one batch from its own
+  pipeline, already on the device; the run's workers and steps per epoch)."""
   from absl import flags as absl_flags
   from ml_collections import config_flags
   from cxflax import config as config_lib, parallel
@@ -77,9 +78,9 @@ def bare_rate(config_file: str, flags: list[str], repeats: int) -> dict:
   def run():
     holder_state["state"], m = step(holder_state["state"], batch)
     return m["loss"]
-  seconds = time_call(run, repeats=repeats)
-  return {"bare_img_s": config.batch_size / seconds, "bare_step_s": seconds,
-          "workers": config.data.workers, "steps_per_epoch": inp.steps_per_epoch}
+  time_call(run, repeats=1)  # compiled and warm
+  info = {"workers": config.data.workers, "steps_per_epoch": inp.steps_per_epoch}
+  return lambda: config.batch_size / time_call(run, repeats=repeats, warmup=0), info
 
 
 def fed_rate(config_file: str, flags: list[str], workdir: str) -> dict:
@@ -116,15 +117,18 @@ def main(argv=None) -> None:
     flags = overrides(args, size)
     print(f"{args.config} {args.model} at {size} px, batch {args.batch}: bare step ...", flush=True)
     row = {"config": args.config, "model": args.model, "size": size, "batch": args.batch}
-    row.update(bare_rate(config_file, flags, args.repeats))
+    measure, info = bare_rate(config_file, flags, args.repeats)
+    row.update(info, bare_before_img_s=measure())
     print(f"  {row}\n  main job ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
       row.update(fed_rate(config_file, flags, tmp))
+    row["bare_after_img_s"] = measure()
+    row["bare_img_s"] = (row["bare_before_img_s"] + row["bare_after_img_s"]) / 2
     row["fed_over_bare"] = row["fed_img_s"] / row["bare_img_s"]
     print(f"  {row}", flush=True)
     rows.append(row)
-  print_table(rows, ["config", "model", "size", "batch", "workers", "steps_per_epoch", "bare_img_s", "fed_img_s",
-                     "fed_over_bare", "fed_epochs", "first_epoch_train_s"])
+  print_table(rows, ["config", "model", "size", "batch", "workers", "steps_per_epoch", "bare_before_img_s",
+                     "bare_after_img_s", "bare_img_s", "fed_img_s", "fed_over_bare", "fed_epochs", "first_epoch_train_s"])
   print(write_json(args.out, "fed_step", rows))
 
 
