@@ -542,17 +542,20 @@ def _headline(final: dict) -> tuple[str, float, float, float]:
 @pytest.mark.parametrize("config", RUNLOCAL)
 def test_runlocal_learns_in_float32_and_in_bfloat16(tmp_path, config):
   """Every recipe's :runlocal learns (beats its trivial baseline by the margin), in float32 and in
-  bfloat16 (what dtype='auto' gives on GPUs), and bfloat16 ends within noise of float32: within a
-  quarter of what the float32 run gained over the baseline."""
+  bfloat16 (what dtype='auto' gives on GPUs), and bfloat16 ends within noise of float32: no
+  farther from it than twice what another seed moves the float32 run, or a quarter of what
+  float32 gained over the baseline, whichever is larger. (Seeds move these small runs a lot:
+  patched_flannel.py:resnet10t,runlocal reached 0.81, 0.51 and 0.63 accuracy in float32 at
+  seeds 0, 1 and 2; benchmarks/NOTES.md §15.)"""
   results = {}
-  for dtype in ("float32", "bfloat16"):
-    wd = str(tmp_path / dtype)
+  for dtype, seed in (("float32", 0), ("bfloat16", 0), ("float32", 1)):
+    wd = str(tmp_path / f"{dtype}-{seed}")
     proc = run_python("", args=["-m", "cxflax.main", f"--config=configs/{config}", f"--workdir={wd}",
-                                f"--config.dtype={dtype}"], timeout=3600)
+                                f"--config.dtype={dtype}", f"--config.seed={seed}"], timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     name, value, baseline, margin = _headline(read_json(wd, "final_metrics.json"))
     gain = baseline - value if name == "mae" else value - baseline
-    assert gain > margin, (dtype, name, value, baseline)
-    results[dtype] = (value, gain)
-  (f32, gain), (bf16, _) = results["float32"], results["bfloat16"]
-  assert abs(bf16 - f32) <= 0.25 * gain, results
+    assert gain > margin, (dtype, seed, name, value, baseline)
+    results[dtype, seed] = (value, gain)
+  (f32, gain), (bf16, _), (other_seed, _) = results["float32", 0], results["bfloat16", 0], results["float32", 1]
+  assert abs(bf16 - f32) <= max(2 * abs(other_seed - f32), 0.25 * gain), results
