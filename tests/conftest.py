@@ -42,6 +42,15 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # two, and this compiles 1.6-2x faster and runs about 2x slower (benchmarks/NOTES.md, section 9).
 # Tests that mostly run what they compiled are marked `optimized` (pytest_runtest_call below).
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+# And XLA's CPU backend with its older element-wise emitters instead of the MLIR fusion emitters
+# (read once, when the backend starts): the suite's worker time went from 2625 s to 2204 s with
+# it (benchmarks/NOTES.md, section 16). Its reductions round differently (single-process runs of
+# the two emitters end ~5% apart in the smallest BatchNorm biases after ten steps, and one and two
+# processes 2e-3 apart in a BatchNorm variance against 7e-6): the test that compares processes
+# parameter by parameter starts every run with XLA's default emitters
+# (python_env(default_emitters=True)).
+QUICK_COMPILE_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {QUICK_COMPILE_EMITTERS}".strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -147,13 +156,16 @@ def main_args(workdir, *overrides, mode: str = "train", config: str = "configs/r
           *TINY, *overrides]
 
 
-def python_env(devices: int | None = None, env: dict | None = None) -> dict:
+def python_env(devices: int | None = None, env: dict | None = None, default_emitters: bool = False) -> dict:
   """The environment of a subprocess: this checkout importable, the shared compilation cache,
-  and `devices` simulated CPU devices."""
+  `devices` simulated CPU devices, and the suite's quick-compiling emitters unless
+  `default_emitters`."""
   e = dict(os.environ)
   e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+  if default_emitters:
+    e["XLA_FLAGS"] = e["XLA_FLAGS"].replace(QUICK_COMPILE_EMITTERS, "").strip()
   if devices:
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = f"{e.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
   e.update(env or {})
   return e
 
