@@ -43,10 +43,9 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # Tests that mostly run what they compiled are marked `optimized` (pytest_runtest_call below).
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 # And XLA's CPU backend with its older element-wise emitters instead of the MLIR fusion emitters
-# (read once, when the backend starts): the suite's worker time went from 2625 s to 2204 s with
-# it (benchmarks/NOTES.md, section 16). Its reductions round differently (single-process runs of
-# the two emitters end ~5% apart in the smallest BatchNorm biases after ten steps, and one and two
-# processes 2e-3 apart in a BatchNorm variance against 7e-6): the test that compares processes
+# (read once, when the backend starts): they compile about twice as fast at this optimisation
+# level (benchmarks/NOTES.md, section 16, has the figures). Their reductions round differently,
+# enough to blur a comparison of one process with two: the test that compares processes
 # parameter by parameter starts every run with XLA's default emitters
 # (python_env(default_emitters=True)).
 QUICK_COMPILE_EMITTERS = "--xla_cpu_use_fusion_emitters=false"

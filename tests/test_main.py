@@ -111,10 +111,9 @@ def test_two_processes_match_one(tmp_path):
             python_env(env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
                        default_emitters=True),
             python_env(default_emitters=True)]
-    results = run_processes(commands, envs, timeout=600)
-  assert results[2][0] == 0, f"the single process:\n{results[2][2][-4000:]}"
-  results = results[:2]
-  for i, (code, _, err) in enumerate(results):
+    *processes, (code, _, err) = run_processes(commands, envs, timeout=600)
+  assert code == 0, f"the single process:\n{err[-4000:]}"
+  for i, (code, _, err) in enumerate(processes):
     assert code == 0, f"process {i}:\n{err[-4000:]}"
     assert f"process {i} of 2" in err
   assert read_json(multi, "final_metrics.json")["step"] == read_json(single, "final_metrics.json")["step"]
