@@ -15,6 +15,7 @@ from cxflax.config import base_config, finalize
 from cxflax.errors import DivergenceError
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train.steps import create_train_state, make_train_step
+from cxflax.train.train import _check_finite, _mean_metrics
 from tests.conftest import TINY_RUN, main_args, run_main, run_python, run_variables
 
 
@@ -51,23 +52,57 @@ def test_a_non_finite_step_leaves_the_state_as_it_was():
   assert not np.array_equal(jax.device_get(state.params)["Dense_0"]["kernel"], after.params["Dense_0"]["kernel"])
 
 
-def _diverging(tmp_path, *overrides):
+def test_an_update_that_overflows_the_parameters_is_kept_out_and_named():
+  """A finite loss and gradient times a rate of 1e60 (two scalings of 1e30: each finite in
+  float32) makes every parameter with a non-zero gradient infinite: the step keeps the state."""
+  c = finalize(base_config())
+  model, mesh = _Net(), parallel.make_mesh(jax.devices()[:1])
+  images = np.random.default_rng(1).normal(size=(4, 6, 6, 1)).astype(np.float32)
+  variables = model.init(jax.random.key(0), images)
+  state = create_train_state(model, optax.chain(optax.scale(1e30), optax.scale(1e30)), variables, mesh)
+  before = jax.device_get(state)
+  state, m = make_train_step(model, c, mesh)(
+      state, parallel.shard_batch({"image": images, "label": np.ones(4, np.float32)}, mesh))
+  assert np.isfinite(float(m["loss"])) and 0 < float(m["grad_norm"]) < np.inf
+  assert float(m["finite"]) == 0.0
+  for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                  jax.tree.leaves((before.params, before.batch_stats))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(DivergenceError, match=r"step 5: non-finite parameters, optimizer state or BatchNorm "
+                                            r"statistics after the update \(loss="):
+    _check_finite([(5, m)], "error")
+
+
+def _diverging(tmp_path, *overrides, rate="1e6"):
   """The TINY run at a learning rate it cannot survive: the step it diverges at, and its workdir."""
   wd = tmp_path / "w"
   with pytest.raises(DivergenceError, match=r"training diverged at step (\d+): non-finite") as e:
-    run_main(wd, *TINY_RUN, "--config.optim.name=sgd", "--config.optim.learning_rate=1e6",
+    run_main(wd, *TINY_RUN, "--config.optim.name=sgd", f"--config.optim.learning_rate={rate}",
              "--config.optim.momentum=0.0", "--config.schedule.name=constant", *overrides)
   return int(e.value.args[0].split("step ")[1].split(":")[0]), wd
 
 
-def test_divergence_stops_the_run_at_its_step_whatever_the_log_interval(tmp_path):
-  first, wd = _diverging(tmp_path / "a", "--config.log_every_steps=1000")
-  assert first == _diverging(tmp_path / "b", "--config.log_every_steps=1")[0]
-  # Whatever was saved before holds finite values only.
-  directory = ckpt_lib.checkpoint_dir(str(wd))
-  steps = ckpt_lib.Checkpoints(directory, create=False).all_steps() if os.path.isdir(directory) else []
+def test_divergence_stops_the_run_at_its_step_whatever_the_log_interval(tmp_path, monkeypatch):
+  """At a rate of 30 the run survives two epochs (5 steps each) and diverges in the third. The same
+  step is named whether every step is logged or none before the stage's end (step 100, its only
+  log, evaluation or save): the run stops as soon as that step is computed, without waiting for
+  a boundary. The checkpoints of the epochs before hold finite values only."""
+  from cxflax.train import train as train_lib
+  dispatched, make = [], train_lib.make_train_step
+
+  def counting(*args, **kwargs):
+    step = make(*args, **kwargs)
+    return lambda state, batch: (dispatched.append(1), step(state, batch))[1]
+
+  monkeypatch.setattr(train_lib, "make_train_step", counting)
+  first, _ = _diverging(tmp_path / "a", "--config.log_every_steps=1000", "--config.num_epochs=20",
+                        "--config.eval_every_epochs=100", "--config.checkpoint_every_epochs=100", rate=30)
+  assert first <= len(dispatched) < 100
+  second, wd = _diverging(tmp_path / "b", "--config.log_every_steps=1", "--config.num_epochs=4", rate=30)
+  assert second == first
+  steps = ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps()
+  assert steps and max(steps) < first
   for s in steps:
-    assert s < first
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(run_variables(str(wd), s)))
 
 
@@ -81,7 +116,6 @@ def test_divergence_is_an_error_line_and_exit_code_2(tmp_path):
 
 
 def test_on_nonfinite_skip_counts_what_it_skips():
-  from cxflax.train.train import _check_finite, _mean_metrics
   steps = [(1, {"finite": 1.0, "loss": 2.0, "grad_norm": 1.0}), (2, {"finite": 0.0, "loss": np.nan, "grad_norm": 1.0}),
            (3, {"finite": 1.0, "loss": 4.0, "grad_norm": 3.0})]
   assert _check_finite(steps, "skip") == 1

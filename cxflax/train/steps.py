@@ -42,6 +42,14 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, varia
   return parallel.replicate(state, mesh)
 
 
+def all_finite(tree) -> jax.Array:
+  """True where every floating-point value of `tree` is finite (counters and other integers
+  are finite by construction)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
 def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callable:
   """jit(state, batch) → (state, metrics): one optimizer step on a global batch split over 'data'.
 
@@ -89,13 +97,16 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
     else:
       opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     grad_norm = optax.global_norm(grads)
-    # A non-finite loss or gradient leaves parameters, optimizer state and BatchNorm statistics
-    # as they were (only the step advances) and says so in 'finite'; the loop stops the run, or
-    # counts the skip (config.on_nonfinite), without a host sync per step.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_params = optax.apply_updates(state.params, opt_updates)
+    # A non-finite loss or gradient, or an update that overflows the parameters, optimizer state
+    # or BatchNorm statistics (a finite gradient times a huge rate), leaves all three as they
+    # were (only the step advances) and says so in 'finite'; the loop stops the run, or counts
+    # the skip (config.on_nonfinite), without a host sync per step.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & all_finite((new_params, opt_state, updates["batch_stats"])))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(step=state.step + 1,
-                              params=keep(optax.apply_updates(state.params, opt_updates), state.params),
+                              params=keep(new_params, state.params),
                               opt_state=keep(opt_state, state.opt_state),
                               batch_stats=keep(updates["batch_stats"], state.batch_stats))
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}

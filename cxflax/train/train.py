@@ -230,6 +230,10 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     if log_now or eval_now or save_now:  # nothing non-finite is logged, evaluated or saved
       run.skipped += _check_finite(unchecked, config.on_nonfinite)
       unchecked = []
+    else:  # and steps already done are checked without waiting: a diverged run stops soon after
+      done = next((i for i, (_, m) in enumerate(unchecked) if not m["finite"].is_ready()), len(unchecked))
+      run.skipped += _check_finite(unchecked[:done], config.on_nonfinite)
+      unchecked = unchecked[done:]
     if log_now:
       means = _mean_metrics(pending)
       # The rate the update this batch feeds is applied with (the schedule counts updates, not
@@ -383,8 +387,9 @@ class Preemption:
 
 
 def _check_finite(steps: list[tuple[int, dict]], policy: str) -> int:
-  """The number of (step, metrics) whose update was skipped for a non-finite loss or gradient
-  (the train step keeps the state then); with policy 'error' the first one stops the run."""
+  """The number of (step, metrics) whose update was skipped for a non-finite loss, gradient or
+  updated state (the train step keeps the state then); with policy 'error' the first one stops
+  the run."""
   skipped = 0
   for step, m in steps:
     if float(jax.device_get(m["finite"])):
@@ -392,13 +397,17 @@ def _check_finite(steps: list[tuple[int, dict]], policy: str) -> int:
     if policy != "skip":
       values = {k: float(jax.device_get(m[k])) for k in ("loss", "grad_norm")}
       bad = ", ".join(f"{k}={v}" for k, v in values.items() if not np.isfinite(v))
+      if not bad:  # finite loss and gradient, but the update overflowed
+        bad = ("parameters, optimizer state or BatchNorm statistics after the update (loss="
+               f"{values['loss']:.4g}, grad_norm={values['grad_norm']:.4g})")
       raise DivergenceError(
           f"training diverged at step {step}: non-finite {bad}; the parameters before that step "
           "are kept and nothing non-finite was saved. Lower config.optim.learning_rate (or set "
           "config.optim.grad_clip_norm), check the data, or set config.on_nonfinite='skip' to "
           "skip such updates")
     skipped += 1
-    logging.warning("step %d: non-finite loss or gradient, update skipped (config.on_nonfinite='skip')", step)
+    logging.warning("step %d: non-finite loss, gradient or update, skipped (config.on_nonfinite='skip')",
+                    step)
   return skipped
 
 
