@@ -322,7 +322,9 @@ def _table_rows(rng, layout: str, images: list[str]) -> tuple[list[str], int]:
         fields = fields[:-2] if layout == "covidx" else fields[:-2 + (layout == "per_covid19")]
       elif kind == "extra_field":
         fields = fields + [_word(rng), "7"]
-      good += kind in ("ok", "extra_field")
+      # Fields beyond a header's columns are an error; a table without a header (covidx) may
+      # carry the user's own after the expected ones.
+      good += kind == "ok" or (kind == "extra_field" and layout == "covidx")
       if kind != "missing_field" and value:
         labels, numeric = labels + 1, numeric + is_number(value)
       lines.append((" " if layout == "covidx" else ",").join(fields))

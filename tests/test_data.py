@@ -45,6 +45,15 @@ def test_per_covid19_with_and_without_header(per_covid, tmp_path):
   swapped = "Subject,Slice_Name,Covid-19_percentage\n" + "\n".join(f"{s},{n},{p}" for n, p, s in rows)
   reordered = PerCovid19Source(str(_copy_layout(per_covid, tmp_path / "r", swapped)))
   np.testing.assert_array_equal(plain.labels(), reordered.labels())
+  # Without a header, fields after the expected three are the user's own; with one, empty
+  # trailing fields (a spreadsheet's export) are nothing.
+  extra = PerCovid19Source(str(_copy_layout(per_covid, tmp_path / "x", "".join(
+      f"{r},note,7\n" for r in text.splitlines()))))
+  np.testing.assert_array_equal(plain.labels(), extra.labels())
+  header = "Slice_Name,Covid-19_percentage,Subject\n"
+  headed_trailing = header + "".join(f"{r},,\n" for r in text.splitlines())
+  trailing = PerCovid19Source(str(_copy_layout(per_covid, tmp_path / "t", headed_trailing)))
+  np.testing.assert_array_equal(plain.labels(), trailing.labels())
   val = PerCovid19Source(str(per_covid), "val")
   assert len(val) > 0 and val.load(0)["image"].shape == (32, 32, 1)
 
@@ -55,6 +64,9 @@ def test_per_covid19_with_and_without_header(per_covid, tmp_path):
     (lambda rows: [[rows[0][0], "abc", rows[0][2]]], r"line 1: percentage 'abc' is not a number"),
     (lambda rows: [[rows[0][0], "5"]], r"line 1: expected columns"),
     (lambda rows: [["Name", "Label", "Patient"]] + rows, r"header .* lacks column\(s\) \['Covid-19_percentage', 'Subject'\]"),
+    # an unquoted comma in a name shifts the row: more fields than its header names
+    (lambda rows: [["Slice_Name", "Covid-19_percentage", "Subject"], ["a", rows[0][0], "5", "s1"]],
+     r"line 2: 4 fields where the header names 3"),
 ])
 def test_per_covid19_bad_rows_name_file_and_line(per_covid, tmp_path, edit, match):
   rows = [r.split(",") for r in (per_covid / "Train.csv").read_text().splitlines()]

@@ -99,7 +99,10 @@ def pick_columns(rows, columns: Sequence[str], path: str, aliases: dict[str, Seq
                  ) -> list[tuple[int, dict[str, str]]]:
   """Rows as {column: value}. A first row naming the columns (case, spaces, '_' and '-' ignored;
   `aliases` give other accepted names) is a header; without one, columns are taken in order.
-  A row too short for the required columns is reported to `problems` (an error without)."""
+  A row too short for the required columns, or with values beyond the columns its header names
+  (a value in a field of its own that shifted the others, like an unquoted comma), is reported
+  to `problems` (an error without); without a header, fields after the expected ones are the
+  user's own and ignored."""
   aliases = aliases or {}
   names = {c: [norm(c)] + [norm(a) for a in aliases.get(c, ())] for c in columns}
   first = [norm(c) for c in rows[0][1]]
@@ -108,14 +111,18 @@ def pick_columns(rows, columns: Sequence[str], path: str, aliases: dict[str, Seq
     absent = [c for c, v in found.items() if v is None and c not in optional]
     if absent:
       raise DataError(f"{path}: header {rows[0][1]} lacks column(s) {absent}; expected {list(columns)}")
-    order, rows = found, rows[1:]
+    header, order, rows = rows[0][1], found, rows[1:]
   else:
-    order = {c: i for i, c in enumerate(columns)}
+    header, order = None, {c: i for i, c in enumerate(columns)}
   required = [c for c in columns if c not in optional]
   out = []
   for n, row in rows:
+    message = None
     if len(row) <= max(order[c] for c in required):
       message = f"{path}, line {n}: expected columns {list(columns)}, got {len(row)} field(s): {row}"
+    elif header is not None and any(f.strip() for f in row[len(header):]):
+      message = f"{path}, line {n}: {len(row)} fields where the header names {len(header)}: {row}"
+    if message is not None:
       if problems is None:
         raise DataError(message)
       problems(message)
