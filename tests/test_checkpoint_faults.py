@@ -167,6 +167,17 @@ def test_class_names_in_another_order_are_refused(tmp_path):
                                             r"config \['viral', 'normal', 'bacterial'\]"):
     ckpts.check_compatible(5, reordered, target)
   ckpts.check_compatible(5, reordered, target, accept=True)
+  # Another head and task: each difference listed, on its own line.
+  other = base_config()
+  other.head = "mlp"
+  regression = build.checkpoint_meta(finalize(other), tasks.TASKS.get("regression"), None)
+  with pytest.raises(CheckpointError) as e:
+    ckpts.check_compatible(5, regression, target)
+  listed = str(e.value).splitlines()
+  for line in ("head: checkpoint 'linear', config 'mlp'", "num_outputs: checkpoint 3, config 1",
+               "task: checkpoint 'classification', config 'regression'",
+               "class_names: checkpoint ['normal', 'bacterial', 'viral'], config []"):
+    assert f"  {line}" in listed, listed
   ckpts.close()
   # Predictions averaged: every checkpoint's classes, in order, are the data's.
   _classifier_checkpoint(str(tmp_path / "b"), classes[::-1])

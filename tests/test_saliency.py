@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cxflax.errors import ConfigError
-from cxflax.models import create_model, saliency
+from cxflax.models import create_model, list_models, saliency
 from cxflax.models.heads import LinearHead, Network, create_network
 from cxflax.models.patches import PatchClassifier, patch_starts
 from cxflax.models.timm_weights import load_timm_weights
@@ -107,6 +107,39 @@ def test_grad_cam_equals_timm_under_torch_autograd():
   assert scale > 0
   np.testing.assert_allclose(got["cam"], cam.numpy(), atol=1e-4 * scale)
   np.testing.assert_allclose(got["map"], full.numpy(), atol=1e-4 * scale)
+
+
+# Grad-CAM's default layer and its gradient for every backbone, by the class activation map they
+# must equal. The families whose last feature map ends differently (DenseNet's final norm,
+# EfficientNet's head convolution, Inception's concatenation) in the default run (resnet10t is
+# the torch comparison above); every other backbone under -m slow. VGG ends in pre-logits
+# convolutions, so its gradient is not linear in its map: its default layer is checked below.
+CAM_DEFAULT = ["densenet121", "efficientnet_b0", "inception_v3"]
+CAM_SLOW = sorted(n for n in list_models()
+                  if n not in CAM_DEFAULT + ["resnet10t"] and not n.startswith("vgg"))
+
+
+@pytest.mark.parametrize("name", CAM_DEFAULT + [pytest.param(n, marks=pytest.mark.slow) for n in CAM_SLOW])
+def test_grad_cam_of_every_backbone_is_its_class_activation_map(name):
+  """Behind an average pool and a linear layer, ∂y_c/∂A_hwk = W_kc/(h·w): Grad-CAM equals
+  ReLU(A·W_c)/(h·w) (Zhou et al.'s CAM), computed here from the backbone's output without any
+  gradient. The map's layer is the backbone's last feature map, for two images in one call."""
+  size = 80 if name == "inception_v3" else 64
+  net = create_network(name, "linear", 3)
+  x = np.random.default_rng(4).normal(size=(2, size, size, 3)).astype(np.float32)
+  v = random_variables(net, x, seed=1)
+  got = jax.jit(lambda v, x: saliency.grad_cam(net, v, x))(v, x)
+  features = jax.jit(lambda v, x: net.apply(v, x, method=lambda m, x: m.backbone(x)))(v, x)
+  a = np.asarray(features, np.float64)
+  w = np.asarray(v["params"]["head"]["fc"]["kernel"], np.float64)
+  logits = a.mean(axis=(1, 2)) @ w + np.asarray(v["params"]["head"]["fc"]["bias"], np.float64)
+  cls = logits.argmax(-1)
+  assert np.array_equal(np.asarray(got["class"]), cls)
+  want = np.maximum(np.einsum("nhwk,kn->nhw", a, w[:, cls]) / (a.shape[1] * a.shape[2]), 0)
+  scale = want.max()
+  assert scale > 0
+  np.testing.assert_allclose(got["cam"], want, atol=1e-4 * scale)
+  assert got["map"].shape == (2, size, size)
 
 
 def test_named_layers_module_inputs_and_defaults():
