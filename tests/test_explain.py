@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxflax.data.images import write_image
 from cxflax.errors import ConfigError, DataError
 from cxflax.train.explain import _target, image_grid, render_overlay
 from tests.conftest import TINY, TINY_RUN, checkpoint_predictions, held_out, load_config, run_main
@@ -46,6 +47,18 @@ def test_explain_regression_run(tiny_run, tmp_path):
   assert len(glob.glob(str(out / "explain" / "*.png"))) == 3
   tags = _tensorboard_images(out)
   assert "explain/saliency" in tags["tensors"] + tags["images"]
+  # New images (config.predict.images, as --mode=predict reads them): the same three images as
+  # PNG files of other names give the same predictions and no true value.
+  folder = tmp_path / "new"
+  folder.mkdir()
+  for k, i in enumerate(indices[:3]):
+    write_image(folder / f"case{k}.png", source.load(int(i))["image"])
+  run_main(tmp_path / "explain_new", *TINY_RUN, f"--config.predict.images={folder}", mode="explain",
+           checkpoint=workdir)
+  new = _table(tmp_path / "explain_new")
+  assert [r["name"] for r in new] == sorted(os.listdir(folder))
+  np.testing.assert_allclose([float(r["predicted"]) for r in new], preds, rtol=1e-3, atol=1e-3)
+  assert [r["true"] for r in new] == ["?"] * 3
   with pytest.raises(ConfigError, match="config.explain.target='1'.*regresses"):
     run_main(out, *TINY_RUN, "--config.explain.target=1", mode="explain", checkpoint=workdir)
   with pytest.raises(DataError, match="config.explain.images.*nope.png"):
