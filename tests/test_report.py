@@ -8,6 +8,7 @@ import base64
 import csv
 import os
 import re
+import statistics
 
 import numpy as np
 import pytest
@@ -109,6 +110,11 @@ def test_regression_report_by_hand():
   got = {r["category"]: (r["n"], r["mae"], r["mean_error"]) for r in rep["severity"]}
   assert got == {"normal": (2, 0.5, 0.5), "minimal": (2, 1.0, 1.0), "moderate": (1, 3.0, -3.0),
                  "extent": (1, 5.0, 5.0), "severe": (0, None, None), "critical": (1, 10.0, -10.0)}
+  # Bland-Altman: mean difference -5/7, sample standard deviation (statistics.stdev), ±1.96 sd.
+  errors = [1, 0, 2, 0, -3, 5, -10]
+  sd = statistics.stdev(errors)
+  assert rep["agreement"] == pytest.approx({"mean_difference": -5 / 7, "sd": sd,
+                                            "lower": -5 / 7 - 1.96 * sd, "upper": -5 / 7 + 1.96 * sd})
 
 
 def test_segmentation_report_per_image_by_hand():
@@ -191,6 +197,8 @@ def test_eval_report_of_a_regression_run(tiny_run, tmp_path, monkeypatch):
   page = _check_page(wd, ("scatter.png", "bland_altman.png"))
   assert f"{rep['mae']['value']:.3f} [{rep['mae']['low']:.3f}, {rep['mae']['high']:.3f}]" in page
   assert "resnet10t" in page and "Error by severity category" in page
+  assert rep["agreement"]["mean_difference"] == pytest.approx(np.mean(err), abs=1e-4)
+  assert f"{rep['agreement']['mean_difference']:.4f}" in page
   assert "saliency maps over the images" in page
   _check_worst_maps(tiny_run[0], source, fold, [w["name"] for w in read_json(wd, "report", "report.json")["worst"]],
                     drawn)

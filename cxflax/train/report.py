@@ -125,9 +125,13 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Se
 
 def regression_report(pred: np.ndarray, labels: np.ndarray, samples: int = 1000, seed: int = 0) -> dict:
   """MAE and RMSE with 95 % bootstrap intervals; MAE and RMSE per severity category of the true
-  value (SEVERITY_NAMES / SEVERITY_RANGES)."""
+  value (SEVERITY_NAMES / SEVERITY_RANGES); Bland and Altman's agreement: the mean difference
+  (prediction - truth) and its 95 % limits of agreement, mean ± 1.96 standard deviations."""
   pred, labels = np.asarray(pred, np.float64), np.asarray(labels, np.float64)
   err = pred - labels
+  sd = err.std(ddof=1) if len(err) > 1 else 0.0
+  agreement = {"mean_difference": _num(err.mean()), "sd": _num(sd),
+               "lower": _num(err.mean() - 1.96 * sd), "upper": _num(err.mean() + 1.96 * sd)}
 
   def stats(idx):
     e = err[idx]
@@ -144,7 +148,8 @@ def regression_report(pred: np.ndarray, labels: np.ndarray, samples: int = 1000,
                      "rmse": _num(np.sqrt((e ** 2).mean())) if len(e) else None,
                      "mean_error": _num(e.mean()) if len(e) else None})
   return {"mae": _estimate(point[0], low[0], high[0]), "rmse": _estimate(point[1], low[1], high[1]),
-          "severity": severity, "bootstrap": {"samples": samples, "seed": seed, "level": 0.95}}
+          "severity": severity, "agreement": agreement,
+          "bootstrap": {"samples": samples, "seed": seed, "level": 0.95}}
 
 
 # --- segmentation ------------------------------------------------------------------------------------
@@ -232,9 +237,10 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str], 
   return _png(fig)
 
 
-def plot_regression(pred: np.ndarray, labels: np.ndarray) -> tuple[bytes, bytes]:
+def plot_regression(pred: np.ndarray, labels: np.ndarray, agreement: dict) -> tuple[bytes, bytes]:
   """Prediction against truth (the identity dashed), and the Bland–Altman plot: the difference
-  against the mean of the two, with the mean difference and its 95 % limits of agreement."""
+  against the mean of the two, with regression_report's mean difference and its 95 % limits of
+  agreement."""
   pred, labels = np.asarray(pred, np.float64), np.asarray(labels, np.float64)
   lo, hi = min(pred.min(), labels.min()), max(pred.max(), labels.max())
   pad = 0.05 * (hi - lo or 1)
@@ -250,16 +256,15 @@ def plot_regression(pred: np.ndarray, labels: np.ndarray) -> tuple[bytes, bytes]
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left")
   scatter = _png(fig)
-  mean, diff = (pred + labels) / 2, pred - labels
-  bias, sd = diff.mean(), diff.std(ddof=1) if len(diff) > 1 else 0.0
+  bias, lower, upper = (agreement[k] for k in ("mean_difference", "lower", "upper"))
   fig = _figure(6.4, 4.6)
   ax = fig.add_subplot()
-  ax.scatter(mean, diff, s=14, alpha=0.6, color="navy", edgecolors="none")
+  ax.scatter((pred + labels) / 2, pred - labels, s=14, alpha=0.6, color="navy", edgecolors="none")
   ax.axhline(bias, color="red", linewidth=1.5, label=f"mean difference {bias:.2f}")
-  for limit in (bias - 1.96 * sd, bias + 1.96 * sd):
+  for limit in (lower, upper):
     ax.axhline(limit, color="red", linestyle="--", linewidth=1)
   ax.plot([], [], color="red", linestyle="--", linewidth=1,
-          label=f"95 % limits of agreement [{bias - 1.96 * sd:.2f}, {bias + 1.96 * sd:.2f}]")
+          label=f"95 % limits of agreement [{lower:.2f}, {upper:.2f}]")
   ax.set_xlabel("mean of prediction and truth")
   ax.set_ylabel("prediction - truth")
   ax.set_title("Bland-Altman")
@@ -402,11 +407,16 @@ def _regression(workdir, out_dir, pred, labels, names, subjects, class_names, ro
               for r in rep["severity"]]
   write_csv(os.path.join(out_dir, "severity.csv"), severity,
             ["category", "range", "n", "mae", "rmse", "mean_error"])
+  agree = rep["agreement"]
   sections = [("Error (95 % bootstrap intervals)",
                _table(["metric", "value"], [["MAE", _with_ci(rep["mae"])], ["RMSE", _with_ci(rep["rmse"])]])),
               ("Error by severity category of the true value",
-               _table(["category", "range", "n", "MAE", "RMSE", "mean error"], severity))]
-  scatter, bland_altman = plot_regression(value, labels)
+               _table(["category", "range", "n", "MAE", "RMSE", "mean error"], severity)),
+              ("Agreement (Bland-Altman: prediction - truth)",
+               _table(["mean difference", "sd", "95 % limits of agreement"],
+                      [[_cell(agree["mean_difference"]), _cell(agree["sd"]),
+                        f"[{_cell(agree['lower'])}, {_cell(agree['upper'])}]"]]))]
+  scatter, bland_altman = plot_regression(value, labels, agree)
   return _Part(rep, sections, {"scatter.png": scatter, "bland_altman.png": bland_altman},
                np.abs(value - labels), lambda i: f"true {labels[i]:.1f}, predicted {value[i]:.1f}")
 
