@@ -109,7 +109,7 @@ def test_a_corrupt_image_in_one_process_stops_both(tmp_path):
   root = tmp_path / "data"
   export.export_per_covid19(str(root), num_subjects=20, image_size=32, num_val_subjects=0,
                             slices_per_subject=(2, 3))
-  # test_main.py's two-process run on these files (its compiled steps serve this run too).
+  # test_main.py's two-process run, on these files.
   overrides = (*TINY_RUN, "--config.optim.name=sgd", "--config.optim.learning_rate=0.01",
                "--config.data.source=per_covid19", f"--config.data.root={root}")
   # An example of process 1's third batch that process 0 does not read in two epochs (it reads

@@ -181,13 +181,15 @@ def test_flannel_vgg19_bn_keeps_torchvisions_two_classifier_dropouts():
 @pytest.mark.optimized
 def test_resnest_recipe_learns(tmp_path):
   """configs/resnest.py:runlocal at its own model and image size (resnest14d, 64 px), shortened
-  to 8 of its 12 epochs on half its phantom subjects, beats the training-mean baseline clearly.
-  (`-m slow` runs every recipe's :runlocal unshortened.)"""
+  to 8 of its 12 epochs on half its phantom subjects, beats the training-mean baseline clearly:
+  its MAE ended at 0.68, 0.72 and 0.70 of the baseline's at three commits whose arithmetic
+  differed only by rounding (other compiler emitters, a finiteness check added to the step), so
+  the bar is 0.8. (`-m slow` runs every recipe's :runlocal unshortened.)"""
   wd = str(tmp_path / "w")
   run_main(wd, "--config.data.phantom.num_subjects=50", "--config.num_epochs=8",
            "--config.eval_every_epochs=4", tiny=False)
   final = read_json(wd, "final_metrics.json")
-  assert final["metrics"]["mae"] < 0.7 * final["baseline"]["mae"], final
+  assert final["metrics"]["mae"] < 0.8 * final["baseline"]["mae"], final
   source, held_out = _held_out(wd)
   pred = checkpoint_predictions(wd, source, held_out)
   assert final["metrics"]["mae"] == pytest.approx(np.mean(np.abs(pred - source.labels()[held_out])), rel=1e-4)
