@@ -293,19 +293,30 @@ def reserved_port():
     yield s.getsockname()[1]
 
 
-def run_processes(commands: list[list[str]], envs: list[dict], timeout: float) -> list[tuple[int, str, str]]:
+def run_processes(commands: list[list[str]], envs: list[dict], timeout: float,
+                  signal_when: tuple[int, str, int] | None = None) -> list[tuple[int, str, str]]:
   """Starts the commands together and returns (returncode, stdout, stderr) of each. Their output
   is drained concurrently (a full pipe cannot stall one while we wait on another); past
-  `timeout` seconds every process is killed and the test fails with the last lines of each."""
+  `timeout` seconds every process is killed and the test fails with the last lines of each.
+  signal_when=(i, text, signum): process i is sent signum once its stderr has printed `text`."""
   import threading
   import time
   procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for cmd, env in zip(commands, envs)]
   streams = [([], []) for _ in procs]
   readers = []
-  for p, (out, err) in zip(procs, streams):
-    for pipe, sink in ((p.stdout, out), (p.stderr, err)):
-      t = threading.Thread(target=lambda pipe=pipe, sink=sink: sink.extend(pipe), daemon=True)
+
+  def drain(pipe, sink, proc, watch):
+    for line in pipe:
+      sink.append(line)
+      if watch and watch[0] in line:
+        proc.send_signal(watch[1])
+        watch = None
+
+  for i, (p, (out, err)) in enumerate(zip(procs, streams)):
+    watch = signal_when[1:] if signal_when and signal_when[0] == i else None
+    for pipe, sink, w in ((p.stdout, out, None), (p.stderr, err, watch)):
+      t = threading.Thread(target=drain, args=(pipe, sink, p, w), daemon=True)
       t.start()
       readers.append(t)
   deadline = time.monotonic() + timeout

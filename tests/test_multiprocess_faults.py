@@ -153,3 +153,36 @@ def test_the_coordinator_failing_stops_the_others(tmp_path):
         f"process {i} exited {code}:\n{err[-3000:]}")
     assert f"process 0 of 2 failed: --workdir '{bad}' exists and is not a directory" in errors[0]
   assert "process 1 stopped too" in results[1][2]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_both_resume(tmp_path):
+  """Preemption of a job on two hosts, where the notice reaches one (process 1, not the
+  coordinator): JAX's preemption sync point has both processes save the same step and exit
+  cleanly (code 0); the same two commands resume from that step and finish."""
+  import re
+  import signal
+  from cxflax.train import checkpoint as ckpt_lib
+  from tests.conftest import read_json
+  workdir = str(tmp_path / "w")
+  overrides = (*TINY_RUN, "--config.num_epochs=3", "--config.checkpoint_every_epochs=100")
+
+  def both(**kwargs):
+    with reserved_port() as port:
+      commands = [[sys.executable, *main_args(workdir, *overrides), f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={i}"] for i in range(2)]
+      return run_processes(commands, [python_env()] * 2, timeout=300, **kwargs)
+
+  # clu's progress report (every log_every_steps, 2) says training has begun
+  results = both(signal_when=(1, "Setting work unit notes", signal.SIGTERM))
+  steps = []
+  for i, (code, _, err) in enumerate(results):
+    assert code == 0, f"process {i} exited {code}:\n{err[-3000:]}"
+    steps.append([int(s) for s in re.findall(r"preempted at step (\d+) \(SIGTERM\): checkpoint saved", err)])
+  assert len(steps[0]) == 1 and steps[1] == steps[0], steps
+  step = steps[0][0]
+  assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(workdir), create=False).all_steps() == [step]
+  assert not os.path.exists(os.path.join(workdir, "final_metrics.json"))
+  for i, (code, _, err) in enumerate(both()):
+    assert code == 0, f"process {i} exited {code} on resuming:\n{err[-3000:]}"
+    assert f"resumed from {ckpt_lib.checkpoint_dir(workdir)}/{step} " in err, err[-3000:]
+  assert read_json(workdir, "final_metrics.json")["step"] > step
