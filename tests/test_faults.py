@@ -2,6 +2,7 @@
 happens, before anything non-finite is saved, logged or scored."""
 
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,7 @@ from cxflax.errors import DivergenceError
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train.steps import create_train_state, make_train_step
 from cxflax.train.train import _check_finite, _mean_metrics
-from tests.conftest import TINY_RUN, main_args, run_main, run_python, run_variables
+from tests.conftest import TINY_RUN, main_args, read_json, run_main, run_python, run_variables
 
 
 class _Net(nn.Module):  # conv, BatchNorm, linear: every kind of state a train step changes
@@ -124,6 +125,24 @@ def test_on_nonfinite_skip_counts_what_it_skips():
     _check_finite(steps, "error")
 
 
+def test_on_nonfinite_skip_trains_to_the_end_counting_every_skipped_update(tmp_path):
+  """A rate of 1e60 (infinite in float32) makes every update non-finite: under 'skip' the run
+  ends, reports every step's update as skipped, and its checkpoints all hold the initial state."""
+  wd = tmp_path / "w"
+  run = run_main(wd, *TINY_RUN, "--config.optim.name=sgd", "--config.optim.learning_rate=1e60",
+                 "--config.optim.momentum=0.0", "--config.schedule.name=constant",
+                 "--config.on_nonfinite=skip")
+  final = read_json(wd, "final_metrics.json")
+  logged = re.findall(r"^\[(\d+)\] .*train/skipped_updates=(\d+)", run.log, re.M)
+  counts = [(int(a), int(b)) for a, b in logged]
+  assert counts and counts[-1][0] == final["step"] and all(a == b for a, b in counts), counts
+  steps = ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps()
+  assert len(steps) >= 2
+  first, last = (jax.tree.leaves(run_variables(str(wd), s)) for s in (steps[0], steps[-1]))
+  for a, b in zip(first, last):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_non_finite_predictions_are_an_error_not_a_metric():
   from cxflax.train.scoring import run_evaluation
 
@@ -141,11 +160,10 @@ def test_non_finite_predictions_are_an_error_not_a_metric():
 def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   """Preemption as SLURM and cloud machines signal it: the run checkpoints at the step boundary,
   exits cleanly (code 0), and the same command resumes from that step to the end."""
-  import re
   import signal
   import subprocess
   import sys
-  from tests.conftest import REPO, python_env, read_json
+  from tests.conftest import REPO, python_env
   wd = tmp_path / "w"
   args = main_args(wd, *TINY_RUN, "--config.num_epochs=3", "--config.checkpoint_every_epochs=100")
   proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=python_env(), stdout=subprocess.PIPE,
