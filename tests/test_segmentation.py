@@ -1,6 +1,7 @@
 """Lung segmentation end to end (train, Jaccard/Dice, masks predicted for a folder), masks read
 back from files for real data, and patch-based FLANNEL learners and their ensemble."""
 
+import csv
 import os
 
 import numpy as np
@@ -52,6 +53,15 @@ def test_lung_segmentation_trains_and_writes_masks_for_a_folder(tmp_path):
   assert final["metrics"]["jaccard"] == pytest.approx(np.mean(jaccard), abs=1e-6)
   assert final["metrics"]["dice"] == pytest.approx(np.mean(dice), abs=1e-6)
   assert "jaccard" in final["baseline"] and "pixel_accuracy" in final["metrics"]
+  # --mode=eval's report: every held-out image's Jaccard and Dice, as computed above.
+  run_main(wd, mode="eval", config="lung_seg.py:runlocal")
+  with open(os.path.join(wd, "report", "per_image.csv")) as f:
+    rows = {r["name"]: r for r in csv.DictReader(f)}
+  names = [source.example_name(int(i)) for i in held_out]
+  assert sorted(rows) == sorted(names)
+  np.testing.assert_allclose([float(rows[n]["jaccard/lung"]) for n in names], jaccard, atol=1e-6)
+  np.testing.assert_allclose([float(rows[n]["dice/lung"]) for n in names], dice, atol=1e-6)
+  assert os.path.getsize(os.path.join(wd, "report", "overlap.png")) > 0
   images = str(tmp_path / "xrays")
   sizes = [(40, 56), (64, 64), (50, 30)]
   paths = _write_xrays(images, sizes)
