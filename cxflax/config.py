@@ -162,8 +162,9 @@ def base_config(plain: bool = False) -> ml_collections.ConfigDict:
   # (("schedule.unit", "the report steps per iteration; ..."),). `--mode=describe` lists them and
   # tests/test_paper_settings.py accepts a difference from the paper only when listed here.
   c.departures = ()
-  # A non-finite loss or gradient: 'error' stops the run naming the step (nothing non-finite is
-  # saved); 'skip' leaves that update out and counts it (train/skipped_updates).
+  # A non-finite loss or gradient, or an update that would make the state non-finite: 'error'
+  # stops the run naming the step (nothing non-finite is saved); 'skip' leaves that update out
+  # and counts it (train/skipped_updates).
   c.on_nonfinite = "error"
   c.halt_after_steps = 0         # >0: checkpoint and stop once this step is reached (as if preempted)
   c.round_predictions = False    # regression: round to integers when evaluating (seed 001)

@@ -18,7 +18,7 @@ class CheckpointError(CxflaxError, ValueError):
 
 
 class DivergenceError(CxflaxError, FloatingPointError):
-  """Training produced a non-finite loss, gradient or prediction."""
+  """Training produced a non-finite loss, gradient, updated state or prediction."""
 
 
 class WorkdirError(CxflaxError, OSError):

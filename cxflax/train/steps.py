@@ -43,8 +43,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, varia
 
 
 def all_finite(tree) -> jax.Array:
-  """True where every floating-point value of `tree` is finite (counters and other integers
-  are finite by construction)."""
+  """True if every floating-point value of `tree` is finite (integer counters are by
+  construction, and random keys have no such test)."""
   checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)

@@ -230,10 +230,12 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     if log_now or eval_now or save_now:  # nothing non-finite is logged, evaluated or saved
       run.skipped += _check_finite(unchecked, config.on_nonfinite)
       unchecked = []
-    else:  # and steps already done are checked without waiting: a diverged run stops soon after
-      done = next((i for i, (_, m) in enumerate(unchecked) if not m["finite"].is_ready()), len(unchecked))
-      run.skipped += _check_finite(unchecked[:done], config.on_nonfinite)
-      unchecked = unchecked[done:]
+    elif jax.process_count() == 1:  # steps already done are checked without waiting: a diverged
+      # run stops soon after. (Processes finish steps at different times: with several, every
+      # one checks at the same steps, above, so that all stop at the same one.)
+      ready = next((i for i, (_, m) in enumerate(unchecked) if not m["finite"].is_ready()), len(unchecked))
+      run.skipped += _check_finite(unchecked[:ready], config.on_nonfinite)
+      unchecked = unchecked[ready:]
     if log_now:
       means = _mean_metrics(pending)
       # The rate the update this batch feeds is applied with (the schedule counts updates, not
@@ -263,7 +265,7 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
       clock.end_epoch(int(math.ceil(local / steps_per_epoch)), step, writer)
     if preempted:
       break
-  if step < stage_end:
+  if preempted or step < stage_end:  # (preempted at a stage's last step too: it is saved)
     with checkpoint_writes(run.ckpts.directory):
       run.ckpts.wait()
     writer.flush()
