@@ -170,9 +170,15 @@ def share_failure(error: Exception) -> str | None:
 
 def stop_watching() -> None:
   """At the end of a run: another process's later failure no longer ends this one, and the watch
-  thread is gone before the interpreter exits."""
-  if _watch is not None and _watch.lock.acquire(blocking=False):
+  thread is gone before the interpreter exits. If the watch thread is already ending this process
+  for another's failure (which came before this run's end), waits for it to do so: an interpreter
+  finalising while that thread is inside jax's shutdown aborts the process."""
+  if _watch is None:
+    return
+  if _watch.lock.acquire(blocking=False):
     _end_watch()
+  elif _watch.thread is not None:
+    _watch.thread.join()  # it ends the process (os._exit)
 
 
 def check_batch_sizes(config) -> None:

@@ -71,34 +71,52 @@ def test_the_watch_reports_another_process_failure_unless_finished(watch, capfd,
     assert watch.ended == ["shutdown", "exit 2"]
 
 
+# argv: coordinator, process id, what it does: "end" (its run ends; process 0 then says so in the
+# key-value store), "fail" (process 1: fails once process 0 has said so), or "end_in_failure"
+# (process 0: says so first, and its run ends while its watch thread is ending it for that failure).
 _WATCHED_RUN = """
-import sys
+import sys, time
 import jax.numpy as jnp
+from jax._src.distributed import global_state
 from cxflax import parallel
 from cxflax.errors import CxflaxError
 parallel.maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 float(jnp.ones(3).sum())
 if sys.argv[3] == "fail":
+  global_state.client.blocking_key_value_get("test/process_0", 60_000)
   print(parallel.share_failure(CxflaxError("x.png: cannot decode image")), file=sys.stderr)
   sys.exit(2)
+if sys.argv[3] == "end_in_failure":
+  global_state.client.key_value_set("test/process_0", "here")
+  while not parallel._watch.lock.locked():
+    time.sleep(0.01)
 parallel.stop_watching()
+if sys.argv[2] == "0" and sys.argv[3] == "end":
+  global_state.client.key_value_set("test/process_0", "ended")
 """
 
 
-@pytest.mark.parametrize("outcome", ["success", "failure"])
+@pytest.mark.parametrize("outcome", ["success", "failure", "failure_at_the_end"])
 def test_two_processes_exit_without_an_abort_at_interpreter_exit(outcome):
   """A run's end, with the watch thread started: each process exits with its own code. (A watch
   thread left blocked in jax's client aborted every process at exit: "FATAL: exception not
-  rethrown", exit -6, in 10 of 10 runs of this script.) On failure, process 1 fails and process 0
-  ends normally, not stopped by a failure that came after its run."""
+  rethrown", exit -6, in 10 of 10 runs of this script; so did a run that ended while its watch
+  thread was stopping it, in 1 of 2 clean-clone CI runs.) On failure, process 1 fails after process
+  0's run ended: process 0 ends normally. On failure at the end, process 0's run ends while its
+  watch thread reports process 1's failure: it exits as stopped by that failure."""
+  roles = {"success": ("end", "end"), "failure": ("end", "fail"),
+           "failure_at_the_end": ("end_in_failure", "fail")}[outcome]
   with reserved_port() as port:
-    commands = [[sys.executable, "-c", _WATCHED_RUN, f"127.0.0.1:{port}", str(i),
-                 "fail" if (outcome == "failure" and i == 1) else "end"] for i in range(2)]
+    commands = [[sys.executable, "-c", _WATCHED_RUN, f"127.0.0.1:{port}", str(i), role]
+                for i, role in enumerate(roles)]
     results = run_processes(commands, [python_env()] * 2, timeout=120)
   codes = [code for code, _, _ in results]
-  assert codes == ([0, 2] if outcome == "failure" else [0, 0]), [err[-2000:] for _, _, err in results]
-  if outcome == "failure":
+  expected = {"success": [0, 0], "failure": [0, 2], "failure_at_the_end": [2, 2]}[outcome]
+  assert codes == expected, [err[-2000:] for _, _, err in results]
+  if outcome != "success":
     assert "process 1 of 2 failed: x.png: cannot decode image" in results[1][2]
+  if outcome == "failure_at_the_end":
+    assert "error: process 1 of 2 failed: x.png: cannot decode image; process 0 stopped too" in results[0][2]
 
 
 def test_a_corrupt_image_in_one_process_stops_both(tmp_path):
