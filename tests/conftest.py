@@ -170,12 +170,12 @@ def python_env(devices: int | None = None, env: dict | None = None, default_emit
 
 
 def run_python(code: str, devices: int | None = None, env: dict | None = None, timeout: int = 600,
-               args: list[str] | None = None) -> subprocess.CompletedProcess:
+               args: list[str] | None = None, default_emitters: bool = False) -> subprocess.CompletedProcess:
   """Runs `code` (or `python ARGS` when args given) in a fresh interpreter, so that XLA_FLAGS
-  (simulated device count) take effect; returns the completed process (check=False)."""
+  (simulated device count, emitters) take effect; returns the completed process (check=False)."""
   cmd = [sys.executable] + (args if args is not None else ["-c", code])
-  return subprocess.run(cmd, env=python_env(devices, env), cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(cmd, env=python_env(devices, env, default_emitters), cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
 
 
 def data_config(source: str, root, **fields):
