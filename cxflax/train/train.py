@@ -210,7 +210,7 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
   metrics, result = {}, None
   pictures = _EvalPictures(run, stage)
   clock = _EpochClock(config.batch_size)
-  first = True
+  first, preempted = True, False
   while step < min(stage_end, halt):
     batch = next(train_iter)
     state, step_metrics = train_step(state, parallel.shard_batch(batch, run.mesh))
