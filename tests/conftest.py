@@ -44,10 +44,9 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 # And XLA's CPU backend with its older element-wise emitters instead of the MLIR fusion emitters
 # (read once, when the backend starts): they compile about twice as fast at this optimisation
-# level (benchmarks/NOTES.md, section 16, has the figures). Their reductions round differently,
-# enough to blur a comparison of one process with two: the test that compares processes
-# parameter by parameter starts every run with XLA's default emitters
-# (python_env(default_emitters=True)).
+# level (benchmarks/NOTES.md, section 16, has the figures); their reductions round differently
+# (outputs agree to float32 rounding). Processes that mostly run what they compiled start with
+# XLA's default emitters (python_env(default_emitters=True)).
 QUICK_COMPILE_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {QUICK_COMPILE_EMITTERS}".strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
