@@ -223,7 +223,8 @@ def _short_stages(config):
 
 def test_stages_freeze_the_backbone_and_resume_across_stages(tmp_path):
   """covid_resnet's first stage trains the head only (BatchNorm aside); a run stopped inside the
-  last stage resumes there and ends with the parameters of an uninterrupted run."""
+  last stage, or preempted at the end of the first, resumes there and ends with the parameters of
+  an uninterrupted run."""
   import shutil
   from cxflax.train.build import load_run
   from cxflax.train.steps import init_variables
@@ -242,6 +243,21 @@ def test_stages_freeze_the_backbone_and_resume_across_stages(tmp_path):
   resumed = run_main(halted, *args, **kw)
   assert "resumed from" in resumed.log and "(stage 5 of 5)" in resumed.log
   assert_same_variables(run_variables(halted), run_variables(straight), rtol=1e-6, what="resumed in stage 5")
+  # A SIGTERM noticed at a stage's last step (step 2, the end of stage 1: the preemption check
+  # answers yes there, as after a real signal; tests/test_faults.py sends real ones) stops the run
+  # with that stage's checkpoint instead of starting stage 2, and the same command goes on from it.
+  from cxflax.train.checkpoint import Checkpoints, checkpoint_dir
+  from cxflax.train.train import Preemption
+  preempted = str(tmp_path / "preempted")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(Preemption, "reached", lambda self, step: step == 2)
+    stopped = run_main(preempted, *args, **kw)
+  assert "preempted at step 2 (SIGTERM): checkpoint saved" in stopped.log and "stage 2 of 5" not in stopped.log
+  assert Checkpoints(checkpoint_dir(preempted), create=False).all_steps() == [1, 2]
+  assert not os.path.exists(os.path.join(preempted, "final_metrics.json"))
+  resumed = run_main(preempted, *args, **kw)
+  assert "/2 (stage 1 of 5)" in resumed.log and "stage 2 of 5" in resumed.log
+  assert_same_variables(run_variables(preempted), run_variables(straight), rtol=1e-6, what="preempted at stage 1's end")
   run = load_run(straight, 2)  # the end of stage 1
   fresh = init_variables(run.model, (48, 48, 3), run.config.seed)["params"]
   after = run.variables["params"]
