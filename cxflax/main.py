@@ -42,13 +42,28 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _quiet_libraries(record) -> bool:
   """Keeps orbax's and grain's per-operation INFO chatter out of the log (warnings stay), and the
-  tracebacks orbax logs with a failed save out of the user's way: the error reaches them as
-  cxflax's one `error:` line (a full disk: cxflax.train.workdir.checkpoint_writes)."""
-  noisy = ("/orbax/", "/grain/", "/jax/_src/xla_bridge")
+  tracebacks orbax logs with a failed save out of the user's way, with asyncio's for the save's
+  tasks whose failure nobody retrieved: the error reaches them as cxflax's one `error:` line (a
+  full disk: cxflax.train.workdir.checkpoint_writes). cxflax itself runs no asyncio."""
+  noisy = ("/orbax/", "/grain/", "/jax/_src/xla_bridge", "/asyncio/")
   if not any(n in record.pathname for n in noisy):
     return True
   record.exc_info = record.exc_text = None
   return record.levelno >= std_logging.WARNING
+
+
+def _quiet_closed_loops(unraisable) -> None:
+  """sys.unraisablehook: after a failed checkpoint save, tensorstore finishes the save's other
+  writes into the asyncio loop orbax has already closed, and each reports 'Event loop is closed'
+  with a traceback, for a failure the user already has as cxflax's `error:` line (eleven of them
+  after a full disk here). Those are dropped; any other exception is printed as Python prints it."""
+  tb = unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+      and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"):
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def run(mode: str, config, workdir: str, checkpoint: str | None = None):
@@ -108,6 +123,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+  sys.unraisablehook = _quiet_closed_loops
   # Imported here so that --help is fast and jax starts after absl has parsed the flags.
   import jax
   from cxflax import parallel
