@@ -52,16 +52,19 @@ def _quiet_libraries(record) -> bool:
   return record.levelno >= std_logging.WARNING
 
 
-def _quiet_closed_loops(unraisable) -> None:
-  """sys.unraisablehook: after a failed checkpoint save, tensorstore finishes the save's other
-  writes into the asyncio loop orbax has already closed, and each reports 'Event loop is closed'
-  with a traceback, for a failure the user already has as cxflax's `error:` line (eleven of them
-  after a full disk here). Those are dropped; any other exception is printed as Python prints it."""
-  tb = unraisable.exc_traceback
-  while tb is not None and tb.tb_next is not None:
+def _quiet_checkpoint_leftovers(unraisable) -> None:
+  """sys.unraisablehook: after a checkpoint save or restore fails, the rest of orbax's asyncio
+  work reports its own failures as unraisable exceptions, a traceback apiece (eleven after a full
+  disk here: tensorstore's late writes into the closed event loop; after a damaged checkpoint,
+  the reads that were abandoned), for a failure the user already has as cxflax's `error:` line.
+  Those are dropped; any other exception is printed as Python prints it."""
+  frames, tb = [], unraisable.exc_traceback
+  while tb is not None:
+    frames.append(tb.tb_frame.f_code)
     tb = tb.tb_next
-  if (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
-      and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"):
+  closed_loop = (isinstance(unraisable.exc_value, RuntimeError) and frames
+                 and frames[-1].co_name == "_check_closed")
+  if closed_loop or any("/orbax/" in code.co_filename for code in frames):
     return
   sys.__unraisablehook__(unraisable)
 
@@ -123,7 +126,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
-  sys.unraisablehook = _quiet_closed_loops
+  sys.unraisablehook = _quiet_checkpoint_leftovers
   # Imported here so that --help is fast and jax starts after absl has parsed the flags.
   import jax
   from cxflax import parallel

@@ -126,6 +126,28 @@ def test_resume_refuses_a_checkpoint_of_another_run_with_every_difference(tiny_r
       run_main(wd, *TINY_RUN, override, "--config.checkpoint_mismatch=accept")
 
 
+def test_a_damaged_checkpoint_is_named_by_resume_predict_and_eval(tiny_run, tmp_path):
+  """A checkpoint whose largest file was cut short (a copy interrupted): every mode that reads it
+  stops with an error naming the step's folder and what could not be read; the command prints it
+  as one `error:` line with exit code 2, without the tracebacks it printed before (orbax wraps
+  tensorstore's read error in a bare Exception, and its abandoned reads raised one apiece)."""
+  import re
+  wd = _copy(tiny_run, tmp_path)
+  last = max(ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(wd), create=False).all_steps())
+  where = os.path.join(ckpt_lib.checkpoint_dir(wd), str(last))
+  files = [os.path.join(d, f) for d, _, names in os.walk(os.path.join(where, "model")) for f in names]
+  largest = max(files, key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  message = re.escape(f"cannot read checkpoint {where}: ") + r"OUT_OF_RANGE: .* is not valid for value of size"
+  for mode in ("train", "predict"):
+    with pytest.raises(CheckpointError, match=message + ".*the checkpoint is damaged or incomplete"):
+      run_main(wd, *TINY_RUN, mode=mode)
+  proc = run_python("", args=main_args(tmp_path / "eval", *TINY_RUN, f"--checkpoint={wd}", mode="eval"))
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+  assert re.match("error: " + message, errors[0]), errors[0]
+
+
 def test_eval_refuses_a_checkpoint_of_another_stage_size(tiny_run, tmp_path):
   with pytest.raises(CheckpointError, match="image_size: checkpoint 32, config 48"):
     run_main(tmp_path / "e", *TINY_RUN, "--config.data.image_size=48", mode="eval", checkpoint=tiny_run[0])

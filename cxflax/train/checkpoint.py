@@ -14,6 +14,7 @@ step for resume to choose or predict to average.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any, Sequence
@@ -34,6 +35,8 @@ OUTPUT_FIELDS = ("task", "num_outputs", "class_names")
 # Where old steps go, by one atomic rename, before their files are removed.
 _TODELETE = "todelete"
 _ACCEPT_HINT = "set config.checkpoint_mismatch='accept' to use it anyway"
+_DAMAGED_HINT = ("the checkpoint is damaged or incomplete (a copy cut short?): copy it again, or remove "
+                 "that step's folder to use the step before")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -88,8 +91,29 @@ class Checkpoints:
                             f"{self.latest_step()}, and a step is saved only after the latest (is another "
                             "run writing to this folder, or was the run's length changed?)")
 
+  @contextlib.contextmanager
+  def _reading(self, step: int, hint: str = _DAMAGED_HINT):
+    """A failed read of step `step` (a file cut short or missing: tensorstore's ValueError or an
+    OSError, which orbax may wrap in a bare Exception; they reached the user as tracebacks) as a
+    CheckpointError naming the step's folder and the first line of the underlying error."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:
+      chain = [e]
+      while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+      cause = next((x for x in reversed(chain) if isinstance(x, (ValueError, OSError))), None)
+      if cause is None:  # not a read failure: a bug, with its traceback
+        raise
+      lines = str(cause).strip().splitlines()
+      raise CheckpointError(f"cannot read checkpoint {os.path.join(self.directory, str(step))}: "
+                            f"{lines[0] if lines else type(cause).__name__}; {hint}") from None
+
   def meta(self, step: int) -> dict[str, Any]:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    with self._reading(step):
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def check_compatible(self, step: int, meta: dict[str, Any], model_target, accept: bool = False) -> None:
     """Raises CheckpointError, listing every difference, unless the checkpoint at `step` was made
@@ -115,18 +139,22 @@ class Checkpoints:
   def stored_model(self, step: int) -> dict:
     """The model item's tree as stored: {'params', 'batch_stats'} of array metadata (shape,
     dtype), read without loading the arrays."""
-    return _tree_of(self.manager.item_metadata(step)["model"])
+    with self._reading(step):
+      return _tree_of(self.manager.item_metadata(step)["model"])
 
   def restore_model(self, step: int, model_target) -> dict:
     """{'params', 'batch_stats'} restored onto the shardings of `model_target` (abstract arrays)."""
-    return self.manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(model_target))).model
+    with self._reading(step):
+      return self.manager.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(model_target))).model
 
   def restore_training(self, step: int, model_target, opt_target, data_iterator):
     """(model variables, {'step', 'opt_state'}) restored, and the data iterator moved to its
     saved position."""
     where = os.path.join(self.directory, str(step))
-    stored, wanted = _leaf_shapes(self.manager.item_metadata(step)["opt"]), _leaf_shapes(opt_target)
+    with self._reading(step):
+      stored = _leaf_shapes(self.manager.item_metadata(step)["opt"])
+    wanted = _leaf_shapes(opt_target)
     if stored != wanted:
       differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
       raise CheckpointError(
@@ -138,10 +166,8 @@ class Checkpoints:
                  opt=ocp.args.StandardRestore(opt_target))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    try:
+    with self._reading(step, f"{_DAMAGED_HINT}; or was the optimizer or data config changed?"):
       r = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except ValueError as e:
-      raise CheckpointError(f"cannot resume from {where} (was the optimizer or data config changed?): {e}") from None
     return r.model, r.opt
 
   def wait(self) -> None:
