@@ -127,10 +127,11 @@ def test_resume_refuses_a_checkpoint_of_another_run_with_every_difference(tiny_r
 
 
 def test_a_damaged_checkpoint_is_named_by_resume_predict_and_eval(tiny_run, tmp_path):
-  """A checkpoint whose largest file was cut short (a copy interrupted): every mode that reads it
-  stops with an error naming the step's folder and what could not be read; the command prints it
-  as one `error:` line with exit code 2, without the tracebacks it printed before (orbax wraps
-  tensorstore's read error in a bare Exception, and its abandoned reads raised one apiece)."""
+  """A checkpoint whose largest file was cut short (a copy interrupted), or missing an item: every
+  mode that reads it stops with an error naming the step's folder and what could not be read;
+  the command prints it as one `error:` line with exit code 2, without the tracebacks it printed
+  before (orbax wraps tensorstore's read error in a bare Exception, and its abandoned reads raised
+  one apiece)."""
   import re
   wd = _copy(tiny_run, tmp_path)
   last = max(ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(wd), create=False).all_steps())
@@ -146,6 +147,13 @@ def test_a_damaged_checkpoint_is_named_by_resume_predict_and_eval(tiny_run, tmp_
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
   assert re.match("error: " + message, errors[0]), errors[0]
+  # A step folder missing one of its items (cxflax looks up 'model' itself; orbax, 'data').
+  for item, mode, says in (("model", "eval", "its 'model' item is missing"),
+                           ("data", "train", 'Item "data" was not found in the checkpoint')):
+    wd = _copy(tiny_run, tmp_path / item)
+    shutil.rmtree(os.path.join(ckpt_lib.checkpoint_dir(wd), str(last), item))
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot read checkpoint {ckpt_lib.checkpoint_dir(wd)}/{last}: {says}")):
+      run_main(wd, *TINY_RUN, mode=mode)
 
 
 def test_eval_refuses_a_checkpoint_of_another_stage_size(tiny_run, tmp_path):

@@ -94,8 +94,9 @@ class Checkpoints:
   @contextlib.contextmanager
   def _reading(self, step: int, hint: str = _DAMAGED_HINT):
     """A failed read of step `step` (a file cut short or missing: tensorstore's ValueError or an
-    OSError, which orbax may wrap in a bare Exception; they reached the user as tracebacks) as a
-    CheckpointError naming the step's folder and the first line of the underlying error."""
+    OSError, which orbax may wrap in a bare Exception; orbax's KeyError for a missing item; they
+    reached the user as tracebacks) as a CheckpointError naming the step's folder and the first
+    line of the underlying error."""
     try:
       yield
     except CheckpointError:
@@ -104,10 +105,10 @@ class Checkpoints:
       chain = [e]
       while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-      cause = next((x for x in reversed(chain) if isinstance(x, (ValueError, OSError))), None)
+      cause = next((x for x in reversed(chain) if isinstance(x, (ValueError, OSError, KeyError))), None)
       if cause is None:  # not a read failure: a bug, with its traceback
         raise
-      lines = str(cause).strip().splitlines()
+      lines = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause).strip().splitlines()
       raise CheckpointError(f"cannot read checkpoint {os.path.join(self.directory, str(step))}: "
                             f"{lines[0] if lines else type(cause).__name__}; {hint}") from None
 
@@ -139,8 +140,15 @@ class Checkpoints:
   def stored_model(self, step: int) -> dict:
     """The model item's tree as stored: {'params', 'batch_stats'} of array metadata (shape,
     dtype), read without loading the arrays."""
+    return _tree_of(self._item_metadata(step, "model"))
+
+  def _item_metadata(self, step: int, item: str):
     with self._reading(step):
-      return _tree_of(self.manager.item_metadata(step)["model"])
+      items = self.manager.item_metadata(step)
+    if item not in items.keys() or items[item] is None:
+      raise CheckpointError(f"cannot read checkpoint {os.path.join(self.directory, str(step))}: its {item!r} "
+                            f"item is missing; {_DAMAGED_HINT}")
+    return items[item]
 
   def restore_model(self, step: int, model_target) -> dict:
     """{'params', 'batch_stats'} restored onto the shardings of `model_target` (abstract arrays)."""
@@ -152,9 +160,7 @@ class Checkpoints:
     """(model variables, {'step', 'opt_state'}) restored, and the data iterator moved to its
     saved position."""
     where = os.path.join(self.directory, str(step))
-    with self._reading(step):
-      stored = _leaf_shapes(self.manager.item_metadata(step)["opt"])
-    wanted = _leaf_shapes(opt_target)
+    stored, wanted = _leaf_shapes(self._item_metadata(step, "opt")), _leaf_shapes(opt_target)
     if stored != wanted:
       differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
       raise CheckpointError(
