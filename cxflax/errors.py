@@ -24,3 +24,8 @@ class DivergenceError(CxflaxError, FloatingPointError):
 class WorkdirError(CxflaxError, OSError):
   """The workdir, or a file or checkpoint in it, cannot be created or written (a read-only or full
   disk), or another run holds it."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped a training run after it saved a checkpoint (the command exits with 130, as
+  interrupted commands do, where a preempted one exits with 0)."""

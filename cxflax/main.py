@@ -136,6 +136,12 @@ def main(argv):
                jax.device_count(), jax.devices()[0].platform)
   try:
     run(_MODE.value, _CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+  except KeyboardInterrupt as e:  # Ctrl-C: after a checkpoint (Interrupted, announced), or at once
+    from cxflax.errors import Interrupted
+    if not isinstance(e, Interrupted):
+      print("error: interrupted (Ctrl-C); a training run resumes from its last complete checkpoint "
+            "with the same command", file=sys.stderr)
+    sys.exit(130)
   except Exception as e:  # in a multi-process run, any failure must also stop the other processes
     message = parallel.share_failure(e)
     if message is None:  # a bug: its traceback

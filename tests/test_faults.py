@@ -160,7 +160,8 @@ def test_non_finite_predictions_are_an_error_not_a_metric():
 
 def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   """Preemption as SLURM and cloud machines signal it: the run checkpoints at the step boundary,
-  exits cleanly (code 0), and the same command resumes from that step to the end."""
+  exits cleanly (code 0), and the same command resumes from that step; Ctrl-C does the same with
+  code 130, and the command resumes again to the end."""
   import signal
   import subprocess
   import sys
@@ -185,6 +186,47 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   step = int(m.group(1))
   assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == [step]
   assert not os.path.exists(wd / "final_metrics.json")
+  # The same command resumes there; Ctrl-C (SIGINT) stops it the same way, with code 130.
+  proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=python_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  log, resumed_at = [], f"resumed from {ckpt_lib.checkpoint_dir(str(wd))}/{step} "
+  for line in proc.stdout:
+    log.append(line)
+    if any(resumed_at in seen for seen in log) and "Setting work unit notes" in line:
+      proc.send_signal(signal.SIGINT)
+      break
+  else:
+    raise AssertionError("the resumed run ended before it reported a step:\n" + "".join(log[-30:]))
+  rest, _ = proc.communicate(timeout=300)
+  log = "".join(log) + rest
+  m = re.search(r"interrupted at step (\d+) \(Ctrl-C\): checkpoint saved", log)
+  assert proc.returncode == 130 and m and "Traceback" not in log, log[-3000:]
+  interrupted = int(m.group(1))
+  assert interrupted > step
+  assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == [step, interrupted]
   resumed = run_main(wd, *TINY_RUN, "--config.num_epochs=3", "--config.checkpoint_every_epochs=100")
-  assert f"resumed from {ckpt_lib.checkpoint_dir(str(wd))}/{step} " in resumed.log, resumed.log[-2000:]
-  assert read_json(wd, "final_metrics.json")["step"] > step
+  assert f"resumed from {ckpt_lib.checkpoint_dir(str(wd))}/{interrupted} " in resumed.log, resumed.log[-2000:]
+  assert read_json(wd, "final_metrics.json")["step"] > interrupted
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_error_line(tmp_path):
+  """The first Ctrl-C (or a SIGTERM) asks for a checkpoint at the next step; another Ctrl-C then
+  raises KeyboardInterrupt at once, which the command reports as one `error:` line, exit 130."""
+  import signal
+  from cxflax.train.train import Preemption
+  for first in (signal.SIGINT, signal.SIGTERM):
+    p = Preemption()
+    p._notice(first, None)
+    assert p.reached(1) and p.interrupted == (first == signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+      p._notice(signal.SIGINT, None)
+  code = ("import sys, cxflax.main as m\n"
+          "def run(*args):\n"
+          "  raise KeyboardInterrupt\n"
+          "m.run = run\n"
+          f"sys.argv = ['cxflax.main'] + {main_args(tmp_path / 'w')[2:]!r}\n"
+          "m.app.run(m.main, flags_parser=m._parse_flags)\n")
+  proc = run_python(code)
+  assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [
+      "error: interrupted (Ctrl-C); a training run resumes from its last complete checkpoint with the same command"]

@@ -26,7 +26,7 @@ from cxflax import config as config_lib
 from cxflax import parallel
 from cxflax.data.pipeline import Input, create_input, eval_dataset
 from cxflax.data.sources import RelabeledSource, make_source
-from cxflax.errors import DivergenceError
+from cxflax.errors import DivergenceError, Interrupted
 from cxflax.models.patches import PatchClassifier
 from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
@@ -114,6 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       variables = {"params": state.params, "batch_stats": state.batch_stats}
       if halted:
         ckpts.close()
+        if run.preemption.interrupted:
+          raise Interrupted(f"interrupted at step {int(state.step)} (Ctrl-C): checkpoint saved")
         return metrics
   with checkpoint_writes(ckpts.directory):
     ckpts.wait()
@@ -269,7 +271,8 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     with checkpoint_writes(run.ckpts.directory):
       run.ckpts.wait()
     writer.flush()
-    why = ("preempted at step {} (SIGTERM): checkpoint saved" if preempted else
+    why = ("interrupted at step {} (Ctrl-C): checkpoint saved" if preempted and run.preemption.interrupted else
+           "preempted at step {} (SIGTERM): checkpoint saved" if preempted else
            "halted at step {} (config.halt_after_steps)").format(step)
     announce(f"{why}; run the same command again to resume")
     return state, metrics, result, True
@@ -361,31 +364,45 @@ class _EvalPictures:
 class Preemption:
   """SIGTERM, what SLURM and cloud preemption send, asks the run to save a checkpoint at the next
   step boundary and stop cleanly; the same command resumes from there. Several processes agree
-  on that step through JAX's preemption sync point (its distributed runtime receives the signal)."""
+  on that step through JAX's preemption sync point (its distributed runtime receives the signal).
+  On one process Ctrl-C (SIGINT) does the same, and the command then exits with code 130; a
+  second Ctrl-C stops at once."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: str | None = None  # 'SIGTERM' or 'SIGINT', once a signal has asked
+    self._previous: dict = {}
 
   def __enter__(self) -> "Preemption":
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._notice)
+      self._previous = {s: signal.signal(s, self._notice) for s in (signal.SIGTERM, signal.SIGINT)}
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
 
   def _notice(self, signum, frame) -> None:
-    logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
-    self.requested = True
+    if signum == signal.SIGINT:
+      if self.requested:
+        raise KeyboardInterrupt
+      logging.warning("Ctrl-C: saving a checkpoint at the next step boundary, then stopping (Ctrl-C again "
+                      "stops at once)")
+      self.requested = "SIGINT"
+    else:
+      logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
+      self.requested = self.requested or "SIGTERM"
 
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
-      return self.requested
+      return self.requested is not None
     from jax.experimental import multihost_utils
     return bool(multihost_utils.reached_preemption_sync_point(step))
+
+  @property
+  def interrupted(self) -> bool:
+    """Ctrl-C, not preemption, stopped the run."""
+    return self.requested == "SIGINT"
 
 
 def _check_finite(steps: list[tuple[int, dict]], policy: str) -> int:
