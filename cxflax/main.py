@@ -53,11 +53,11 @@ def _quiet_libraries(record) -> bool:
 
 
 def _quiet_checkpoint_leftovers(unraisable) -> None:
-  """sys.unraisablehook: after a checkpoint save or restore fails, the rest of orbax's asyncio
-  work reports its own failures as unraisable exceptions, a traceback apiece (eleven after a full
-  disk here: tensorstore's late writes into the closed event loop; after a damaged checkpoint,
-  the reads that were abandoned), for a failure the user already has as cxflax's `error:` line.
-  Those are dropped; any other exception is printed as Python prints it."""
+  """sys.unraisablehook: drops the unraisable exceptions raised in orbax's code and asyncio's
+  'Event loop is closed'. They come from orbax's leftover asyncio work once a checkpoint save or
+  restore has failed, a traceback apiece (eleven after a full disk here: tensorstore's late writes
+  into the closed loop; after a damaged checkpoint, the abandoned reads), for a failure the user
+  already has as cxflax's `error:` line. Any other exception is printed as Python prints it."""
   frames, tb = [], unraisable.exc_traceback
   while tb is not None:
     frames.append(tb.tb_frame.f_code)
@@ -137,10 +137,12 @@ def main(argv):
   try:
     run(_MODE.value, _CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
   except KeyboardInterrupt as e:  # Ctrl-C: after a checkpoint (Interrupted, announced), or at once
-    from cxflax.errors import Interrupted
+    from cxflax.errors import CxflaxError, Interrupted
+    message = parallel.share_failure(CxflaxError(  # (the other processes of a run stop too)
+        "interrupted (Ctrl-C); a training run resumes from its last complete checkpoint with the same command"))
     if not isinstance(e, Interrupted):
-      print("error: interrupted (Ctrl-C); a training run resumes from its last complete checkpoint "
-            "with the same command", file=sys.stderr)
+      logging.error("%s", message)
+      print(f"error: {message}", file=sys.stderr)
     sys.exit(130)
   except Exception as e:  # in a multi-process run, any failure must also stop the other processes
     message = parallel.share_failure(e)

@@ -163,50 +163,27 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   exits cleanly (code 0), and the same command resumes from that step; Ctrl-C does the same with
   code 130, and the command resumes again to the end."""
   import signal
-  import subprocess
   import sys
-  from tests.conftest import REPO, python_env
+  from tests.conftest import python_env, run_processes
   wd = tmp_path / "w"
   args = main_args(wd, *TINY_RUN, "--config.num_epochs=3", "--config.checkpoint_every_epochs=100")
-  proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=python_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  log = []
-  for line in proc.stdout:  # absl reports progress every log_every_steps (2) steps
-    log.append(line)
-    if "Setting work unit notes" in line or "train/loss" in line or "steps/sec" in line:
-      proc.send_signal(signal.SIGTERM)
-      break
-  else:
-    raise AssertionError("the run ended before it reported a step:\n" + "".join(log[-30:]))
-  rest, _ = proc.communicate(timeout=300)
-  log = "".join(log) + rest
-  assert proc.returncode == 0, log[-3000:]
-  m = re.search(r"preempted at step (\d+) \(SIGTERM\): checkpoint saved", log)
-  assert m, log[-3000:]
-  step = int(m.group(1))
-  assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == [step]
-  assert not os.path.exists(wd / "final_metrics.json")
-  # The same command resumes there; Ctrl-C (SIGINT) stops it the same way, with code 130.
-  proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=python_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  log, resumed_at = [], f"resumed from {ckpt_lib.checkpoint_dir(str(wd))}/{step} "
-  for line in proc.stdout:
-    log.append(line)
-    if any(resumed_at in seen for seen in log) and "Setting work unit notes" in line:
-      proc.send_signal(signal.SIGINT)
-      break
-  else:
-    raise AssertionError("the resumed run ended before it reported a step:\n" + "".join(log[-30:]))
-  rest, _ = proc.communicate(timeout=300)
-  log = "".join(log) + rest
-  m = re.search(r"interrupted at step (\d+) \(Ctrl-C\): checkpoint saved", log)
-  assert proc.returncode == 130 and m and "Traceback" not in log, log[-3000:]
-  interrupted = int(m.group(1))
-  assert interrupted > step
-  assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == [step, interrupted]
+  steps = []
+  for signum, code, says in ((signal.SIGTERM, 0, r"preempted at step (\d+) \(SIGTERM\)"),
+                             (signal.SIGINT, 130, r"interrupted at step (\d+) \(Ctrl-C\)")):
+    # clu's progress report (every log_every_steps, 2) says training has begun
+    [(returncode, _, log)] = run_processes([[sys.executable, *args]], [python_env()], timeout=300,
+                                           signal_when=(0, "Setting work unit notes", signum))
+    m = re.search(says + ": checkpoint saved; run the same command again to resume", log)
+    assert returncode == code and m and "Traceback" not in log, log[-3000:]
+    if steps:
+      assert f"resumed from {ckpt_lib.checkpoint_dir(str(wd))}/{steps[-1]} " in log, log[-3000:]
+    steps.append(int(m.group(1)))
+    assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == steps
+    assert not os.path.exists(wd / "final_metrics.json")
+  assert steps[1] > steps[0]
   resumed = run_main(wd, *TINY_RUN, "--config.num_epochs=3", "--config.checkpoint_every_epochs=100")
-  assert f"resumed from {ckpt_lib.checkpoint_dir(str(wd))}/{interrupted} " in resumed.log, resumed.log[-2000:]
-  assert read_json(wd, "final_metrics.json")["step"] > interrupted
+  assert f"resumed from {ckpt_lib.checkpoint_dir(str(wd))}/{steps[1]} " in resumed.log, resumed.log[-2000:]
+  assert read_json(wd, "final_metrics.json")["step"] > steps[1]
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_error_line(tmp_path):

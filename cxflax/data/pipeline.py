@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 from typing import Any, Sequence
 
 import grain
@@ -144,8 +145,16 @@ def _prefetch(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
   if workers:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+                        worker_init_fn=_ignore_ctrl_c)
   return it
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+  """A terminal's Ctrl-C reaches every process of its group: the main process stops the run (with
+  a checkpoint) and then its data workers; a worker interrupted on its own printed a traceback
+  and left its shared memory behind."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclasses.dataclass

@@ -15,7 +15,9 @@ step for resume to choose or predict to average.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 from typing import Any, Sequence
 
@@ -91,26 +93,25 @@ class Checkpoints:
                             f"{self.latest_step()}, and a step is saved only after the latest (is another "
                             "run writing to this folder, or was the run's length changed?)")
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   @contextlib.contextmanager
-  def _reading(self, step: int, hint: str = _DAMAGED_HINT):
-    """A failed read of step `step` (a file cut short or missing: tensorstore's ValueError or an
-    OSError, which orbax may wrap in a bare Exception; orbax's KeyError for a missing item; they
-    reached the user as tracebacks) as a CheckpointError naming the step's folder and the first
-    line of the underlying error."""
+  def _reading(self, step: int):
+    """A failed read of step `step` (a file cut short, missing or unparsable; they reached the user
+    as tracebacks) as a CheckpointError naming the step's folder and the underlying error's first
+    line. Other exceptions (bugs) keep their tracebacks."""
     try:
       yield
     except CheckpointError:
       raise
     except Exception as e:
-      chain = [e]
-      while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-      cause = next((x for x in reversed(chain) if isinstance(x, (ValueError, OSError, KeyError))), None)
-      if cause is None:  # not a read failure: a bug, with its traceback
+      cause = _read_failure(e)
+      if cause is None:
         raise
       lines = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause).strip().splitlines()
-      raise CheckpointError(f"cannot read checkpoint {os.path.join(self.directory, str(step))}: "
-                            f"{lines[0] if lines else type(cause).__name__}; {hint}") from None
+      raise CheckpointError(f"cannot read checkpoint {self.step_dir(step)}: "
+                            f"{lines[0] if lines else type(cause).__name__}; {_DAMAGED_HINT}") from None
 
   def meta(self, step: int) -> dict[str, Any]:
     with self._reading(step):
@@ -122,7 +123,7 @@ class Checkpoints:
     `accept` (config.checkpoint_mismatch='accept') differences in what the run recorded are only
     logged; variables that do not fit stay an error, as they cannot be restored."""
     saved = self.meta(step)
-    where = os.path.join(self.directory, str(step))
+    where = self.step_dir(step)
     settings = differences(saved, meta, RUN_FIELDS)
     match = trees.Match(model_target, self.stored_model(step))
     missing, extra = match.missing, match.unexpected
@@ -146,8 +147,8 @@ class Checkpoints:
     with self._reading(step):
       items = self.manager.item_metadata(step)
     if item not in items.keys() or items[item] is None:
-      raise CheckpointError(f"cannot read checkpoint {os.path.join(self.directory, str(step))}: its {item!r} "
-                            f"item is missing; {_DAMAGED_HINT}")
+      raise CheckpointError(f"cannot read checkpoint {self.step_dir(step)}: its {item!r} item is missing; "
+                            f"{_DAMAGED_HINT}")
     return items[item]
 
   def restore_model(self, step: int, model_target) -> dict:
@@ -159,7 +160,7 @@ class Checkpoints:
   def restore_training(self, step: int, model_target, opt_target, data_iterator):
     """(model variables, {'step', 'opt_state'}) restored, and the data iterator moved to its
     saved position."""
-    where = os.path.join(self.directory, str(step))
+    where = self.step_dir(step)
     stored, wanted = _leaf_shapes(self._item_metadata(step, "opt")), _leaf_shapes(opt_target)
     if stored != wanted:
       differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
@@ -172,8 +173,13 @@ class Checkpoints:
                  opt=ocp.args.StandardRestore(opt_target))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    with self._reading(step, f"{_DAMAGED_HINT}; or was the optimizer or data config changed?"):
-      r = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      with self._reading(step):
+        r = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except CheckpointError:
+      raise
+    except ValueError as e:  # files that read, holding what this config cannot take
+      raise CheckpointError(f"cannot resume from {where} (was the optimizer or data config changed?): {e}") from None
     return r.model, r.opt
 
   def wait(self) -> None:
@@ -183,6 +189,25 @@ class Checkpoints:
   def close(self) -> None:
     self.wait()
     self.manager.close()
+
+
+# How tensorstore's errors begin when a file of a checkpoint is cut short, missing or corrupt.
+_READ_STATUS = re.compile(r"(OUT_OF_RANGE|NOT_FOUND|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT|UNKNOWN): ")
+
+
+def _read_failure(error: Exception) -> BaseException | None:
+  """The error under `error` that says a checkpoint's files could not be read, or None: an
+  OSError, a JSON file that does not parse, tensorstore's ValueError with a read status (orbax
+  wraps it in a bare Exception), orbax's KeyError for a missing item."""
+  if type(error) is Exception:
+    error = error.__cause__ or error.__context__
+  if isinstance(error, (OSError, json.JSONDecodeError)):
+    return error
+  if isinstance(error, ValueError) and _READ_STATUS.match(str(error)):
+    return error
+  if isinstance(error, KeyError) and "not found in the checkpoint" in str(error):
+    return error
+  return None
 
 
 def differences(saved: dict, expected: dict, fields, against: str = "config") -> list[str]:

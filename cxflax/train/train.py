@@ -110,11 +110,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         continue
       resume = latest if stage.index == resume_stage else None
       state, train_iter, rate_at = _start_stage(run, stage, variables, resume)
-      state, metrics, result, halted = _train_stage(run, stage, state, train_iter, rate_at)
+      state, metrics, result, stopped = _train_stage(run, stage, state, train_iter, rate_at)
       variables = {"params": state.params, "batch_stats": state.batch_stats}
-      if halted:
+      if stopped:
         ckpts.close()
-        if run.preemption.interrupted:
+        if stopped == "interrupted":
           raise Interrupted(f"interrupted at step {int(state.step)} (Ctrl-C): checkpoint saved")
         return metrics
   with checkpoint_writes(ckpts.directory):
@@ -194,7 +194,8 @@ def _as_trained(config: ml_collections.ConfigDict, stage: _Stage) -> ml_collecti
 
 
 def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
-  """The steps of one stage; returns (state, last metrics, last evaluation, halted)."""
+  """The steps of one stage; returns (state, last metrics, last evaluation, why it stopped early:
+  'halted', 'preempted', 'interrupted', or None at the stage's end)."""
   config, inp, stage_start, stage_end = stage.config, stage.inp, stage.start, stage.end
   steps_per_epoch = inp.steps_per_epoch
   meta = build.checkpoint_meta(_as_trained(run.config, stage), run.task, run.class_names, stage.index,
@@ -271,12 +272,13 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     with checkpoint_writes(run.ckpts.directory):
       run.ckpts.wait()
     writer.flush()
-    why = ("interrupted at step {} (Ctrl-C): checkpoint saved" if preempted and run.preemption.interrupted else
-           "preempted at step {} (SIGTERM): checkpoint saved" if preempted else
-           "halted at step {} (config.halt_after_steps)").format(step)
+    stopped = "interrupted" if preempted and run.preemption.interrupted else "preempted" if preempted else "halted"
+    why = {"interrupted": "interrupted at step {} (Ctrl-C): checkpoint saved",
+           "preempted": "preempted at step {} (SIGTERM): checkpoint saved",
+           "halted": "halted at step {} (config.halt_after_steps)"}[stopped].format(step)
     announce(f"{why}; run the same command again to resume")
-    return state, metrics, result, True
-  return state, metrics, result, False
+    return state, metrics, result, stopped
+  return state, metrics, result, None
 
 
 class _EpochClock:
