@@ -335,6 +335,12 @@ def test_dataset_statistics_replace_normalize_dataset():
 
 
 def test_worker_processes_give_the_same_batches_and_resume():
+  """...and ignore SIGINT: a terminal's Ctrl-C reaches every process of its group, and the main
+  process stops the run (with a checkpoint), then its workers."""
+  import multiprocessing
+  import os
+  import signal
+  import time
   src = PhantomSource("ct", 6, 32, seed=0)
   idx = np.arange(len(src))
   kw = dict(pp="to_rgb|rand_augment(2, 10)|flip_lr(0.5)", global_batch=4, seed=5)
@@ -345,7 +351,14 @@ def test_worker_processes_give_the_same_batches_and_resume():
   it.close()
   resumed = iter(pipeline.train_dataset(src, idx, workers=2, **kw))
   resumed.set_state(state)
-  rest = _batches(resumed, 3)
+  rest = _batches(resumed, 1)
+  workers = multiprocessing.active_children()
+  assert workers
+  for w in workers:
+    os.kill(w.pid, signal.SIGINT)
+  time.sleep(1)
+  assert all(w.is_alive() for w in workers)
+  rest += _batches(resumed, 2)
   resumed.close()
   for x, y in zip(reference, first + rest):
     np.testing.assert_array_equal(x["index"], y["index"])
