@@ -154,6 +154,13 @@ def main_args(workdir, *overrides, mode: str = "train", config: str = "configs/r
           *TINY, *overrides]
 
 
+def main_after(before: str, workdir, *overrides) -> str:
+  """Python code that runs `before` (which may patch cxflax), then `python -m cxflax.main` on the
+  TINY run with `overrides` (main_args) in the same process: a fault injected into the command."""
+  return (before + f"import runpy, sys\nsys.argv = ['cxflax.main'] + {main_args(workdir, *overrides)[2:]!r}\n"
+          "runpy.run_module('cxflax.main', run_name='__main__', alter_sys=True)\n")
+
+
 def python_env(devices: int | None = None, env: dict | None = None, default_emitters: bool = False) -> dict:
   """The environment of a subprocess: this checkout importable, the shared compilation cache,
   `devices` simulated CPU devices, and the suite's quick-compiling emitters unless

@@ -13,7 +13,8 @@ import pytest
 
 from cxflax.errors import CheckpointError
 from cxflax.train import checkpoint as ckpt_lib
-from tests.conftest import TINY_RUN, assert_same_variables, main_args, read_json, run_main, run_python, run_variables
+from tests.conftest import (TINY_RUN, assert_same_variables, main_after, main_args, read_json, run_main, run_python,
+                            run_variables)
 
 # The tiny run (the tiny_run fixture's parameters) keeping one checkpoint: its second save (step
 # 10, the end) deletes the first (step 5).
@@ -60,12 +61,8 @@ _KILL_AT = {
 
 def _killed(workdir, point: str, n: int = 0):
   """The killed run's command (main_args) in a fresh process, SIGKILLed at `point`."""
-  code = "import os, runpy, signal, sys\n"
-  code += "def die():\n  os.kill(os.getpid(), signal.SIGKILL)\n"
-  code += textwrap.dedent(_KILL_AT[point].format(n=n))
-  code += f"sys.argv = ['cxflax.main'] + {main_args(workdir, *_KILLED_RUN)[2:]!r}\n"
-  code += "runpy.run_module('cxflax.main', run_name='__main__', alter_sys=True)\n"
-  proc = run_python(code)
+  before = "import os, signal\ndef die():\n  os.kill(os.getpid(), signal.SIGKILL)\n"
+  proc = run_python(main_after(before + textwrap.dedent(_KILL_AT[point].format(n=n)), workdir, *_KILLED_RUN))
   assert proc.returncode == -9, f"not killed at {point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
 
 

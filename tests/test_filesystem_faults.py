@@ -23,7 +23,7 @@ from cxflax.errors import ConfigError, WorkdirError
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import workdir as workdir_lib
 from cxflax.train.workdir import LOCK_FILE, atomic_file, prepare_workdir, workdir_lock, write_json
-from tests.conftest import REPO, TINY_RUN, main_args, python_env, read_json, run_main, run_python
+from tests.conftest import REPO, TINY_RUN, main_after, main_args, python_env, read_json, run_main, run_python
 
 
 @contextlib.contextmanager
@@ -301,17 +301,15 @@ def test_a_disk_that_fills_during_training_stops_it_at_the_next_save(tmp_path):
   wd = tmp_path / "w"
   # Two epochs of 2 steps: the checkpoint at step 2 fails in the background, the save at step 4
   # reports it.
-  code = ("import resource, runpy, signal, sys\n"
-          "from cxflax.train import checkpoint as ckpt_lib\n"
-          "save = ckpt_lib.Checkpoints.save\n"
-          "def filling(self, *args, **kwargs):\n"
-          "  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal's kill\n"
-          "  resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
-          "  return save(self, *args, **kwargs)\n"
-          "ckpt_lib.Checkpoints.save = filling\n"
-          f"sys.argv = ['cxflax.main'] + {main_args(wd, *TINY_RUN, '--config.data.phantom.num_subjects=8')[2:]!r}\n"
-          "runpy.run_module('cxflax.main', run_name='__main__', alter_sys=True)\n")
-  proc = run_python(code)
+  filling = ("import resource, signal\n"
+             "from cxflax.train import checkpoint as ckpt_lib\n"
+             "save = ckpt_lib.Checkpoints.save\n"
+             "def filling(self, *args, **kwargs):\n"
+             "  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal's kill\n"
+             "  resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+             "  return save(self, *args, **kwargs)\n"
+             "ckpt_lib.Checkpoints.save = filling\n")
+  proc = run_python(main_after(filling, wd, *TINY_RUN, "--config.data.phantom.num_subjects=8"))
   checkpoints = ckpt_lib.checkpoint_dir(str(wd))
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [

@@ -114,8 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       variables = {"params": state.params, "batch_stats": state.batch_stats}
       if stopped:
         ckpts.close()
-        if stopped == "interrupted":
-          raise Interrupted(f"interrupted at step {int(state.step)} (Ctrl-C): checkpoint saved")
+        if stopped == "interrupted":  # (announced by _train_stage): the command exits with 130
+          raise Interrupted()
         return metrics
   with checkpoint_writes(ckpts.directory):
     ckpts.wait()
