@@ -94,12 +94,13 @@ def _run(mode: str, config, workdir: str, checkpoint: str | None):
   from cxflax.train.workdir import prepare_workdir, workdir_lock
 
   if mode in ("train", "ensemble"):
-    from cxflax.train import train
     if mode == "ensemble" and not config.ensemble.kind:
       raise ConfigError("--mode=ensemble needs config.ensemble.kind and config.ensemble.members")
     # Training (and cv) writes checkpoints: one run per workdir. The other modes write only their
     # own result files, atomically, so they may run beside a training (eval of its checkpoints).
+    # A workdir that cannot be used is told before TensorFlow's import.
     with workdir_lock(prepare_workdir(workdir)):
+      from cxflax.train import train
       return train.train_and_evaluate(config, workdir)
   if mode == "eval":
     from cxflax.train import evaluate
