@@ -136,7 +136,7 @@ def main(argv):
   parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("cxflax %s on %d process(es), %d device(s): %s", _MODE.value, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
-  interrupted = False
+  code = 0
   try:
     run(_MODE.value, _CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
   except KeyboardInterrupt as e:  # Ctrl-C: after a checkpoint (Interrupted, announced), or at once
@@ -146,20 +146,21 @@ def main(argv):
     if not isinstance(e, Interrupted):
       logging.error("%s", message)
       print(f"error: {message}", file=sys.stderr)
-    interrupted = True
+    code = 130
   except Exception as e:  # in a multi-process run, any failure must also stop the other processes
     message = parallel.share_failure(e)
     if message is None:  # a bug: its traceback
       raise
     logging.error("%s", message)
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    code = 2
   # Batches that grain's data workers handed over in shared memory, still held by reference
-  # cycles, are freed now, while the interpreter can unlink them: at exit it no longer could, and
+  # cycles (and, after a failure, by its traceback's frames, released once the except clause is
+  # left), are freed now, while the interpreter can unlink them: at exit it no longer could, and
   # Python's resource tracker reported them as leaked.
   gc.collect()
-  if interrupted:
-    sys.exit(130)
+  if code:
+    sys.exit(code)
   parallel.stop_watching()
 
 
