@@ -371,7 +371,8 @@ def test_orbax_tracebacks_are_left_out_of_the_log():
 
 
 def test_an_uncreatable_workdir_is_an_error_line_and_exit_code_2(tmp_path):
-  """...told at once: before the training modules import TensorFlow (~7 s here)."""
+  """An unusable --workdir is one error line and exit code 2, told at once: before the training
+  modules import TensorFlow (~7 s here)."""
   (tmp_path / "a_file").write_text("x")
   tells_tensorflow = "import atexit, sys\natexit.register(lambda: print('tensorflow' in sys.modules))\n"
   proc = run_python(main_after(tells_tensorflow, tmp_path / "a_file" / "run"))
