@@ -295,9 +295,8 @@ def test_a_disk_that_fills_during_training_stops_it_at_the_next_save(tmp_path):
   save on, writes past 4 MB fail: the model's arrays are ~20 MB): the command stops at its next
   save with one `error:` line naming the checkpoint directory and exit code 2, no traceback (orbax
   logs one, asyncio one for a failed task, and tensorstore's late writes into orbax's closed
-  event loop printed eleven), no
-  committed step and no lock left behind. (The limit is set once the steps are compiled, so that
-  no compilation cache entry is cut.)"""
+  event loop printed eleven), no committed step and no lock left behind. (The limit is set once
+  the steps are compiled, so that no compilation cache entry is cut.)"""
   wd = tmp_path / "w"
   # Two epochs of 2 steps: the checkpoint at step 2 fails in the background, the save at step 4
   # reports it.
