@@ -9,7 +9,10 @@ amplifies rounding through the BatchNorms of the attention modules, whose statis
 handful of 1x1 values; a float32 training-mode check with a looser bound is included too.)
 The float64 check runs one model of each family and block type by default; the deeper and wider
 variants of those families (whose code is the same, and which take a minute each) run with
-`-m slow`, and the float32 training-mode check the other way round.
+`-m slow`, and the float32 training-mode check the other way round. Their eval-mode check (5-20 s
+each, most of it compiling the deep network) runs with `-m slow` too; by default each deep variant
+is checked for timm's structure instead: every parameter and statistic of timm's model maps to one
+of cxflax's, shape for shape, and cxflax's model has no other.
 
 Models run with cxflax's kernels for XLA's CPU backend on (cxflax.models.xla_cpu, the default
 here), and a few representative ones also with them off (plain flax/XLA), in a fresh jitted
@@ -26,7 +29,7 @@ import pytest
 from flax import traverse_util
 
 from cxflax.models import create_model, xla_cpu
-from cxflax.models.timm_weights import flax_path, load_timm_weights
+from cxflax.models.timm_weights import _to_flax, flax_path, load_timm_weights
 
 import timm
 import torch
@@ -92,7 +95,8 @@ def _rel(a, b):
 ODD_SIZES = {"resnest14d": 45, "efficientnet_b0": 47, "densenet121": 33, "ecaresnet50t": 37, "inception_v3": 79}
 
 
-@pytest.mark.parametrize("name,kernels", [(n, "on") for n in PARAMS] + [(n, "off") for n in PLAIN_EVAL])
+@pytest.mark.parametrize("name,kernels", [pytest.param(n, "on", marks=pytest.mark.slow) if n in DEEP_VARIANTS
+                                          else (n, "on") for n in PARAMS] + [(n, "off") for n in PLAIN_EVAL])
 def test_eval_float32(name, kernels):
   """Eval mode at the model's test size, and for some models also at an odd size."""
   tm = _timm_model(name, torch.float32).eval()
@@ -109,6 +113,26 @@ def test_eval_float32(name, kernels):
       out = apply(variables, x_j)
     assert out.shape == ref.shape
     assert _rel(out, ref) <= 1e-4, size
+
+
+@pytest.mark.parametrize("name", sorted(DEEP_VARIANTS))
+def test_deep_variant_has_timms_structure(name):
+  """Every parameter and statistic of timm's model is one of cxflax's model, by name and shape
+  (as load_timm_weights converts it), and cxflax's model has no other. Values are not needed:
+  timm's model is built on the meta device, cxflax's traced for shapes only."""
+  with torch.device("meta"):
+    tm = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+  timms = {}
+  for key, tensor in tm.state_dict().items():
+    col, path = flax_path(key)
+    if col:
+      path, zeros = _to_flax(path, np.broadcast_to(np.float32(0), tensor.shape))
+      timms[col, path] = zeros.shape
+  model = create_model(name, num_classes=NUM_CLASSES)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  ours = {(col, path): leaf.shape for col in variables
+          for path, leaf in traverse_util.flatten_dict(dict(variables[col])).items()}
+  assert timms == ours, (sorted(set(timms.items()) - set(ours.items()))[:5], sorted(set(ours.items()) - set(timms.items()))[:5])
 
 
 @pytest.mark.optimized
