@@ -1,10 +1,10 @@
-"""The main job end to end: train, checkpoint, resume, evaluate, multi-process, bfloat16, and bad
-input. Runs go through cxflax.main.run in this process (tests/conftest.py's run_main); the
-command line itself (exit codes, process launch) is exercised by the subprocess tests at the end."""
+"""The main job end to end: train, checkpoint, resume, evaluate, bfloat16, and bad input. Runs go
+through cxflax.main.run in this process (tests/conftest.py's run_main); the command line itself
+(exit codes, process launch) is exercised by the subprocess tests at the end. Two processes
+training what one trains: tests/test_multiprocess_faults.py."""
 
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -12,8 +12,7 @@ import pytest
 from cxflax.data.sources import make_source
 from cxflax.errors import CheckpointError, ConfigError, DataError
 from tests.conftest import (assert_same_variables, checkpoint_predictions, held_out, load_config, main_args,
-                            python_env, read_json, reserved_port, run_main, run_processes,
-                            run_python, run_variables, TINY_RUN)
+                            read_json, run_main, run_python, run_variables, TINY_RUN)
 
 
 def _held_out(config_spec="resnest.py:runlocal", *overrides):
@@ -87,50 +86,6 @@ def test_halted_run_resumes_to_the_same_parameters(tiny_run, tmp_path):
   straight = tiny_run[0]
   assert read_json(workdir, "final_metrics.json")["step"] == read_json(straight, "final_metrics.json")["step"]
   assert_same_variables(run_variables(workdir), run_variables(straight), rtol=1e-6, what="resumed run")
-
-
-def test_two_processes_match_one(tmp_path):
-  """Two processes (jax.distributed on 127.0.0.1, gloo) train what one process trains. Process 0
-  is started by flags, process 1 by the JAX_* environment variables."""
-  # SGD at a small, stable rate, not the recipe's AdamW: Adam steps every parameter by about the
-  # learning rate whatever its gradient's size, so where a gradient is near zero (the first
-  # convolutions of each block, behind the zero-initialised last BatchNorm) rounding decides the
-  # direction of a full step, and two correct runs end ~10% apart.
-  sgd = (*TINY_RUN, "--config.optim.name=sgd", "--config.optim.learning_rate=0.01", "--config.log_every_steps=1")
-  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-  with reserved_port() as port:
-    address = f"127.0.0.1:{port}"
-    commands = [[sys.executable, *main_args(multi, *sgd), f"--coordinator_address={address}",
-                 "--num_processes=2", "--process_id=0"],
-                [sys.executable, *main_args(multi, *sgd)],
-                [sys.executable, *main_args(single, *sgd)]]
-    envs = [python_env(), python_env(env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
-                                          "JAX_PROCESS_ID": "1"}), python_env()]
-    *processes, (code, _, err) = run_processes(commands, envs, timeout=600)
-  assert code == 0, f"the single process:\n{err[-4000:]}"
-  for i, (code, _, err) in enumerate(processes):
-    assert code == 0, f"process {i}:\n{err[-4000:]}"
-    assert f"process {i} of 2" in err
-  last = read_json(single, "final_metrics.json")["step"]
-  assert read_json(multi, "final_metrics.json")["step"] == last
-  # At the end of the first epoch (its checkpoint): same batches and global BatchNorm statistics;
-  # only the order in which gloo sums the two processes' gradients and statistics differs, float32
-  # rounding (measured 1.3e-7 and 1.7e-7 of the largest parameter). A process that normalised with
-  # its own half-batch statistics, or updated with its own half's gradient, would differ by the
-  # size of the updates themselves (~1e-2).
-  assert_same_variables(run_variables(multi, last // 2), run_variables(single, last // 2), rtol=1e-5,
-                        what="two processes, first epoch", per_collection=True)
-  # Not at the end of the second: at its second step the two runs' losses agree to 1e-6 but their
-  # gradient norms differ by 2e-4 (15.381 against 15.3845), a discrete choice (which input of a
-  # max-pool, which side of a ReLU) made by the last bit, which the remaining steps grow to 2e-3 in
-  # a BatchNorm variance: as far from the single run as two correct runs may end. Every step's loss
-  # (what process 0 logs) still shows that the second epoch trained on the same batches: the
-  # rounding grows to ~1e-3 of a loss by the last step, batches of other examples differ by ~10x.
-  losses = [{int(s): float(v) for s, v in re.findall(r"\[(\d+)\] [^\n]*train/loss=([-0-9.e+]+)", e)}
-            for e in (processes[0][2], err)]
-  assert sorted(losses[0]) == sorted(losses[1]) == list(range(1, last + 1))
-  for step in losses[1]:
-    assert losses[0][step] == pytest.approx(losses[1][step], rel=1e-2), step
 
 
 def test_bfloat16_trains_evaluates_and_predicts(tmp_path):
