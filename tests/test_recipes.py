@@ -19,7 +19,7 @@ from cxflax.data.sources import make_source
 from cxflax.models.ensembles import FeatureEnsemble, ModelSE, NeuralWeightEnsemble
 from cxflax.train.metrics import classification_metrics
 from tests.conftest import (TINY, assert_same_variables, checkpoint_predictions, held_out, load_config,
-                            once_per_test_run, read_json, run_main, run_python, run_variables)
+                            once_per_test_run, random_variables, read_json, run_main, run_python, run_variables)
 
 
 def _held_out(workdir):
@@ -161,7 +161,7 @@ def test_flannel_vgg19_bn_keeps_torchvisions_two_classifier_dropouts():
   config = finalize(load_config("flannel.py:vgg19_bn"))
   net = build_model(config, TASKS.get("classification"), ["covid", "viral", "bacterial", "normal"])
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  v = jax.jit(net.init)(jax.random.key(1), x)
+  v = random_variables(net, x)  # 140M parameters: init's random generators took 13 s here
   backbone = {"params": v["params"]["backbone"], "batch_stats": v["batch_stats"]["backbone"]}
 
   def features(key, train):
