@@ -154,14 +154,27 @@ def main(argv):
     logging.error("%s", message)
     print(f"error: {message}", file=sys.stderr)
     code = 2
-  # Batches that grain's data workers handed over in shared memory, still held by reference
-  # cycles (and, after a failure, by its traceback's frames, released once the except clause is
-  # left), are freed now, while the interpreter can unlink them: at exit it no longer could, and
-  # Python's resource tracker reported them as leaked.
-  gc.collect()
+  _release_shared_batches()
   if code:
     sys.exit(code)
   parallel.stop_watching()
+
+
+def _release_shared_batches() -> None:
+  """Frees the batches that grain's data workers handed over in shared memory, while the
+  interpreter can still unlink them (at exit it no longer could, and Python's resource tracker
+  reported them as leaked): those still held by reference cycles (and, after a failure, by its
+  traceback's frames, released once the except clause is left), and those whose deletion grain
+  had queued on its background thread (SharedMemoryArray's async deletion, which its
+  multiprocess prefetch turns on): a Ctrl-C run with a data worker, stopped at an epoch's end,
+  once reported one such segment as leaked."""
+  gc.collect()
+  shm = sys.modules.get("grain._src.python.ipc.shared_memory_array")  # (only if grain was used)
+  pool = getattr(getattr(shm, "SharedMemoryArray", None), "_del_thread_pool", None)
+  if pool is not None:
+    shm.SharedMemoryArray._del_thread_pool = None  # deletions from here on happen at once
+    pool.close()
+    pool.join()  # the queued ones are done
 
 
 def describe_flag_error(error: Exception, argv) -> str:

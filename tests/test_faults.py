@@ -189,6 +189,27 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   assert read_json(wd, "final_metrics.json")["step"] > steps[1]
 
 
+def test_the_exit_waits_for_grains_queued_deletions_of_shared_batches():
+  """A batch in shared memory whose deletion grain queued on its background thread (as its
+  multiprocess prefetch has it) is unlinked before main returns: queued behind other work here,
+  it would still exist at exit, and Python's resource tracker would report it as leaked."""
+  import time
+  from multiprocessing import shared_memory
+  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+  from cxflax import main
+  SharedMemoryArray.enable_async_del(1)
+  pool = SharedMemoryArray._del_thread_pool
+  batch = SharedMemoryArray((4, 4), np.float32)
+  name = batch.shm.name
+  batch.unlink_on_del()
+  pool.apply_async(time.sleep, (1.0,))  # the deletion waits behind this
+  del batch
+  main._release_shared_batches()
+  with pytest.raises(FileNotFoundError):
+    shared_memory.SharedMemory(name)
+  assert SharedMemoryArray._del_thread_pool is None  # later deletions happen at once
+
+
 def test_a_second_ctrl_c_stops_at_once_with_one_error_line(tmp_path):
   """The first Ctrl-C (or a SIGTERM) asks for a checkpoint at the next step; another Ctrl-C then
   raises KeyboardInterrupt at once, which the command reports as one `error:` line, exit 130."""
