@@ -227,13 +227,13 @@ def test_two_processes_train_what_one_trains_through_a_preemption(tmp_path):
   epoch = last // 3
   assert_same_variables(run_variables(multi, epoch), run_variables(single, epoch), rtol=1e-5,
                         what="two processes, first epoch", per_collection=True)
-  # Not at the end: at its second step the two runs' losses agree to 1e-6 but their
+  # Not at the end: at step 7, in the second epoch, the two runs' losses agree to 1e-6 but their
   # gradient norms differ by 2e-4 (15.381 against 15.3845), a discrete choice (which input of a
   # max-pool, which side of a ReLU) made by the last bit, which the remaining steps grow to 2e-3 in
   # a BatchNorm variance: as far from the single run as two correct runs may end. Every step's loss
   # of the first two epochs (what process 0 logs, before and after the preemption) still shows that
   # they trained on the same batches: the rounding grows to ~1e-3 of a loss by their last step (in
-  # the third epoch, to 1e-2), batches of other examples differ by ~10x.
+  # the third epoch, beyond 1e-2: 1.3e-2 at step 14), batches of other examples differ by ~10x.
   logged = lambda log: {int(s): float(v) for s, v in re.findall(r"\[(\d+)\] [^\n]*train/loss=([-0-9.e+]+)", log)}
   before, after, one = logged(preempted[0][2]), logged(resumed[0][2]), logged(single_log)
   assert sorted(before) == list(range(1, step + 1)) and sorted(after) == list(range(step + 1, last + 1))
