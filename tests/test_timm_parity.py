@@ -29,7 +29,7 @@ import pytest
 from flax import traverse_util
 
 from cxflax.models import create_model, xla_cpu
-from cxflax.models.timm_weights import _to_flax, flax_path, load_timm_weights
+from cxflax.models.timm_weights import _expected, _to_flax, flax_path, load_timm_weights
 
 import timm
 import torch
@@ -119,7 +119,8 @@ def test_eval_float32(name, kernels):
 def test_deep_variant_has_timms_structure(name):
   """Every parameter and statistic of timm's model is one of cxflax's model, by name and shape
   (as load_timm_weights converts it), and cxflax's model has no other. Values are not needed:
-  timm's model is built on the meta device, cxflax's traced for shapes only."""
+  timm's model is built on the meta device, cxflax's traced for shapes only (timm_weights' own
+  record of them)."""
   with torch.device("meta"):
     tm = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
   timms = {}
@@ -128,10 +129,7 @@ def test_deep_variant_has_timms_structure(name):
     if col:
       path, zeros = _to_flax(path, np.broadcast_to(np.float32(0), tensor.shape))
       timms[col, path] = zeros.shape
-  model = create_model(name, num_classes=NUM_CLASSES)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
-  ours = {(col, path): leaf.shape for col in variables
-          for path, leaf in traverse_util.flatten_dict(dict(variables[col])).items()}
+  ours = {(col, path): leaf.shape for col, leaves in _expected(name, NUM_CLASSES).items() for path, leaf in leaves.items()}
   assert timms == ours, (sorted(set(timms.items()) - set(ours.items()))[:5], sorted(set(ours.items()) - set(timms.items()))[:5])
 
 
