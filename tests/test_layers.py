@@ -139,6 +139,37 @@ def test_large_convolutions_take_the_image_by_image_path():
   np.testing.assert_allclose(half.astype(np.float32), plain(kernel, x), rtol=0.05, atol=0.5)
 
 
+# Outputs of at most 2 px: ResNet's last stages at 32-64 px (3x3, stride 1 and 2, 1- and 2-px
+# outputs), a non-square input, a dilated kernel, a 5x5 kernel on a 1-px map (most taps padding).
+SMALL_OUTPUTS = [((2, 2, 2, 5), 3, 1, 1, 1), ((2, 4, 4, 5), 3, 2, 1, 1), ((3, 1, 1, 4), 3, 1, 1, 1),
+                 ((2, 3, 2, 4), 3, 2, 1, 1), ((2, 4, 4, 3), 3, 1, 1, 2), ((1, 1, 1, 6), 5, 1, 2, 1)]
+
+
+@pytest.mark.parametrize("shape,k,s,p,d", SMALL_OUTPUTS)
+def test_small_outputs_are_one_product_over_the_taps(shape, k, s, p, d):
+  """With the CPU kernels on, a convolution whose output is at most 2 px on a side is one matrix
+  product (no convolution, no per-tap products to sum) whose output and both gradients equal
+  XLA's convolution's."""
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(k, k, shape[-1], 7)).astype(np.float32))
+  plain = lambda x, w: xla_cpu._xla_conv(x, w, s, ((p, p), (p, p)), d)
+  y = plain(x, kernel)
+  assert max(y.shape[1:3]) <= 2
+  g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  expected = jax.grad(lambda x, w: jnp.sum(plain(x, w) * g), argnums=(0, 1))(x, kernel)
+  with xla_cpu.mode("on"):  # fresh functions, traced inside
+    ours = lambda x, w: layers.conv2d(x, w, s, p, d)
+    both_gradients = jax.grad(lambda x, w: jnp.sum(ours(x, w) * g), argnums=(0, 1))
+    text = _lowered(both_gradients, x, kernel)
+    np.testing.assert_allclose(ours(x, kernel), y, rtol=1e-5, atol=1e-5)
+    got = both_gradients(x, kernel)
+  assert "stablehlo.convolution" not in text
+  assert text.count("stablehlo.dot_general") == 2, text  # the input's and the kernel's gradients
+  for a, e in zip(got, expected):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("relu", [xla_cpu.relu, layers.relu], ids=["xla_cpu", "layers"])
 @pytest.mark.parametrize("kernels", MODES)
 def test_relu_matches_jax_relu_in_value_and_derivative(relu, kernels):

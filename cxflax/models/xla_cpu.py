@@ -4,8 +4,8 @@ Where XLA's CPU backend runs a network's operations far slower than the same ari
 otherwise, cxflax writes them otherwise (benchmarks/NOTES.md, §1, §2 and §6 attempts 5-13):
 
 - convolutions (`conv2d`): 1x1 convolutions as a 2-D matrix product over channels, outputs of at
-  most 2 px on a side as one product per kernel tap, convolutions with a few groups group by
-  group, and large ungrouped ones with their kernel gradient taken image by image;
+  most 2 px on a side as one product over all kernel taps, convolutions with a few groups group
+  by group, and large ungrouped ones with their kernel gradient taken image by image;
 - BatchNorm in training mode differentiated in closed form (`batch_norm_train`);
 - ReLU as a select (`relu`);
 - the backward passes of max and average pooling (`max_pool`, `avg_pool`).
@@ -84,8 +84,8 @@ def conv2d(x, kernel, stride: int, padding: tuple[int, int], dilation: int = 1, 
   """layers.conv2d (NHWC `x`, HWIO kernel, symmetric zero padding (ph, pw)) avoiding XLA's CPU
   convolution where it is far slower than the same arithmetic written otherwise: 1x1
   convolutions are a product over channels (strided by slicing); outputs of at most 2 px on a
-  side are one product per kernel tap (attempt 1); convolutions with a few groups run group by
-  group (attempt 2); large ones on one device take their kernel gradient image by image
+  side are one product over all kernel taps (attempt 1); convolutions with a few groups run
+  group by group (attempt 2); large ones on one device take their kernel gradient image by image
   (attempt 8)."""
   kh, kw = kernel.shape[:2]
   ph, pw = padding
@@ -100,14 +100,15 @@ def conv2d(x, kernel, stride: int, padding: tuple[int, int], dilation: int = 1, 
   out_h = (x.shape[1] + 2 * ph - dilation * (kh - 1) - 1) // stride + 1
   out_w = (x.shape[2] + 2 * pw - dilation * (kw - 1) - 1) // stride + 1
   if groups == 1 and max(out_h, out_w) <= 2:
+    # The taps side by side (i, j, channel: the order of the HWIO kernel's first three axes),
+    # times the kernel as one (kh·kw·C, O) matrix. One product per tap, summed, computes the
+    # same, but its kernel gradient is then one product per tap, each padded to the kernel's
+    # full shape and summed: slower, most of all as the suite compiles (benchmarks/NOTES.md, §1).
     xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    y = 0
-    for i in range(kh):
-      for j in range(kw):
-        tap = xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
-                 j * dilation:j * dilation + stride * (out_w - 1) + 1:stride, :]
-        y = y + channel_product(tap, kernel[i, j])
-    return y
+    taps = [xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
+               j * dilation:j * dilation + stride * (out_w - 1) + 1:stride, :]
+            for i in range(kh) for j in range(kw)]
+    return channel_product(jnp.concatenate(taps, axis=-1), kernel.reshape(-1, kernel.shape[-1]))
   if (groups == 1 and dilation == 1 and out_h * out_w >= _IMAGE_BY_IMAGE_FROM_PIXELS
       and _image_by_image_applies()):
     return conv_image_by_image_kernel_gradient(x, kernel, stride, ((ph, ph), (pw, pw)))
