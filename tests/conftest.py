@@ -62,8 +62,8 @@ def pytest_configure(config):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-  """Tests marked `optimized` (long training, float64 networks) run more than they compile: for
-  them, and the processes they start, XLA's full optimisations."""
+  """Tests marked `optimized` (long training, EfficientNet's float64 network) run more than they
+  compile: for them, and the processes they start, XLA's full optimisations."""
   if item.get_closest_marker("optimized") is None:
     return (yield)
   import jax
