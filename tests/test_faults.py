@@ -74,6 +74,30 @@ def test_an_update_that_overflows_the_parameters_is_kept_out_and_named():
     _check_finite([(5, m)], "error")
 
 
+def test_an_optimizer_state_that_overflows_alone_is_kept_out():
+  """Gradients scaled by 1e25 before Adam square to inf in its second moment, which then makes
+  every update 0: the parameters stay finite, so only the optimizer-state check sees the fault."""
+  c = finalize(base_config())
+  model, mesh = _Net(), parallel.make_mesh(jax.devices()[:1])
+  images = np.random.default_rng(2).normal(size=(4, 6, 6, 1)).astype(np.float32)
+  variables = model.init(jax.random.key(0), images)
+  tx = optax.chain(optax.scale(1e25), optax.scale_by_adam(), optax.scale(-1e-3))
+  state = create_train_state(model, tx, variables, mesh)
+  before = jax.device_get(state)
+  batch = parallel.shard_batch({"image": images, "label": np.ones(4, np.float32)}, mesh)
+  unchecked = jax.device_get(tx.update(jax.grad(lambda p: jnp.sum(model.apply(
+      {"params": p, "batch_stats": before.batch_stats}, images) ** 2))(before.params),
+      before.opt_state, before.params))
+  assert all(np.isfinite(u).all() for u in jax.tree.leaves(unchecked[0]))
+  assert not all(np.isfinite(s).all() for s in jax.tree.leaves(unchecked[1]))
+  state, m = make_train_step(model, c, mesh)(state, batch)
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+  assert float(m["finite"]) == 0.0
+  for a, b in zip(jax.tree.leaves((state.params, state.opt_state, state.batch_stats)),
+                  jax.tree.leaves((before.params, before.opt_state, before.batch_stats))):
+    np.testing.assert_array_equal(a, b)
+
+
 def _diverging(tmp_path, *overrides, rate="1e6"):
   """The TINY run at a learning rate it cannot survive: the step it diverges at, and its workdir."""
   wd = tmp_path / "w"
