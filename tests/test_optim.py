@@ -255,7 +255,7 @@ _SAM_CHECK = textwrap.dedent("""
       return jnp.mean(jnp.where(jnp.abs(o[:, 0] - ys) < 1, 0.5 * (o[:, 0] - ys) ** 2, jnp.abs(o[:, 0] - ys) - 0.5)), upd
     def sam_grad(imgs, ys):
       g = jax.grad(lambda p: loss(p, imgs, ys)[0])(variables["params"])
-      norm = optax.global_norm(g)
+      norm = optax.tree.norm(g)
       adv = jax.tree.map(lambda w, gi: w + 0.05 * gi / norm, variables["params"], g)
       return jax.grad(lambda p: loss(p, imgs, ys)[0])(adv)
     full = sam_grad(batch["image"], batch["label"])

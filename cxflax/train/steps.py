@@ -76,7 +76,7 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
     """SAM with each device's own ascent direction (inside shard_map over 'data')."""
     def local(params, batch_stats, batch, rng):
       (_, _), g = grad_fn(params, batch_stats, batch, rng)
-      norm = optax.global_norm(g)
+      norm = optax.tree.norm(g)
       eps = jax.tree.map(lambda x: sam_rho * x / (norm + 1e-12), g)
       perturbed = jax.tree.map(jnp.add, params, eps)
       (_, _), g_adv = grad_fn(perturbed, batch_stats, batch, rng)
@@ -96,7 +96,7 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
                                                grad_fn=adversarial)
     else:
       opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     new_params = optax.apply_updates(state.params, opt_updates)
     # A non-finite loss or gradient, or an update that overflows the parameters, optimizer state
     # or BatchNorm statistics (a finite gradient times a huge rate), leaves all three as they
