@@ -88,8 +88,7 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None):
 
 
 def _run(mode: str, config, workdir: str, checkpoint: str | None):
-  # Each mode imports what it needs: training and explain write TensorBoard through clu, whose
-  # writers import TensorFlow (~7 s here); eval, predict, describe and lr_find do not.
+  # Each mode imports what it needs (the train loop's modules only where it trains).
   from cxflax.errors import ConfigError
   from cxflax.train.workdir import prepare_workdir, workdir_lock
 
@@ -98,7 +97,7 @@ def _run(mode: str, config, workdir: str, checkpoint: str | None):
       raise ConfigError("--mode=ensemble needs config.ensemble.kind and config.ensemble.members")
     # Training (and cv) writes checkpoints: one run per workdir. The other modes write only their
     # own result files, atomically, so they may run beside a training (eval of its checkpoints).
-    # A workdir that cannot be used is told before TensorFlow's import.
+    # A workdir that cannot be used is told before the train loop's imports.
     with workdir_lock(prepare_workdir(workdir)):
       from cxflax.train import train
       return train.train_and_evaluate(config, workdir)

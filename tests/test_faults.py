@@ -197,9 +197,9 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   steps = []
   for signum, code, says in ((signal.SIGTERM, 0, r"preempted at step (\d+) \(SIGTERM\)"),
                              (signal.SIGINT, 130, r"interrupted at step (\d+) \(Ctrl-C\)")):
-    # clu's progress report (every log_every_steps, 2) says training has begun
+    # the progress line (every log_every_steps, 2) says training has begun
     [(returncode, _, log)] = run_processes([[sys.executable, *args]], [python_env()], timeout=300,
-                                           signal_when=(0, "Setting work unit notes", signum))
+                                           signal_when=(0, " steps/s, ", signum))
     m = re.search(says + ": checkpoint saved; run the same command again to resume", log)
     assert returncode == code and m and "Traceback" not in log and "leaked" not in log, log[-3000:]
     if steps:

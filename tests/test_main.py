@@ -40,9 +40,9 @@ def test_train_writes_checkpoints_events_and_metrics(tiny_run):
   assert final["baseline"]["mae"] == pytest.approx(np.mean(np.abs(train_mean - truth)), rel=1e-6)
   assert f"Final (step {final['step']}): eval mae={final['metrics']['mae']:.4f}" in run.stdout
   assert "trivial baseline (training mean)" in run.stdout
-  assert "Total:" in run.log  # clu parameter overview
-  assert "steps/s" in run.log and "ETA" in run.log  # clu ReportProgress
-  assert "eval/mae" in run.log  # clu's logging writer
+  assert "Total:" in run.log  # clu's parameter overview
+  assert "steps/s" in run.log and "ETA" in run.log  # summaries.Progress
+  assert "eval/mae" in run.log  # summaries.MetricWriter's log lines
   # Each epoch's seconds and training images/s: one line per epoch, counting the epoch's batches.
   epochs = re.findall(r"epoch (\d+) took ([\d.]+) s: training ([\d.]+) s \((\d+) images, ([\d.]+) images/s\), "
                       r"evaluation ([\d.]+) s, checkpoint ([\d.]+) s", run.log)
@@ -274,14 +274,19 @@ def test_bad_input_is_an_error_line_and_exit_code_2(tmp_path):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_eval_predict_describe_and_lr_find_start_without_tensorflow():
-  """Only training and explain write TensorBoard (clu's writers import TensorFlow, ~7 s per
-  start here); the other modes' modules, and the command line itself, do not import it."""
-  proc = run_python("import sys\nfrom cxflax import main\n"
-                    "from cxflax.train import describe, evaluate, lr_find, predict\n"
+def test_no_mode_imports_tensorflow(tmp_path):
+  """TensorFlow takes ~7 s to import here: no mode's modules, the command line, nor writing
+  TensorBoard events (cxflax.train.summaries, which writes without it) import it."""
+  proc = run_python("import sys\nimport numpy as np\nfrom cxflax import main\n"
+                    "from cxflax.train import describe, evaluate, explain, lr_find, predict, train\n"
+                    "from cxflax.train.summaries import MetricWriter\n"
+                    f"w = MetricWriter({str(tmp_path)!r})\n"
+                    "w.write_hparams({'a': 1}); w.write_scalars(1, {'x': 2.0})\n"
+                    "w.write_images(1, {'i': np.zeros((1, 4, 4, 3), np.uint8)}); w.close()\n"
                     "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == "[]"
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
 
 def test_classification_on_a_real_layout(tmp_path):

@@ -201,9 +201,9 @@ def test_two_processes_train_what_one_trains_through_a_preemption(tmp_path):
       return run_processes(commands + [c for c, _ in alongside], envs + [e for _, e in alongside], timeout=600,
                            **kwargs)
 
-  # clu's progress report (every log_every_steps) says training has begun.
+  # The progress line (every log_every_steps) says training has begun.
   *preempted, (code, _, single_log) = run(([sys.executable, *main_args(single, *sgd)], python_env()),
-                                          signal_when=(1, "Setting work unit notes", signal.SIGTERM))
+                                          signal_when=(1, " steps/s, ", signal.SIGTERM))
   assert code == 0, f"the single process:\n{single_log[-4000:]}"
   steps = []
   for i, (code, _, err) in enumerate(preempted):

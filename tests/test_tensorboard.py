@@ -5,6 +5,7 @@ Grad-CAM maps; read back from the tiny run's event file."""
 from __future__ import annotations
 
 import io
+import os
 import types
 
 import flax.linen as nn
@@ -135,3 +136,106 @@ def test_no_saliency_grid_when_off_or_for_segmentation():
     assert pictures.batch is None and run.writer.images == []
   with pytest.raises(ConfigError, match="config.tensorboard_images must be >= 0, got -1"):
     finalize(load_config("resnest.py:runlocal", "--config.tensorboard_images=-1"))
+
+
+def _read_events(logdir):
+  """{tag: [(step, value)]} of the scalars, {tag: [(step, picture)]} of the images and the
+  hyperparameters {name: value}, as TensorBoard reads the event files in logdir."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  from tensorboard.util import tensor_util
+  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+  acc.Reload()
+  scalars, images = {}, {}
+  for tag in acc.Tags()["tensors"]:
+    for ev in acc.Tensors(tag) if not tag.startswith("_hparams_/") else ():
+      if ev.tensor_proto.dtype == 7:  # DT_STRING: [width, height, png...]
+        width, height, *pngs = ev.tensor_proto.string_val
+        for png in pngs:
+          picture = np.asarray(Image.open(io.BytesIO(png)))
+          assert picture.shape[:2] == (int(height), int(width))
+          images.setdefault(tag, []).append((ev.step, picture))
+      else:
+        scalars.setdefault(tag, []).append((ev.step, float(tensor_util.make_ndarray(ev.tensor_proto))))
+  data = plugin_data_pb2.HParamsPluginData.FromString(
+      acc.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+  hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()}
+  return scalars, images, hparams
+
+
+def test_metric_writer_events_read_back_in_tensorboard_before_close(tmp_path, caplog):
+  """Scalars, uint8 image batches and hyperparameters come back from the event file with their
+  steps and values (each write reaches the file at once, so a killed run's are readable), and
+  are logged as clu's logging writer logged them."""
+  import logging
+  from cxflax.train.summaries import MetricWriter
+  pictures = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    w = MetricWriter(str(tmp_path))
+    w.write_hparams({"optim.learning_rate": 0.1, "model": "resnet10t", "num_epochs": 3, "sam": True})
+    w.write_scalars(3, {"train/loss": 1.25, "eval/mae": np.float32(0.5)})
+    w.write_scalars(6, {"train/loss": 0.75})
+    w.write_images(4, {"train/inputs": pictures})
+    scalars, images, hparams = _read_events(tmp_path)
+    w.close()
+  assert scalars == {"train/loss": [(3, 1.25), (6, 0.75)], "eval/mae": [(3, 0.5)]}
+  assert [s for s, _ in images["train/inputs"]] == [4, 4]
+  for (_, got), want in zip(images["train/inputs"], pictures):
+    np.testing.assert_array_equal(got, want)
+  assert hparams == {"optim.learning_rate": 0.1, "model": "resnet10t", "num_epochs": 3.0, "sam": True}
+  assert "[3] eval/mae=0.5, train/loss=1.25" in caplog.text
+  assert "[4] Got images: {'train/inputs': (2, 5, 7, 3)}." in caplog.text
+  with pytest.raises(ValueError, match=r"train/inputs: images must be uint8 \(N, H, W, C\), got float32"):
+    MetricWriter(None).write_images(1, {"train/inputs": pictures.astype(np.float32)})
+
+
+def test_metric_writer_of_other_processes_only_logs(tmp_path, monkeypatch, caplog):
+  import logging
+  from cxflax.train.summaries import MetricWriter
+  monkeypatch.chdir(tmp_path)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    w = MetricWriter(None)
+    w.write_hparams({"a": 1})
+    w.write_scalars(2, {"train/loss": 3.5})
+    w.close()
+  assert "[2] train/loss=3.5" in caplog.text and os.listdir(tmp_path) == []
+
+
+def test_progress_reports_the_rate_time_left_and_where_time_went(monkeypatch, caplog):
+  """Steps of 30 s, an evaluation of 60 s after step 5, a report every 2 of 10 steps: the rate
+  since the last report (the evaluation's time counted in), the time left at that rate, and
+  the share of the time since the first step spent evaluating."""
+  import logging
+  from cxflax.train import summaries
+  clock = [100.0]
+  monkeypatch.setattr(summaries.time, "monotonic", lambda: clock[0])
+  written = []
+  writer = types.SimpleNamespace(write_scalars=lambda step, scalars: written.append((step, scalars)))
+  with caplog.at_level(logging.INFO, logger="absl"):
+    report = summaries.Progress(10, writer, every=2)
+    for step in range(1, 11):
+      clock[0] += 30
+      report(step)
+      if step == 5:
+        with report.timed("eval"):
+          clock[0] += 60
+  assert [s for s, _ in written] == [2, 4, 6, 8, 10]
+  rates = {s: v["steps_per_sec"] for s, v in written}
+  assert rates == pytest.approx({2: 1 / 30, 4: 1 / 30, 6: 1 / 60, 8: 1 / 30, 10: 1 / 30})
+  assert written[2][1]["uptime"] == pytest.approx(240.0)  # step 6: six steps and the evaluation
+  assert "0.0333 steps/s, 20.0% (2/10), ETA: 4m" in caplog.text
+  assert "0.0167 steps/s, 60.0% (6/10), ETA: 4m (28.6% eval)" in caplog.text
+  assert "100.0% (10/10), ETA: 0s (18.2% eval)" in caplog.text
+
+
+def test_a_full_disk_under_the_event_file_is_a_workdir_error(tmp_path, monkeypatch):
+  """The event file's name taken by a link to /dev/full (every write: ENOSPC): a WorkdirError
+  naming the file, which the command line prints as its `error:` line."""
+  from cxflax.errors import WorkdirError
+  from cxflax.train import summaries
+  monkeypatch.setattr(summaries.time, "time", lambda: 1234.0)
+  monkeypatch.setattr(summaries.socket, "gethostname", lambda: "host")
+  path = tmp_path / f"events.out.tfevents.1234.host.{os.getpid()}.v2"
+  os.symlink("/dev/full", path)
+  with pytest.raises(WorkdirError, match=rf"cannot write TensorBoard events to {path}: No space left on device \(ENOSPC\)"):
+    summaries.MetricWriter(str(tmp_path))

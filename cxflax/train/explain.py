@@ -3,7 +3,7 @@ config.explain.num images (or those config.explain.images names, or config.predi
 Grad-CAM map (cxflax/models/saliency.py; probabilistic Grad-CAM for a patch classifier) is drawn
 over the image as the model saw it: grayscale underneath, the map in colour over it, titled with
 the predicted and true label and the probability. Overlays go to workdir/explain/<name>.png, a
-table of them to workdir/explain/saliency.csv, and a grid of them to TensorBoard (clu).
+table of them to workdir/explain/saliency.csv, and a grid of them to TensorBoard.
 
 Maps are computed config.eval_batch_size images at a time in one compiled call (unsharded: a
 handful of images; every process computes them, process 0 writes), and each is scaled to its own
@@ -34,6 +34,7 @@ from cxflax.errors import ConfigError, DataError
 from cxflax.models import saliency
 from cxflax.models.patches import PatchClassifier
 from cxflax.train import build
+from cxflax.train.summaries import MetricWriter
 from cxflax.train.workdir import announce, atomic_file, prepare_workdir, write_csv
 
 HEADER = ["name", "true", "predicted", "explained", "probability", "map_max", "overlay"]
@@ -83,10 +84,9 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
       rows.append([name] + row + [f"{heat.max():.6g}", os.path.basename(path)])
   if jax.process_index() == 0:
     write_csv(os.path.join(out_dir, "saliency.csv"), rows, HEADER)
-  from clu import metric_writers  # imports TensorFlow: only explain's own run writes TensorBoard
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = MetricWriter(workdir if jax.process_index() == 0 else None)
   writer.write_images(run.step, {"explain/saliency": image_grid(overlays)[None]})
-  writer.flush()
+  writer.close()
   announce(f"Saliency overlays of {len(rows)} images (checkpoint {run.path}) written to {out_dir}")
   return out_dir
 

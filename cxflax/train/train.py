@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 
 from cxflax import config as config_lib
 from cxflax import parallel
@@ -38,6 +38,7 @@ from cxflax.train.losses import class_alpha
 from cxflax.train.predict import predict_source
 from cxflax.train.scoring import run_evaluation
 from cxflax.train.steps import EvalStep, create_train_state, make_eval_step, make_train_step
+from cxflax.train.summaries import MetricWriter, Progress
 from cxflax.train.tasks import Task
 from cxflax.train.workdir import announce, checkpoint_writes, prepare_workdir, write_json
 
@@ -52,7 +53,7 @@ class _Run:
   alpha: Any  # the focal loss's class weights, or None
   mesh: Any
   eval_step: EvalStep
-  writer: Any  # clu metric writer
+  writer: MetricWriter
   ckpts: ckpt_lib.Checkpoints
   skipped: int = 0  # updates skipped for non-finite values (config.on_nonfinite='skip') in this process
   preemption: "Preemption | None" = None
@@ -96,7 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpts.check_compatible(latest, build.checkpoint_meta(config, task, class_names, resume_stage), model_target,
                            accept=config.checkpoint_mismatch == "accept")
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = MetricWriter(workdir if jax.process_index() == 0 else None)
   if latest is None:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
@@ -114,12 +115,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       variables = {"params": state.params, "batch_stats": state.batch_stats}
       if stopped:
         ckpts.close()
+        writer.close()
         if stopped == "interrupted":  # (announced by _train_stage): the command exits with 130
           raise Interrupted()
         return metrics
   with checkpoint_writes(ckpts.directory):
     ckpts.wait()
-  writer.flush()
   if result is None:  # resumed after the last step: evaluate what was restored
     restored = ckpts.restore_model(latest, model_target)
     result = run_evaluation(run.eval_step, restored, stage.inp.eval(), mesh)
@@ -129,6 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              "train_seconds": time.time() - t0})
   announce(f"Final (step {stage.end}): {task.summary(metrics, base)}")
   ckpts.close()
+  writer.close()
   return metrics
 
 
@@ -202,8 +204,7 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
                                stage_start)
   train_step = make_train_step(run.model, config, run.mesh, run.alpha)
   writer = run.writer
-  report = periodic_actions.ReportProgress(num_train_steps=stage_end, writer=writer,
-                                           every_steps=config.log_every_steps, every_secs=None)
+  report = Progress(stage_end, writer, config.log_every_steps)
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
   ckpt_every = max(1, int(config.checkpoint_every_epochs * steps_per_epoch))
   halt = config.halt_after_steps or stage_end
@@ -271,7 +272,6 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
   if preempted or step < stage_end:  # (preempted at a stage's last step too: it is saved)
     with checkpoint_writes(run.ckpts.directory):
       run.ckpts.wait()
-    writer.flush()
     stopped = "interrupted" if preempted and run.preemption.interrupted else "preempted" if preempted else "halted"
     why = {"interrupted": "interrupted at step {} (Ctrl-C): checkpoint saved",
            "preempted": "preempted at step {} (SIGTERM): checkpoint saved",

@@ -33,14 +33,14 @@ def prepare_workdir(workdir: str) -> str:
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise WorkdirError(f"cannot create --workdir {workdir}: {_reason(e)}") from None
+    raise WorkdirError(f"cannot create --workdir {workdir}: {os_error_reason(e)}") from None
   probe = os.path.join(workdir, f".cxflax-write-test.{socket.gethostname()}.{os.getpid()}")
   try:
     with open(probe, "w"):
       pass
     os.remove(probe)
   except OSError as e:
-    raise WorkdirError(f"cannot write to --workdir {workdir}: {_reason(e)}") from None
+    raise WorkdirError(f"cannot write to --workdir {workdir}: {os_error_reason(e)}") from None
   return workdir
 
 
@@ -61,7 +61,7 @@ def atomic_file(path: str, mode: str = "w", newline: str | None = None) -> Itera
       os.remove(tmp)
     if isinstance(e, OSError) and not isinstance(e, WorkdirError):
       kept = " (the previous file is left as it was)" if os.path.exists(path) else ""
-      raise WorkdirError(f"cannot write {path}: {_reason(e)}{kept}") from None
+      raise WorkdirError(f"cannot write {path}: {os_error_reason(e)}{kept}") from None
     raise
 
 
@@ -93,7 +93,7 @@ def checkpoint_writes(directory: str) -> Iterator[None]:
     code = e.errno if isinstance(e, OSError) else _tensorstore_errno(str(e))
     if isinstance(e, WorkdirError) or code is None:
       raise
-    raise WorkdirError(f"cannot write a checkpoint to {directory}: {_reason(e, code)}; the last "
+    raise WorkdirError(f"cannot write a checkpoint to {directory}: {os_error_reason(e, code)}; the last "
                        "complete checkpoint is kept: free space, then run the same command again "
                        "to resume from it") from None
 
@@ -104,7 +104,8 @@ def _tensorstore_errno(message: str) -> int | None:
   return int(m.group(1)) if m else None
 
 
-def _reason(e: Exception, code: int | None = None) -> str:
+def os_error_reason(e: Exception, code: int | None = None) -> str:
+  """An OS error as its message and code name: 'No space left on device (ENOSPC)'."""
   code = code if code is not None else getattr(e, "errno", None)
   if code is None:
     return str(e)
@@ -172,7 +173,7 @@ def _acquire(path: str) -> None:
   except OSError as e:
     if isinstance(e, WorkdirError):
       raise
-    raise WorkdirError(f"cannot create the lock file {path}: {_reason(e)}") from None
+    raise WorkdirError(f"cannot create the lock file {path}: {os_error_reason(e)}") from None
   finally:
     with contextlib.suppress(OSError):
       os.remove(tmp)
