@@ -295,7 +295,7 @@ def test_fed_step_reads_the_epoch_lines_the_main_job_logs(caplog):
   written = []
   clock = _EpochClock(examples_per_step=16)
   clock.steps, clock.start = 5, clock.start - 2.0  # five steps in two seconds
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     clock.end_epoch(3, 15, types.SimpleNamespace(write_scalars=lambda step, s: written.append(s)))
   [(epoch, seconds, images)] = EPOCH_LINE.findall(caplog.text)
   assert (epoch, images) == ("3", "80")
