@@ -76,15 +76,6 @@ def pytest_runtest_call(item):
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
 
-def pytest_collection_modifyitems(config, items):
-  """Tests marked `early` (20 s or more each here) first, the rest in their order. pytest-xdist's
-  work stealing hands the first half of the list to one worker and the second to the other, and
-  an idle worker takes half of another's queue from its end: with the long tests at the front,
-  the last tests of the run are short ones, where a long test started late kept one worker busy
-  while the other waited (`pytest --durations` lists them)."""
-  items.sort(key=lambda item: item.get_closest_marker("early") is None)
-
-
 def pytest_unconfigure(config):
   if _OWN_CACHE:
     shutil.rmtree(_CACHE, ignore_errors=True)

@@ -52,7 +52,6 @@ def _conv_and_matmul_flops(fn, *args) -> int:
   return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-@pytest.mark.early
 def test_throughput_on_two_devices_with_flops_and_torch(tmp_path):
   import jax.numpy as jnp
   from cxflax.models.heads import create_network
@@ -141,7 +140,6 @@ def test_patch_inference_agrees_with_the_loop(tmp_path):
   assert row["chunk_4_img_s"] > 0
 
 
-@pytest.mark.early
 def test_scaling_shows_a_split_batch_and_one_gradient_reduction(tmp_path):
   _, result = _run("scaling", tmp_path / "s.json", "--models", "resnet10t", "--devices", "1", "2", "8",
                    "--batch", "8", "--image_size", "32", devices=8)
@@ -191,7 +189,6 @@ def test_op_profile_runs_on_a_train_step(tmp_path):
 ABSENT_ON_THE_GPU_MACHINE = ("ml_collections", "grain", "clu", "tensorflow", "tensorflow_datasets")
 
 
-@pytest.mark.early
 def test_gpu_check_runs_without_the_modules_the_gpu_machine_lacks(tmp_path):
   """The whole check, as the GPU machine would run it, in processes where importing any of
   ABSENT_ON_THE_GPU_MACHINE fails: cxflax (the CPU-kernel switch off) and timm under

@@ -76,7 +76,6 @@ def _layout(workdir) -> tuple[list[int], list[str], list[str]]:
           sorted(os.listdir(todelete)) if os.path.isdir(todelete) else [])
 
 
-@pytest.mark.early
 def test_a_run_killed_mid_step_mid_save_and_mid_delete_resumes_to_the_uninterrupted_parameters(tiny_run, tmp_path):
   wd = tmp_path / "w"
   _killed(wd, "step", n=7)  # the save of step 5 started before

@@ -182,7 +182,6 @@ def test_non_finite_predictions_are_an_error_not_a_metric():
     run_evaluation(Step(), None, [batch], parallel.make_mesh(jax.devices()[:1]))
 
 
-@pytest.mark.early
 def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   """Preemption as SLURM and cloud machines signal it: the run checkpoints at the step boundary,
   exits cleanly (code 0), and the same command resumes from that step; Ctrl-C does the same with

@@ -241,7 +241,6 @@ def test_read_from_files(tmp_path):
     load_timm_weights("resnet10t", str(tmp_path / "w.txt"))
 
 
-@pytest.mark.early
 def test_convert_cli_and_init_from(tmp_path):
   from safetensors.numpy import save_file
   from cxflax.convert import load_converted

@@ -119,7 +119,6 @@ def test_two_processes_exit_without_an_abort_at_interpreter_exit(outcome):
     assert "error: process 1 of 2 failed: x.png: cannot decode image; process 0 stopped too" in results[0][2]
 
 
-@pytest.mark.early
 def test_a_corrupt_image_in_one_process_stops_both(tmp_path):
   """A garbage image that only process 1 reads, in its third training batch (the image check
   before training is off, as by default): process 1 fails with the file's name while process 0
@@ -174,7 +173,6 @@ def test_the_coordinator_failing_stops_the_others(tmp_path):
   assert "process 1 stopped too" in results[1][2]
 
 
-@pytest.mark.early
 def test_two_processes_train_what_one_trains_through_a_preemption(tmp_path):
   """Two processes (jax.distributed on 127.0.0.1, gloo) train what one process trains, through a
   preemption of a job on two hosts whose notice reaches one (process 1, not the coordinator):

@@ -152,7 +152,6 @@ class _TinyCNN(nn.Module):
 
 
 @pytest.mark.optimized
-@pytest.mark.early
 def test_phantom_is_learnable():
   """A tiny CNN trained 100 steps on 48-px slices beats predicting the training mean by far (MAE
   0.34-0.35 of the baseline's at seeds 0-2, as after 300 steps)."""

@@ -179,7 +179,6 @@ def test_flannel_vgg19_bn_keeps_torchvisions_two_classifier_dropouts():
 
 
 @pytest.mark.optimized
-@pytest.mark.early
 def test_resnest_recipe_learns(tmp_path):
   """configs/resnest.py:runlocal at its own model and image size (resnest14d, 64 px), shortened
   to 8 of its 12 epochs on half its phantom subjects, beats the training-mean baseline clearly:
@@ -222,7 +221,6 @@ def _short_stages(config):
   config.stages = tuple(dict(stage, num_epochs=n) for stage, n in zip(config.stages, (2, 1, 1, 1, 2)))
 
 
-@pytest.mark.early
 def test_stages_freeze_the_backbone_and_resume_across_stages(tmp_path):
   """covid_resnet's first stage trains the head only (BatchNorm aside); a run stopped inside the
   last stage, or preempted at the end of the first, resumes there and ends with the parameters of
@@ -299,7 +297,6 @@ def members(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe,arg", [("sensemble", "ensemble"), ("sensemble", "average"),
                                         ("flannel", "ensemble")])
-@pytest.mark.early
 def test_ensemble_stage_trains_on_frozen_members(tmp_path, members, recipe, arg):
   from cxflax.train.build import load_run
   wd = str(tmp_path / "ens")
@@ -322,7 +319,6 @@ def test_ensemble_stage_trains_on_frozen_members(tmp_path, members, recipe, arg)
     assert final["accuracy"] == pytest.approx(np.mean(pred.argmax(1) == truth), abs=1e-9)
 
 
-@pytest.mark.early
 def test_densenet_ct_phases_build_on_each_other(tmp_path):
   previous = None
   for phase in ("finetune", "triplet", "classify"):

@@ -27,7 +27,6 @@ def _write_xrays(folder, sizes, nested=True):
   return paths
 
 
-@pytest.mark.early
 def test_lung_segmentation_trains_and_writes_masks_for_a_folder(tmp_path):
   """Jaccard and Dice of the held-out fold, and masks written at each image's own size for a
   folder of images: both recomputed here from the checkpoint's own per-pixel predictions."""
@@ -100,7 +99,6 @@ def test_masks_from_files_join_their_images(tmp_path):
 PATCH_TINY = ["--config.data.image_size=48", "--config.patches.size=32", "--config.patches.num=4"]
 
 
-@pytest.mark.early
 def test_patched_flannel_learners_and_their_ensemble(tmp_path):
   """Two patch classifiers (4 patches of 32 px inside the lung mask) and FLANNEL's ensemble of
   them; the ensemble's accuracy is that of its checkpoint, recomputed here."""

@@ -87,7 +87,6 @@ _SHARDING_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.early
 def test_eight_devices_match_one_device():
   """The jit train step over an 8-device mesh gives the losses, parameters and BatchNorm
   statistics of one device on the same global batches."""
