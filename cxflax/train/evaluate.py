@@ -84,7 +84,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict | No
   """Trains every fold (workdir/fold_K, each resumable) and writes per-fold and averaged metrics
   to workdir/cv_metrics.json. A fold whose training stops early (preempted, or
   config.halt_after_steps) stops the cross-validation too: None, and the same command resumes."""
-  from cxflax.train import train  # (imports evaluate): only cv trains here
+  from cxflax.train import train  # the train loop: only cv trains here
   workdir = prepare_workdir(workdir)
   per_fold = []
   for k in range(config.num_folds):
