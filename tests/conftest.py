@@ -184,6 +184,37 @@ def run_python(code: str, devices: int | None = None, env: dict | None = None, t
                         text=True, timeout=timeout)
 
 
+def tensorboard_events(logdir):
+  """{tag: [(step, value)]} of the scalars, {tag: [(step, picture)]} of the images and the
+  hyperparameters {name: value} ({} where none were written), as TensorBoard's own reader reads
+  the event files in logdir (cxflax/train/summaries.py writes TF2 summaries: an image is a string
+  tensor [width, height, png...])."""
+  import numpy as np
+  from PIL import Image
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  from tensorboard.util import tensor_util
+  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+  acc.Reload()
+  scalars, images = {}, {}
+  for tag in acc.Tags()["tensors"]:
+    for ev in acc.Tensors(tag) if not tag.startswith("_hparams_/") else ():
+      if ev.tensor_proto.dtype == 7:  # DT_STRING: [width, height, png...]
+        width, height, *pngs = ev.tensor_proto.string_val
+        for png in pngs:
+          picture = np.asarray(Image.open(io.BytesIO(png)))
+          assert picture.shape[:2] == (int(height), int(width)), tag
+          images.setdefault(tag, []).append((ev.step, picture))
+      else:
+        scalars.setdefault(tag, []).append((ev.step, float(tensor_util.make_ndarray(ev.tensor_proto))))
+  hparams = {}
+  with contextlib.suppress(KeyError):  # (no hparams plugin data)
+    data = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()}
+  return scalars, images, hparams
+
+
 def data_config(source: str, root, **fields):
   """config.data of the defaults, reading `source` from `root` with `fields` set: what the
   sources' tests build a source from."""

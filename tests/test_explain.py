@@ -14,19 +14,13 @@ from PIL import Image
 from cxflax.data.images import write_image
 from cxflax.errors import ConfigError, DataError
 from cxflax.train.explain import _target, image_grid, render_overlay
-from tests.conftest import TINY, TINY_RUN, checkpoint_predictions, held_out, load_config, run_main
+from tests.conftest import (TINY, TINY_RUN, checkpoint_predictions, held_out, load_config, run_main,
+                            tensorboard_events)
 
 
 def _table(workdir):
   with open(os.path.join(workdir, "explain", "saliency.csv")) as f:
     return list(csv.DictReader(f))
-
-
-def _tensorboard_images(workdir):
-  from tensorboard.backend.event_processing import event_accumulator
-  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"images": 0, "tensors": 0})
-  acc.Reload()
-  return acc.Tags()
 
 
 def test_explain_regression_run(tiny_run, tmp_path):
@@ -45,8 +39,11 @@ def test_explain_regression_run(tiny_run, tmp_path):
     picture = np.asarray(Image.open(out / "explain" / r["overlay"]))
     assert picture.ndim == 3 and picture.shape[-1] == 3 and float(r["map_max"]) >= 0
   assert len(glob.glob(str(out / "explain" / "*.png"))) == 3
-  tags = _tensorboard_images(out)
-  assert "explain/saliency" in tags["tensors"] + tags["images"]
+  _, images, _ = tensorboard_events(out)  # the three overlays side by side
+  [(_, grid)] = images["explain/saliency"]
+  overlay = np.asarray(Image.open(out / "explain" / rows[0]["overlay"]))
+  assert grid.shape == (overlay.shape[0], 3 * overlay.shape[1], 3)
+  np.testing.assert_array_equal(grid[:, :overlay.shape[1]], overlay)
   # New images (config.predict.images, as --mode=predict reads them): the same three images as
   # PNG files of other names give the same predictions and no true value.
   folder = tmp_path / "new"

@@ -4,53 +4,34 @@ Grad-CAM maps; read back from the tiny run's event file."""
 
 from __future__ import annotations
 
-import io
 import os
 import types
 
 import flax.linen as nn
 import numpy as np
 import pytest
-from PIL import Image
 
 from cxflax.models.patches import PatchClassifier
 from cxflax.train import train
 from cxflax.train.explain import render_overlay
-
-
-def _events(workdir):
-  """{tag: [(step, image (H, W, 3))]} of the images, and {tag: [steps]} of the scalars, in workdir's
-  event files (clu writes TF2 summaries: an image is a string tensor [width, height, png...])."""
-  from tensorboard.backend.event_processing import event_accumulator
-  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
-  acc.Reload()
-  images, scalars = {}, {}
-  for tag in acc.Tags()["tensors"]:
-    for ev in acc.Tensors(tag):
-      values = ev.tensor_proto.string_val
-      if ev.tensor_proto.dtype == 7 and len(values) >= 3:  # DT_STRING: an image summary
-        width, height = int(values[0]), int(values[1])
-        pngs = [np.asarray(Image.open(io.BytesIO(v))) for v in values[2:]]
-        assert all(p.shape[:2] == (height, width) for p in pngs), tag
-        images.setdefault(tag, []).extend((ev.step, p) for p in pngs)
-      else:
-        scalars.setdefault(tag, []).append(ev.step)
-  for tag in acc.Tags()["scalars"]:
-    scalars[tag] = [ev.step for ev in acc.Scalars(tag)]
-  return images, scalars
+from tests.conftest import read_json, tensorboard_events
 
 
 def test_training_writes_inputs_and_saliency_grids(tiny_run):
   """The tiny regression run (2 epochs, evaluated after each, tensorboard_images 4 by default):
   one grid of 4 augmented inputs at its first step, and a grid of 4 evaluation examples with maps at
   each evaluation's step (those of its eval/ scalars), each 4 overlays of explain's size wide."""
-  images, scalars = _events(tiny_run[0])
+  scalars, images, hparams = tensorboard_events(tiny_run[0])
+  assert hparams["model"] == "resnet10t" and hparams["batch_size"] == 8  # the run's config
+  assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8, 10]  # every log_every_steps (2)
   assert sorted(images) == ["eval/saliency", "train/inputs"]
   h, w, _ = render_overlay(np.zeros((32, 32, 3)), None, "t").shape
   [(step, inputs)] = images["train/inputs"]
   assert step == 1 and inputs.shape == (h, 4 * w, 3)
-  eval_steps = sorted(set(scalars["eval/mae"]))
+  eval_steps = sorted({step for step, _ in scalars["eval/mae"]})
   assert len(eval_steps) == 2
+  final = read_json(tiny_run[0], "final_metrics.json")  # the last evaluation's value, as float32
+  assert scalars["eval/mae"][-1] == (final["step"], pytest.approx(final["metrics"]["mae"], rel=1e-6))
   assert [s for s, _ in images["eval/saliency"]] == eval_steps
   for _, grid in images["eval/saliency"]:
     assert grid.shape == (h, 4 * w, 3)
@@ -138,31 +119,6 @@ def test_no_saliency_grid_when_off_or_for_segmentation():
     finalize(load_config("resnest.py:runlocal", "--config.tensorboard_images=-1"))
 
 
-def _read_events(logdir):
-  """{tag: [(step, value)]} of the scalars, {tag: [(step, picture)]} of the images and the
-  hyperparameters {name: value}, as TensorBoard reads the event files in logdir."""
-  from tensorboard.backend.event_processing import event_accumulator
-  from tensorboard.plugins.hparams import plugin_data_pb2
-  from tensorboard.util import tensor_util
-  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
-  acc.Reload()
-  scalars, images = {}, {}
-  for tag in acc.Tags()["tensors"]:
-    for ev in acc.Tensors(tag) if not tag.startswith("_hparams_/") else ():
-      if ev.tensor_proto.dtype == 7:  # DT_STRING: [width, height, png...]
-        width, height, *pngs = ev.tensor_proto.string_val
-        for png in pngs:
-          picture = np.asarray(Image.open(io.BytesIO(png)))
-          assert picture.shape[:2] == (int(height), int(width))
-          images.setdefault(tag, []).append((ev.step, picture))
-      else:
-        scalars.setdefault(tag, []).append((ev.step, float(tensor_util.make_ndarray(ev.tensor_proto))))
-  data = plugin_data_pb2.HParamsPluginData.FromString(
-      acc.PluginTagToContent("hparams")["_hparams_/session_start_info"])
-  hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()}
-  return scalars, images, hparams
-
-
 def test_metric_writer_events_read_back_in_tensorboard_before_close(tmp_path, caplog):
   """Scalars, uint8 image batches and hyperparameters come back from the event file with their
   steps and values (each write reaches the file at once, so a killed run's are readable), and
@@ -176,7 +132,7 @@ def test_metric_writer_events_read_back_in_tensorboard_before_close(tmp_path, ca
     w.write_scalars(3, {"train/loss": 1.25, "eval/mae": np.float32(0.5)})
     w.write_scalars(6, {"train/loss": 0.75})
     w.write_images(4, {"train/inputs": pictures})
-    scalars, images, hparams = _read_events(tmp_path)
+    scalars, images, hparams = tensorboard_events(tmp_path)
     w.close()
   assert scalars == {"train/loss": [(3, 1.25), (6, 0.75)], "eval/mae": [(3, 0.5)]}
   assert [s for s, _ in images["train/inputs"]] == [4, 4]
