@@ -1,6 +1,8 @@
 """Sources, image reading, folds and the grain pipelines, with their errors."""
 
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -114,6 +116,26 @@ def test_written_masks_are_0_255_pngs_of_the_given_size(tmp_path):
   assert written.shape == (8, 12) and set(np.unique(written)) == {0, 255}
   np.testing.assert_array_equal(written, np.kron(mask, np.ones((2, 2), np.uint8)) * 255)
   np.testing.assert_array_equal(read_mask(str(tmp_path / "m.png"), (4, 6)), mask)
+
+
+def test_an_image_write_cut_off_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+  """A write interrupted half-way (Ctrl-C inside PIL's PNG encoder, after some bytes) leaves the
+  mask written before it as it was, and no temporary file: no truncated image for a later run."""
+  from cxflax.data.images import write_mask
+  first = np.eye(6, dtype=np.uint8)
+  write_mask(tmp_path / "m.png", first, (6, 6))
+
+  def cut_off(im, fp, filename, *args, **kwargs):
+    fp.write(b"\x89PNG\r\n")
+    raise KeyboardInterrupt
+
+  monkeypatch.setitem(Image.SAVE, "PNG", cut_off)
+  with pytest.raises(KeyboardInterrupt):
+    write_mask(tmp_path / "m.png", 1 - first, (6, 6))
+  assert os.listdir(tmp_path) == ["m.png"]
+  np.testing.assert_array_equal(read_image(tmp_path / "m.png")[..., 0], first * 255)
+  with pytest.raises(ValueError, match=r"m.txt: not an image file extension PIL writes"):
+    write_mask(tmp_path / "m.txt", first, (6, 6))
 
 
 def test_read_image_errors_name_the_file(tmp_path):
