@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 from cxflax.errors import DataError
-from cxflax.train.workdir import atomic_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
@@ -171,8 +170,14 @@ def write_image(path: str | os.PathLike, array: np.ndarray, quality: int | None 
   fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
   if fmt is None:
     raise ValueError(f"write_image: {path}: not an image file extension PIL writes")
-  with atomic_file(path, "wb", sync=False) as f:
-    Image.fromarray(arr).save(f, format=fmt, **options)  # uint16 → 16-bit grayscale ('I;16')
+  tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  try:
+    Image.fromarray(arr).save(tmp, format=fmt, **options)  # uint16 → 16-bit grayscale ('I;16')
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, size: tuple[int, int]) -> None:

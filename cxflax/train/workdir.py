@@ -45,19 +45,16 @@ def prepare_workdir(workdir: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w", newline: str | None = None, sync: bool = True) -> Iterator[IO]:
+def atomic_file(path: str, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
   """A file object whose contents replace `path` only once all of them are written and synced
   (a temporary file beside it, then a rename): a run killed or out of disk mid-write leaves the
-  previous file whole and no temporary behind. A disk error is a WorkdirError naming `path`.
-  `sync=False` skips the fsync (files written by the thousand, such as images: whole against a
-  killed process, not against a power cut)."""
+  previous file whole and no temporary behind. A disk error is a WorkdirError naming `path`."""
   tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
   try:
     with open(tmp, mode, newline=newline) as f:
       yield f
-      if sync:
-        f.flush()
-        os.fsync(f.fileno())
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException as e:
     with contextlib.suppress(OSError):
