@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -22,7 +23,8 @@ import pytest
 from cxflax.errors import ConfigError, WorkdirError
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train import workdir as workdir_lib
-from cxflax.train.workdir import LOCK_FILE, atomic_file, prepare_workdir, workdir_lock, write_json
+from cxflax.files import atomic_file
+from cxflax.train.workdir import LOCK_FILE, prepare_workdir, workdir_lock, write_json
 from tests.conftest import REPO, TINY_RUN, main_after, read_json, run_main, run_python
 
 
@@ -123,6 +125,26 @@ def test_atomic_file_writes_binary_files_too(tmp_path):
     f.write(b"half")
     raise RuntimeError("the plot failed")
   assert open(path, "rb").read() == b"\x89PNG" and os.listdir(tmp_path) == ["plot.png"]
+
+
+def test_export_on_a_full_disk_is_an_error_line_naming_the_file(tmp_path, capsys):
+  """`python -m cxflax.data.export` out of room mid-image: one `error:` line naming the image,
+  exit code 2, and no temporary or truncated image left in the layout it was writing."""
+  from cxflax.data import export
+  from cxflax.data.images import read_image
+  out = tmp_path / "covid_ct"
+  with _file_size_limit(600), pytest.raises(SystemExit) as e:  # a 32 px phantom PNG is ~1 kB
+    export.main(["covid_ct", "--out", str(out), "--subjects", "2", "--size", "32"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert re.fullmatch(rf"error: cannot write {out}/Images-processed/CT_\w+/0%0.png: File too large \(EFBIG\)\n",
+                      err), err
+  left = [os.path.join(d, f) for d, _, names in os.walk(out) for f in names]
+  assert left == []
+  export.main(["covid_ct", "--out", str(out), "--subjects", "2", "--size", "32"])  # with room, all of it
+  images = [os.path.join(d, f) for d, _, names in os.walk(out) for f in names if f.endswith(".png")]
+  assert len(images) >= 4 and all(read_image(p).shape == (32, 32, 1) for p in images)
+  assert not [f for _, _, names in os.walk(out) for f in names if f.endswith(".tmp")]
 
 
 def test_checkpoint_write_errors_name_the_checkpoint_directory():

@@ -226,8 +226,9 @@ def test_batch_sizes_must_split_over_the_devices_and_processes_of_the_run(monkey
 
 def test_reading_a_config_imports_no_jax():
   """Configs are plain Python: reading one (as --help and describe do) starts no accelerator
-  library."""
-  out = run_python("import sys, cxflax.config, configs.resnest\n"
+  library; nor does exporting a dataset layout (the image and file writers it shares with the
+  modes)."""
+  out = run_python("import sys, cxflax.config, configs.resnest, cxflax.data.export\n"
                    "configs.resnest.get_config('runlocal')\n"
                    "print(sorted(m for m in ('jax', 'optax', 'flax', 'tensorflow') if m in sys.modules))")
   assert out.returncode == 0, out.stderr

@@ -19,7 +19,6 @@ phantoms (normal, bacterial, viral, COVID-19).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -28,6 +27,8 @@ import numpy as np
 
 from cxflax.data.images import write_image
 from cxflax.data.phantom import CXR_CLASS_NAMES, Phantom
+from cxflax.errors import CxflaxError
+from cxflax.files import atomic_file, os_error_reason, write_csv, write_text
 
 
 class _Progress:
@@ -40,14 +41,6 @@ class _Progress:
       print(f"{self.what}: {self.done}/{self.total} images ({time.time() - self.t0:.0f}s)", file=sys.stderr)
 
 
-def _write_rows(path: str, rows, header=None) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    if header:
-      w.writerow(header)
-    w.writerows(rows)
-
-
 def _write_split(phantom: Phantom, folder: str, csv_path: str | None, progress: str) -> None:
   os.makedirs(folder, exist_ok=True)
   rows, bar = [], _Progress(progress, len(phantom))
@@ -57,7 +50,7 @@ def _write_split(phantom: Phantom, folder: str, csv_path: str | None, progress: 
     rows.append((ex["name"], f"{float(ex['percentage']):.4f}", ex["subject"]))
     bar.step()
   if csv_path:
-    _write_rows(csv_path, rows)
+    write_csv(csv_path, rows)
 
 
 def export_per_covid19(root: str, num_subjects: int = 100, image_size: int = 512,
@@ -93,7 +86,8 @@ def export_per_covid19_original(root: str, num_subjects: int = 40, image_size: i
     write_image(os.path.join(folder, ex["name"]), ex["image"])
     sheet.append([ex["name"], round(float(ex["percentage"]), 4), p.subject(i) % num_folds, ex["subject"]])
     bar.step()
-  book.save(os.path.join(root, "Database_new.xlsx"))
+  with atomic_file(os.path.join(root, "Database_new.xlsx"), "wb") as f:
+    book.save(f)
 
 
 def _subject_split(phantom: Phantom, fractions) -> list[str]:
@@ -128,8 +122,7 @@ def export_covidx(root: str, num_subjects: int = 80, image_size: int = 256, seed
     lines[split].append(f"{ex['subject']} {name} {names[CXR_CLASS_NAMES[int(ex['label'])]]} phantom")
     bar.step()
   for split, rows in lines.items():
-    with open(os.path.join(root, f"{split}_COVIDx.txt"), "w") as f:
-      f.write("\n".join(rows) + "\n")
+    write_text(os.path.join(root, f"{split}_COVIDx.txt"), rows)
 
 
 def export_covid_ct(root: str, num_subjects: int = 40, image_size: int = 256, seed: int = 0) -> None:
@@ -151,8 +144,7 @@ def export_covid_ct(root: str, num_subjects: int = 40, image_size: int = 256, se
   for (cls, split), names in lists.items():
     folder = os.path.join(root, "Data-split", cls)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{split}CT_{cls}.txt"), "w") as f:
-      f.write("".join(n + "\n" for n in names))
+    write_text(os.path.join(folder, f"{split}CT_{cls}.txt"), names)
 
 
 _FINDINGS = {"covid19": "Pneumonia/Viral/COVID-19", "viral": "Pneumonia/Viral/Influenza",
@@ -188,7 +180,7 @@ def export_flannel(root: str, num_subjects: int = 80, image_size: int = 256, see
     bar.step()
   rows.append(["lateral1", "", "F", "50", "Pneumonia/Viral/COVID-19", "Y", "L", "X-ray", "images", "lateral.png"])
   rows.append(["ct1", "", "F", "50", "Pneumonia/Viral/COVID-19", "Y", "Axial", "CT", "images", "ct.png"])
-  _write_rows(os.path.join(cxr, "metadata.csv"), rows, header)
+  write_csv(os.path.join(cxr, "metadata.csv"), rows, header)
 
 
 def export_folder(root: str, num_subjects: int = 40, image_size: int = 128, seed: int = 0) -> None:
@@ -210,7 +202,7 @@ def export_csv(root: str, num_subjects: int = 40, image_size: int = 128, seed: i
     ex = p[i]
     write_image(os.path.join(root, "images", ex["name"]), ex["image"])
     rows.append([f"images/{ex['name']}", CXR_CLASS_NAMES[int(ex["label"])], ex["subject"]])
-  _write_rows(os.path.join(root, "train.csv"), rows, ["path", "label", "subject"])
+  write_csv(os.path.join(root, "train.csv"), rows, ["path", "label", "subject"])
 
 
 LAYOUTS = {"per_covid19": export_per_covid19, "per_covid19_original": export_per_covid19_original,
@@ -237,7 +229,12 @@ def main(argv=None) -> None:
     kwargs.update(num_val_subjects=args.val_subjects, val_labels=args.val_labels)
   if args.layout == "covidx":
     kwargs.update(four_class=args.four_class)
-  LAYOUTS[args.layout](args.out, **kwargs)
+  try:
+    LAYOUTS[args.layout](args.out, **kwargs)
+  except (CxflaxError, OSError) as e:  # a full or read-only disk: the file it could not write
+    message = e if isinstance(e, CxflaxError) else f"cannot write {e.filename}: {os_error_reason(e)}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
   print(f"wrote the {args.layout} layout to {args.out}")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from cxflax.errors import DataError
+from cxflax.files import atomic_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
@@ -164,20 +165,14 @@ def write_image(path: str | os.PathLike, array: np.ndarray, quality: int | None 
   if not ((arr.dtype == np.uint16 and arr.ndim == 2) or arr.dtype == np.uint8):
     raise ValueError(f"write_image: expected uint8, or 2-D uint16, got {arr.dtype} {arr.shape}")
   options = {} if quality is None else {"quality": quality}
-  # Written beside the file, then renamed over it: a process killed mid-write (a predict's masks,
-  # an export) leaves no truncated image that a later run would find corrupt.
   path = os.fspath(path)
   fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
   if fmt is None:
     raise ValueError(f"write_image: {path}: not an image file extension PIL writes")
-  tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  try:
-    Image.fromarray(arr).save(tmp, format=fmt, **options)  # uint16 → 16-bit grayscale ('I;16')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  # Written beside the file, then renamed over it: a process killed mid-write (a predict's masks,
+  # an export) leaves no truncated image that a later run would find corrupt.
+  with atomic_file(path, "wb", sync=False) as f:
+    Image.fromarray(arr).save(f, format=fmt, **options)  # uint16 → 16-bit grayscale ('I;16')
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, size: tuple[int, int]) -> None:

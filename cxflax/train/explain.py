@@ -25,17 +25,18 @@ import ml_collections
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
 
 from cxflax import config as config_lib
 from cxflax.data import pipeline
+from cxflax.data.images import write_image
 from cxflax.data.sources import image_folder
 from cxflax.errors import ConfigError, DataError
+from cxflax.files import write_csv
 from cxflax.models import saliency
 from cxflax.models.patches import PatchClassifier
 from cxflax.train import build
 from cxflax.train.summaries import MetricWriter
-from cxflax.train.workdir import announce, atomic_file, prepare_workdir, write_csv
+from cxflax.train.workdir import announce, prepare_workdir
 
 HEADER = ["name", "true", "predicted", "explained", "probability", "map_max", "overlay"]
 
@@ -78,8 +79,7 @@ def explain(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | N
       used.add(png)
       path = os.path.join(out_dir, png)
       if jax.process_index() == 0:
-        with atomic_file(path, "wb") as f:
-          Image.fromarray(overlay).save(f, format="PNG")
+        write_image(path, overlay)
       overlays.append(overlay)
       rows.append([name] + row + [f"{heat.max():.6g}", os.path.basename(path)])
   if jax.process_index() == 0:

@@ -15,11 +15,12 @@ from absl import logging
 from cxflax import config as config_lib
 from cxflax import parallel
 from cxflax.data.pipeline import create_input
+from cxflax.files import atomic_file, write_csv
 from cxflax.train import build
 from cxflax.train import optim, tasks
 from cxflax.train.losses import class_alpha
 from cxflax.train.steps import create_train_state, make_train_step
-from cxflax.train.workdir import announce, atomic_file, prepare_workdir, write_csv
+from cxflax.train.workdir import announce, prepare_workdir
 
 
 def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:

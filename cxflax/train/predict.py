@@ -16,12 +16,13 @@ from cxflax.data import pipeline
 from cxflax.data.images import write_mask
 from cxflax.data.sources import image_folder, make_source, mask_file
 from cxflax.errors import ConfigError, DataError
+from cxflax.files import write_csv
 from cxflax.train import build
 from cxflax.train import checkpoint as ckpt_lib
 from cxflax.train.scoring import run_evaluation
 from cxflax.train.steps import make_eval_step
 from cxflax.train.tasks import TASKS
-from cxflax.train.workdir import announce, prepare_workdir, write_csv, write_json
+from cxflax.train.workdir import announce, prepare_workdir, write_json
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> str:

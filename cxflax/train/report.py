@@ -25,9 +25,9 @@ import numpy as np
 from absl import logging
 
 from cxflax.data.sources import SEVERITY_NAMES, severity_class
+from cxflax.files import atomic_file, write_csv
 from cxflax.train import metrics as metrics_lib
 from cxflax.train.predict import prediction_row
-from cxflax.train.workdir import atomic_file, write_csv
 
 CLASS_STATS = ("sensitivity", "specificity", "ppv", "npv", "f1")
 # The severity bins of the regressed infection percentage (Per-COVID-19's categories, the ones

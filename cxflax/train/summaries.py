@@ -29,7 +29,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
 from cxflax.errors import WorkdirError
-from cxflax.train.workdir import os_error_reason
+from cxflax.files import os_error_reason
 
 
 class MetricWriter:

@@ -5,18 +5,18 @@ headline. Every process runs the same mode; only process 0 writes, locks and pri
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
 import json
 import os
 import re
 import socket
-from typing import IO, Iterator
+from typing import Iterator
 
 import jax
 from absl import logging
 
 from cxflax.errors import ConfigError, WorkdirError
+from cxflax.files import atomic_file, os_error_reason
 
 LOCK_FILE = "cxflax.lock"  # in the workdir of a running train, ensemble or cv: {"pid", "host"}
 
@@ -44,41 +44,11 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-@contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
-  """A file object whose contents replace `path` only once all of them are written and synced
-  (a temporary file beside it, then a rename): a run killed or out of disk mid-write leaves the
-  previous file whole and no temporary behind. A disk error is a WorkdirError naming `path`."""
-  tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, mode, newline=newline) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException as e:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    if isinstance(e, OSError) and not isinstance(e, WorkdirError):
-      kept = " (the previous file is left as it was)" if os.path.exists(path) else ""
-      raise WorkdirError(f"cannot write {path}: {os_error_reason(e)}{kept}") from None
-    raise
-
-
 def write_json(workdir: str, name: str, payload: dict) -> None:
   """workdir/name: the mode's results (numpy scalars written as floats), written atomically."""
   if jax.process_index() == 0:
     with atomic_file(os.path.join(workdir, name)) as f:
       json.dump(payload, f, indent=2, default=float)
-
-
-def write_csv(path: str, rows, header=None) -> None:
-  """A CSV file (header row, if given, then `rows`), written atomically by the calling process."""
-  with atomic_file(path, newline="") as f:
-    w = csv.writer(f)
-    if header:
-      w.writerow(header)
-    w.writerows(rows)
 
 
 @contextlib.contextmanager
@@ -102,14 +72,6 @@ def _tensorstore_errno(message: str) -> int | None:
   """The OS error code in a tensorstore error message ("... [os_error_code='28']"), if any."""
   m = re.search(r"os_error_code='?(\d+)", message)
   return int(m.group(1)) if m else None
-
-
-def os_error_reason(e: Exception, code: int | None = None) -> str:
-  """An OS error as its message and code name: 'No space left on device (ENOSPC)'."""
-  code = code if code is not None else getattr(e, "errno", None)
-  if code is None:
-    return str(e)
-  return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
 
 
 @contextlib.contextmanager
