@@ -69,10 +69,13 @@ def _run(n, model=None, class_names=None):
                                class_names=class_names, writer=_Writer())
 
 
-def test_input_grid_draws_masks():
+def test_input_grid_draws_masks(monkeypatch):
   """A segmentation batch's mask is drawn over its image (jet's red where the mask is, its blue
   elsewhere), and a patch classifier's lung-mask channel over its image channels; a classification
-  batch's images are shown alone, in gray; 0 writes nothing."""
+  batch's images are shown alone, in gray, titled with their labels' names; 0 writes nothing."""
+  titles = []
+  draw = train.render_overlay
+  monkeypatch.setattr(train, "render_overlay", lambda image, heat, title: titles.append(title) or draw(image, heat, title))
   rng = np.random.default_rng(0)
   image = rng.uniform(0.3, 0.7, (3, 32, 32, 3)).astype(np.float32)
   masks = np.zeros((3, 32, 32), np.int32)
@@ -90,6 +93,7 @@ def test_input_grid_draws_masks():
   grid = written["train/inputs"]
   assert grid.shape == (1, h, 3 * w, 3)
   assert np.abs(grid[0].astype(int) - grid[0].mean(-1, keepdims=True)).max() <= 2  # gray: no map
+  assert titles == ["mask", "mask", "label covid19", "label normal", "label covid19"]
   # A patch classifier's input: image channels and the lung mask last, drawn over them.
   patches = _run(1, model=PatchClassifier(nn.Dense(2)), class_names=("normal", "covid19"))
   with_mask = np.concatenate([image, masks[..., None].astype(np.float32)], -1)
