@@ -29,8 +29,6 @@ import subprocess
 import sys
 import tempfile
 
-import jax
-
 from benchmarks.common import default_out, print_table, time_call, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,9 +50,7 @@ def bare_rate(config_file: str, flags: list[str], repeats: int):
   from absl import flags as absl_flags
   from ml_collections import config_flags
   from cxflax import config as config_lib, parallel
-  from cxflax.data.pipeline import create_input
-  from cxflax.train import build, optim, tasks
-  from cxflax.train.losses import class_alpha
+  from cxflax.train import build, optim
   from cxflax.train.steps import create_train_state, make_train_step
 
   argv = ["cxflax", f"--config={config_file}", *flags]  # as cxflax.main parses its command line
@@ -63,15 +59,11 @@ def bare_rate(config_file: str, flags: list[str], repeats: int):
   values(argv)
   config = config_lib.finalize(holder.value)
   mesh = parallel.make_mesh()
-  inp = create_input(config, jax.process_index(), jax.process_count())
-  task = tasks.resolve(config, inp.task)
-  model = build.build_model(config, task, inp.class_names)
-  variables = build.initial_variables(config, model, inp.image_shape(), config.seed)
-  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-  tx, _ = optim.training_optimizer(config, variables["params"], inp.steps_per_epoch)
-  state = create_train_state(model, tx, variables, mesh)
-  alpha = class_alpha(config.loss, inp.source.labels()[inp.train_indices], inp.class_names)
-  step = make_train_step(model, config, mesh, alpha)
+  start = build.training_start(config)
+  inp = start.inp
+  tx, _ = optim.training_optimizer(config, start.variables["params"], inp.steps_per_epoch)
+  state = create_train_state(start.model, tx, start.variables, mesh)
+  step = make_train_step(start.model, config, mesh, start.alpha)
   batch = parallel.shard_batch(next(iter(inp.train())), mesh)
   holder_state = {"state": state}
 

@@ -1,4 +1,5 @@
-"""Models and their starting variables from a config; trained runs back from their checkpoints.
+"""Models and their starting variables from a config (with the input they train on); trained runs
+back from their checkpoints.
 
 A checkpoint records the config that made it (see checkpoint.py), so a run can be rebuilt from
 its folder alone: ensembles name their members by folder, and prediction averages runs the same
@@ -14,10 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from cxflax import config as config_lib
 from cxflax import parallel, trees
+from cxflax.data.pipeline import Input, create_input
 from cxflax.errors import CheckpointError, ConfigError
 from cxflax.models.ensembles import FeatureEnsemble, NeuralWeightEnsemble
 from cxflax.models import create_model, timm_weights
@@ -25,8 +28,9 @@ from cxflax.models.fc_densenet import SEGMENTATION_MODELS
 from cxflax.models.heads import MLPHead, Network, create_network, with_backbone
 from cxflax.models.patches import PatchClassifier
 from cxflax.train import checkpoint as ckpt_lib
+from cxflax.train.losses import class_alpha
 from cxflax.train.steps import init_variables
-from cxflax.train.tasks import TASKS, Classification, Task
+from cxflax.train.tasks import TASKS, Classification, Task, resolve as resolve_task
 
 ENSEMBLES = ("", "average", "se", "flannel")
 
@@ -138,6 +142,30 @@ def initial_variables(config, model: nn.Module, image_shape, seed: int) -> dict:
   if config.init_from:
     variables = warm_start(variables, config.init_from, config.model)
   return variables
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """What training starts from (the main job's first stage, lr_find, the fed-step benchmark): the
+  input, the task it resolves to, the model, its initial variables (params and batch_stats) and
+  the focal loss's class weights."""
+  inp: Input
+  task: Task
+  model: nn.Module
+  variables: dict
+  alpha: np.ndarray | None
+
+
+def training_start(config, input_config=None, extra=None) -> Start:
+  """config's model and fresh variables on the input of `input_config` (config's own unless
+  given: a staged run's first stage), plus `extra` training examples (pseudo-labels)."""
+  inp = create_input(input_config or config, jax.process_index(), jax.process_count(), extra)
+  task = resolve_task(config, inp.task)
+  model = build_model(config, task, inp.class_names)
+  variables = initial_variables(config, model, inp.image_shape(), config.seed)
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  alpha = class_alpha(config.loss, inp.source.labels()[inp.train_indices], inp.class_names)
+  return Start(inp, task, model, variables, alpha)
 
 
 def _fitted(want, got, what: str):

@@ -14,11 +14,9 @@ from absl import logging
 
 from cxflax import config as config_lib
 from cxflax import parallel
-from cxflax.data.pipeline import create_input
 from cxflax.files import atomic_file, write_csv
 from cxflax.train import build
-from cxflax.train import optim, tasks
-from cxflax.train.losses import class_alpha
+from cxflax.train import optim
 from cxflax.train.steps import create_train_state, make_train_step
 from cxflax.train.workdir import announce, prepare_workdir
 
@@ -32,10 +30,8 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
   config = config_lib.finalize(config)
   workdir = prepare_workdir(workdir)
   mesh = parallel.make_mesh()
-  inp = create_input(config, jax.process_index(), jax.process_count())
-  task = tasks.resolve(config, inp.task)
-  model = build.build_model(config, task, inp.class_names)
-  variables = build.initial_variables(config, model, inp.image_shape(), config.seed)
+  start = build.training_start(config)
+  inp, model, variables = start.inp, start.model, start.variables
   f = config.lr_find
   n = int(f.steps)
   rates = f.start * (f.end / f.start) ** (np.arange(n) / n)
@@ -45,8 +41,7 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str) -> float:
   tx, _ = optim.make_optimizer(config.optim, variables["params"],
                                lambda lr: lambda t: lr / head_lr * table[jax.numpy.minimum(t, n - 1)])
   state = create_train_state(model, tx, variables, mesh)
-  alpha = class_alpha(config.loss, inp.source.labels()[inp.train_indices], inp.class_names)
-  step = make_train_step(model, config, mesh, alpha)
+  step = make_train_step(model, config, mesh, start.alpha)
   it = iter(inp.train())
   rows, smooth, best = [], 0.0, math.inf
   for i in range(n):

@@ -34,7 +34,6 @@ from cxflax.train import metrics as metrics_lib
 from cxflax.train import optim, tasks
 from cxflax.train.explain import (EXPLAINED_TASKS, draw_saliency, image_grid, label_text, render_overlay,
                                   saliency_function)
-from cxflax.train.losses import class_alpha
 from cxflax.train.predict import predict_source
 from cxflax.train.scoring import run_evaluation
 from cxflax.train.steps import EvalStep, create_train_state, make_eval_step, make_train_step
@@ -79,14 +78,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stage_configs = config_lib.stage_configs(config)
   extra = pseudo_labelled(config, mesh)
 
-  first = create_input(stage_configs[0], jax.process_index(), jax.process_count(), extra)
-  task = tasks.resolve(config, first.task)
+  start = build.training_start(config, stage_configs[0], extra)
+  first, task, model, variables, alpha = start.inp, start.task, start.model, start.variables, start.alpha
   class_names = first.class_names
-  model = build.build_model(config, task, class_names)
-  variables = build.initial_variables(config, model, first.image_shape(), config.seed)
   parameter_overview.log_parameter_overview(variables["params"], msg=f"{config.model} parameters")
-  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-  alpha = class_alpha(config.loss, first.source.labels()[first.train_indices], class_names)
 
   ckpts = ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(workdir), config.keep_checkpoints)
   model_target = ckpt_lib.abstract(variables, parallel.replicated(mesh))
