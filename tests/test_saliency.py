@@ -162,23 +162,24 @@ def test_named_layers_module_inputs_and_defaults():
   assert saliency.resolve_layer(vgg, shapes, x) == ("backbone/pre_logits:input", (2, 2, 2, 512))
 
 
-def _patch_setup(batch):
+def _patch_setup(batch, chunk=0):
   rng = np.random.default_rng(3)
   x = rng.normal(size=(batch, 24, 24, 3)).astype(np.float32)
   mask = np.zeros((batch, 24, 24, 1), np.float32)
   for i in range(batch):
     mask[i, 2 + i:20, 1:14 + i] = 1
-  pc = PatchClassifier(network=_tiny(), patch_size=8, num_patches=5)
+  pc = PatchClassifier(network=_tiny(), patch_size=8, num_patches=5, chunk=chunk)
   images = np.concatenate([x, mask], -1)
   return pc, images, random_variables(pc, images)
 
 
-@pytest.mark.parametrize("target", [None, 1])
-def test_probabilistic_grad_cam_puts_weighted_patch_maps_together(target):
+@pytest.mark.parametrize("target,chunk", [(None, 0), (1, 0), (None, 3)])
+def test_probabilistic_grad_cam_puts_weighted_patch_maps_together(target, chunk):
   """In numpy: each patch's Grad-CAM (of the image's aggregated class, or a chosen one) scaled to
   [0, 1], weighted by the patch's probability of that class, added at its position, divided by
-  the coverage, zero outside the lung mask."""
-  pc, images, v = _patch_setup(2)
+  the coverage, zero outside the lung mask. The same maps with the ten patches three at a time
+  (the last one alone), as inference chunks them."""
+  pc, images, v = _patch_setup(2, chunk)
   got = jax.jit(lambda v, x: saliency.probabilistic_grad_cam(pc, v, x, target))(v, images)
   keys = jax.vmap(lambda m: saliency.mask_key(jax.random.key(pc.seed), m))(images[..., -1])
   patches, centers = pc.apply({}, images, 5, keys, method=PatchClassifier.patches)

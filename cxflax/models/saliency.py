@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cxflax.errors import ConfigError
-from cxflax.models.patches import PatchClassifier, aggregate, mask_key, patch_starts
+from cxflax.models.patches import PatchClassifier, aggregate, default_chunk, mask_key, patch_starts
 
 # The class a map explains: None (the predicted one), an index, (N,) indices, or a function of the
 # outputs giving the indices.
@@ -178,7 +178,8 @@ def place_patches(maps, starts, image_hw):
 def probabilistic_grad_cam(model: PatchClassifier, variables, images, target: Target = None,
                            layer: str = "") -> dict:
   """Seed 003's probabilistic Grad-CAM (module docstring) of a patch classifier on `images`
-  (B, H, W, C + 1), the lung mask last: all B·K patches in one Grad-CAM call. {'map' (B, H, W),
+  (B, H, W, C + 1), the lung mask last: its B·K patches `model.chunk` at a time, as inference
+  runs them (all in one Grad-CAM call where that is 0 and default_chunk says so). {'map' (B, H, W),
   'class' (B,), 'probability' (B,) the image's probability of that class, 'output' (B, classes)
   the classifier's log-probabilities, 'coverage' (B, H, W) patches per pixel}. `layer` is a path
   inside the patch network ('backbone/layer4_0')."""
@@ -195,7 +196,18 @@ def probabilistic_grad_cam(model: PatchClassifier, variables, images, target: Ta
     return jnp.repeat(jnp.argmax(aggregate(logits.reshape(b, k, -1), model.aggregate), -1), k)
 
   network_vars = {col: tree["network"] for col, tree in variables.items() if "network" in tree}
-  patch = grad_cam(model.network, network_vars, flat, image_class, layer)
+  chunk = model.chunk if model.chunk > 0 else default_chunk(p)
+  if not chunk or chunk >= b * k:
+    patch = grad_cam(model.network, network_vars, flat, image_class, layer)
+  else:  # as inference runs (PatchClassifier.classify): `chunk` patches per pass, so that the
+    # backward pass holds the activations of a chunk, not of all B·K patches. The image classes
+    # come first, from a chunked forward pass.
+    classes = image_class(model.apply(variables, flat, method=PatchClassifier.classify))
+
+    def one(item):
+      x, c = item
+      return jax.tree.map(lambda v: v[0], grad_cam(model.network, network_vars, x[None], c[None], layer))
+    patch = lax.map(one, (flat, classes), batch_size=chunk)
   logits = patch["output"].reshape(b, k, -1)
   cls = patch["class"].reshape(b, k)[:, 0]
   r = jnp.take_along_axis(jax.nn.softmax(logits, -1), cls[:, None, None], -1)[..., 0]  # (B, K)
