@@ -159,7 +159,8 @@ class Start:
 def training_start(config, input_config=None, extra=None) -> Start:
   """config's model and fresh variables on the input of `input_config` (config's own unless
   given: a staged run's first stage), plus `extra` training examples (pseudo-labels)."""
-  inp = create_input(input_config or config, jax.process_index(), jax.process_count(), extra)
+  inp = create_input(config if input_config is None else input_config, jax.process_index(), jax.process_count(),
+                     extra)
   task = resolve_task(config, inp.task)
   model = build_model(config, task, inp.class_names)
   variables = initial_variables(config, model, inp.image_shape(), config.seed)
