@@ -47,10 +47,10 @@ def _no_data_loading(monkeypatch):
   shows that it came first."""
   def loaded(*args, **kwargs):
     raise AssertionError("data was loaded before the workdir was checked")
-  from cxflax.train import evaluate, explain, lr_find, predict, train
-  for module, name in ((train, "create_input"), (train, "pseudo_labelled"), (evaluate, "create_input"),
-                       (lr_find, "create_input"), (predict, "make_source"), (predict, "image_folder"),
-                       (explain, "image_folder"), (explain.build, "load_run")):
+  from cxflax.train import build, evaluate, explain, predict, train
+  for module, name in ((build, "create_input"), (train, "create_input"), (train, "pseudo_labelled"),
+                       (evaluate, "create_input"), (predict, "make_source"), (predict, "image_folder"),
+                       (explain, "image_folder"), (build, "load_run")):
     monkeypatch.setattr(module, name, loaded)
 
 
