@@ -282,19 +282,28 @@ def test_gpu_check_halves_the_batch_until_it_fits():
     _largest_batch_that_fits(lambda b: int("x"), 128, 1)
 
 
-def test_fed_step_reads_the_epoch_lines_the_main_job_logs(caplog):
+def test_fed_step_reads_the_epoch_lines_the_main_job_logs(caplog, monkeypatch):
   """benchmarks/fed_step.py reads the main job's training rate from its per-epoch log line: the
-  pattern must keep matching what train's epoch clock logs (else the benchmark finds no epoch)."""
+  pattern must keep matching what the stage's clock (summaries.Progress) logs, else the benchmark
+  finds no epoch. Five steps of 0.4 s, then an evaluation of 3 s: the epoch took 5 s, of which
+  training 2 s (80 images, 40 images/s)."""
   import logging
   import types
   from benchmarks.fed_step import EPOCH_LINE
-  from cxflax.train.train import _EpochClock
+  from cxflax.train import summaries
+  clock = [50.0]
+  monkeypatch.setattr(summaries.time, "monotonic", lambda: clock[0])
   written = []
-  clock = _EpochClock(examples_per_step=16)
-  clock.steps, clock.start = 5, clock.start - 2.0  # five steps in two seconds
+  report = summaries.Progress(15, types.SimpleNamespace(write_scalars=lambda step, s: written.append(s)),
+                              every=100, examples_per_step=16)
+  for step in range(11, 16):
+    clock[0] += 0.4
+    report(step)
+  with report.timed("eval"):
+    clock[0] += 3.0
   with caplog.at_level(logging.INFO, logger="absl"):
-    clock.end_epoch(3, 15, types.SimpleNamespace(write_scalars=lambda step, s: written.append(s)))
+    report.end_epoch(3, 15)
   [(epoch, seconds, images)] = EPOCH_LINE.findall(caplog.text)
-  assert (epoch, images) == ("3", "80")
-  assert float(seconds) == pytest.approx(2.0, abs=0.1)
-  assert 80 / float(seconds) == pytest.approx(written[0]["train/images_per_second"], rel=0.05)
+  assert (epoch, float(seconds), images) == ("3", 2.0, "80")
+  assert "epoch 3 took 5.0 s: training 2.0 s (80 images, 40.0 images/s), evaluation 3.0 s, checkpoint 0.0 s" in caplog.text
+  assert written[-1] == pytest.approx({"train/epoch_seconds": 5.0, "train/images_per_second": 40.0})

@@ -101,18 +101,29 @@ class MetricWriter:
 
 
 class Progress:
-  """Every `every` steps: the steps/s since the last report, the share done and the time left
-  logged, and steps_per_sec and uptime written; with the share of the time spent in each
-  `timed` section (evaluation, checkpoints) since the first step."""
+  """A stage's clock. Every `every` steps: the steps/s since the last report, the share done and
+  the time left logged, and steps_per_sec and uptime written; with the share of the time spent in
+  each `timed` section ('eval', 'checkpoint') since the first step. At each epoch's end
+  (`end_epoch`): where that epoch's seconds went, training (everything but the timed sections:
+  steps, input, logging; the first epoch's includes compiling the step), evaluation and
+  checkpointing, and the training images/s, logged and written as train/epoch_seconds and
+  train/images_per_second."""
 
-  def __init__(self, total_steps: int, writer: MetricWriter, every: int):
+  def __init__(self, total_steps: int, writer: MetricWriter, every: int, examples_per_step: int = 0):
     self.total_steps, self.writer, self.every = total_steps, writer, every
+    self.examples_per_step = examples_per_step
     self._start = time.monotonic()
     self._last: tuple[int, float] | None = None  # (step, time) of the last report
     self._spent: dict[str, float] = {}
+    self._new_epoch()
+
+  def _new_epoch(self) -> None:
+    self._epoch_start, self._epoch_steps = time.monotonic(), 0
+    self._epoch_spent = {"eval": 0.0, "checkpoint": 0.0}
 
   def __call__(self, step: int) -> None:
     now = time.monotonic()
+    self._epoch_steps += 1
     if self._last is None:  # the first step: what follows is timed from here
       self._last, self._first = (step, now), now
       return
@@ -135,7 +146,19 @@ class Progress:
     try:
       yield
     finally:
-      self._spent[name] = self._spent.get(name, 0.0) + time.monotonic() - t0
+      spent = time.monotonic() - t0
+      self._spent[name] = self._spent.get(name, 0.0) + spent
+      self._epoch_spent[name] = self._epoch_spent.get(name, 0.0) + spent
+
+  def end_epoch(self, epoch: int, step: int) -> None:
+    total = time.monotonic() - self._epoch_start
+    train = max(total - sum(self._epoch_spent.values()), 1e-9)
+    images = self._epoch_steps * self.examples_per_step
+    logging.info("epoch %d took %.1f s: training %.1f s (%d images, %.1f images/s), evaluation %.1f s, "
+                 "checkpoint %.1f s", epoch, total, train, images, images / train, self._epoch_spent["eval"],
+                 self._epoch_spent["checkpoint"])
+    self.writer.write_scalars(step, {"train/epoch_seconds": total, "train/images_per_second": images / train})
+    self._new_epoch()
 
 
 def _duration(seconds: float) -> str:

@@ -7,7 +7,6 @@ with the right optimizer state and input position.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import signal
@@ -199,7 +198,7 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
                                stage_start)
   train_step = make_train_step(run.model, config, run.mesh, run.alpha)
   writer = run.writer
-  report = Progress(stage_end, writer, config.log_every_steps)
+  report = Progress(stage_end, writer, config.log_every_steps, config.batch_size)
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
   ckpt_every = max(1, int(config.checkpoint_every_epochs * steps_per_epoch))
   halt = config.halt_after_steps or stage_end
@@ -208,13 +207,11 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
   unchecked: list[tuple[int, dict]] = []  # (step, metrics) not yet checked for non-finite values
   metrics, result = {}, None
   pictures = _EvalPictures(run, stage)
-  clock = _EpochClock(config.batch_size)
   first, preempted = True, False
   while step < min(stage_end, halt):
     batch = next(train_iter)
     state, step_metrics = train_step(state, parallel.shard_batch(batch, run.mesh))
     step += 1
-    clock.steps += 1
     if first:  # what this (fresh or resumed) stage trains on, once
       _write_inputs(run, batch, step)
       first = False
@@ -245,23 +242,23 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
       writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
       pending = []
     if eval_now:
-      with report.timed("eval"), clock.timed("evaluation"):
+      with report.timed("eval"):
         result = run_evaluation(run.eval_step, {"params": state.params, "batch_stats": state.batch_stats},
                                 inp.eval(), run.mesh)
         metrics = run.task.metrics(result, run.class_names, config.round_predictions)
       scalars = metrics_lib.scalar_metrics(metrics)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
-      with clock.timed("evaluation"):
+      with report.timed("eval"):
         pictures.write(step, state)
       logging.info("epoch %.2f, step %d: %s", local / steps_per_epoch, step,
                    ", ".join(f"{k}={v:.4f}" for k, v in scalars.items() if "/" not in k))
     if save_now:
-      with report.timed("checkpoint"), clock.timed("checkpoint"), checkpoint_writes(run.ckpts.directory):
+      with report.timed("checkpoint"), checkpoint_writes(run.ckpts.directory):
         run.ckpts.save(step, state, train_iter, meta)
     if local % steps_per_epoch == 0 or step == stage_end:
       # Steps are dispatched asynchronously: the epoch's time is its steps' once they are done.
       jax.block_until_ready(step_metrics)
-      clock.end_epoch(int(math.ceil(local / steps_per_epoch)), step, writer)
+      report.end_epoch(int(math.ceil(local / steps_per_epoch)), step)
     if preempted:
       break
   if preempted or step < stage_end:  # (preempted at a stage's last step too: it is saved)
@@ -274,39 +271,6 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     announce(f"{why}; run the same command again to resume")
     return state, metrics, result, stopped
   return state, metrics, result, None
-
-
-class _EpochClock:
-  """Where an epoch's seconds went: training (everything but the two others: steps, input,
-  logging), evaluation and checkpointing (the part that blocks training), and the training
-  images/s; logged at the epoch's end and written as train/epoch_seconds, train/images_per_second.
-  The first epoch's training time includes compiling the step."""
-
-  def __init__(self, examples_per_step: int):
-    self.examples_per_step = examples_per_step
-    self._reset()
-
-  def _reset(self) -> None:
-    self.start, self.steps = time.perf_counter(), 0
-    self.spent = {"evaluation": 0.0, "checkpoint": 0.0}
-
-  @contextlib.contextmanager
-  def timed(self, what: str):
-    t0 = time.perf_counter()
-    try:
-      yield
-    finally:
-      self.spent[what] += time.perf_counter() - t0
-
-  def end_epoch(self, epoch: int, step: int, writer) -> None:
-    total = time.perf_counter() - self.start
-    train = max(total - sum(self.spent.values()), 1e-9)
-    images = self.steps * self.examples_per_step
-    logging.info("epoch %d took %.1f s: training %.1f s (%d images, %.1f images/s), evaluation %.1f s, "
-                 "checkpoint %.1f s", epoch, total, train, images, images / train, self.spent["evaluation"],
-                 self.spent["checkpoint"])
-    writer.write_scalars(step, {"train/epoch_seconds": total, "train/images_per_second": images / train})
-    self._reset()
 
 
 def _write_inputs(run: _Run, batch: dict, step: int) -> None:
