@@ -125,7 +125,8 @@ def test_divergence_stops_the_run_at_its_step_whatever_the_log_interval(tmp_path
                         "--config.eval_every_epochs=100", "--config.checkpoint_every_epochs=100", rate=30)
   assert len(dispatched) < 100
   # Evaluation stays off in both: after step 10 the parameters are still finite, but so large that
-  # eval mode (BatchNorm's running statistics) overflows, which scoring reports on its own terms.
+  # eval mode (BatchNorm's running statistics) overflows, which is reported as the evaluation's
+  # finding (the next test).
   second, wd = _diverging(tmp_path / "b", "--config.log_every_steps=1", "--config.num_epochs=4",
                           "--config.eval_every_epochs=100", rate=30)
   assert second == first
@@ -133,6 +134,29 @@ def test_divergence_stops_the_run_at_its_step_whatever_the_log_interval(tmp_path
   assert steps and max(steps) < first
   for s in steps:
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(run_variables(str(wd), s)))
+
+
+def test_divergence_seen_only_by_evaluation_names_the_step_and_the_last_checkpoint(tmp_path, monkeypatch):
+  """Parameters finite to training's check but overflowing in eval mode (the second evaluation's
+  are scaled by 1e38): the run stops at that evaluation's step with scoring's finding, the step
+  and the last checkpoint named, and that step is not saved."""
+  from cxflax.train import train as train_lib
+  real, calls = train_lib.run_evaluation, []
+
+  def overflowing_on_the_second_call(eval_step, variables, batches, mesh):
+    calls.append(1)
+    if len(calls) == 2:
+      variables = {**variables, "params": jax.tree.map(lambda p: p * 1e38, variables["params"])}
+    return real(eval_step, variables, batches, mesh)
+
+  monkeypatch.setattr(train_lib, "run_evaluation", overflowing_on_the_second_call)
+  wd = tmp_path / "w"
+  with pytest.raises(DivergenceError) as e:
+    run_main(wd, *TINY_RUN, "--config.num_epochs=3")
+  message = str(e.value)
+  assert re.search(r"diverged by step 10 \(epoch 2\.00\): .* the model predicts non-finite values for \d+ of "
+                   r"\d+ examples.*the last checkpoint is step 5\)\. Lower config\.optim\.learning_rate", message)
+  assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == [5]
 
 
 def test_divergence_is_an_error_line_and_exit_code_2(tmp_path):

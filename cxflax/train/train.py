@@ -243,8 +243,7 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
       pending = []
     if eval_now:
       with report.timed("eval"):
-        result = run_evaluation(run.eval_step, {"params": state.params, "batch_stats": state.batch_stats},
-                                inp.eval(), run.mesh)
+        result = _evaluate_in_training(run, state, inp, step, local / steps_per_epoch)
         metrics = run.task.metrics(result, run.class_names, config.round_predictions)
       scalars = metrics_lib.scalar_metrics(metrics)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
@@ -271,6 +270,22 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
     announce(f"{why}; run the same command again to resume")
     return state, metrics, result, stopped
   return state, metrics, result, None
+
+
+def _evaluate_in_training(run: _Run, state, inp, step: int, epoch: float) -> dict:
+  """The training loop's evaluation; non-finite predictions there name the step and what to
+  change. (Training's own check passed: the loss and gradients were finite, but parameters or
+  BatchNorm statistics grown too large overflow the evaluation-mode forward pass.)"""
+  try:
+    return run_evaluation(run.eval_step, {"params": state.params, "batch_stats": state.batch_stats},
+                          inp.eval(), run.mesh)
+  except DivergenceError as e:
+    saved = run.ckpts.latest_step()
+    raise DivergenceError(
+        f"training diverged by step {step} (epoch {epoch:.2f}): its loss and gradients were finite, but "
+        f"evaluating its parameters fails: {e}. Nothing from this step is saved"
+        + (f" (the last checkpoint is step {saved})" if saved is not None else "")
+        + ". Lower config.optim.learning_rate (or set config.optim.grad_clip_norm)") from e
 
 
 def _write_inputs(run: _Run, batch: dict, step: int) -> None:
