@@ -240,6 +240,29 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path):
   assert read_json(wd, "final_metrics.json")["step"] > steps[1]
 
 
+def test_ctrl_c_during_a_stages_last_evaluation_stops_before_the_next_stage(tmp_path, monkeypatch):
+  """Ctrl-C while the first of two stages evaluates its last step: that step's checkpoint is the
+  run's last, and the run stops there, not after the second stage's first step. (Resuming at a
+  stage's end: tests/test_recipes.py's stages test.)"""
+  import signal
+  from cxflax.errors import Interrupted
+  from cxflax.train import train as train_lib
+  real, calls = train_lib.run_evaluation, []
+
+  def interrupted_at_the_first_evaluation(*args):
+    if not calls:
+      os.kill(os.getpid(), signal.SIGINT)
+    calls.append(1)
+    return real(*args)
+
+  monkeypatch.setattr(train_lib, "run_evaluation", interrupted_at_the_first_evaluation)
+  wd = tmp_path / "w"
+  with pytest.raises(Interrupted):
+    run_main(wd, *TINY_RUN, "--config.schedule.warmup_epochs=0",
+             edit=lambda c: setattr(c, "stages", ({"num_epochs": 1}, {"num_epochs": 1})))
+  assert ckpt_lib.Checkpoints(ckpt_lib.checkpoint_dir(str(wd)), create=False).all_steps() == [5]
+
+
 def test_the_exit_waits_for_grains_queued_deletions_of_shared_batches():
   """A batch in shared memory whose deletion grain queued on its background thread (as its
   multiprocess prefetch has it) is unlinked before main returns: queued behind other work here,

@@ -260,6 +260,10 @@ def _train_stage(run: _Run, stage: _Stage, state, train_iter, rate_at):
       report.end_epoch(int(math.ceil(local / steps_per_epoch)), step)
     if preempted:
       break
+  if not preempted and step == stage_end and stage.index + 1 < stage.count:
+    # A signal during the stage's last evaluation or save: stop here (that step is saved), not
+    # after the next stage's setup and compile. (Several processes agree at steps only, above.)
+    preempted = jax.process_count() == 1 and run.preemption.requested is not None
   if preempted or step < stage_end:  # (preempted at a stage's last step too: it is saved)
     with checkpoint_writes(run.ckpts.directory):
       run.ckpts.wait()
