@@ -107,6 +107,18 @@ def test_conv_paths_agree_with_xla(tmp_path, monkeypatch):
     assert row["fwd_rel_diff"] < 1e-5 and row["xla_grad_ms"] > 0 and row["cxflax_grad_ms"] > 0
 
 
+def test_xla_options_against_xla_defaults(tmp_path, monkeypatch):
+  """Both variants of the train and eval step run and compute the same parameters and predictions
+  (to float32 rounding); the options and the switch's mode are reported and left as they were."""
+  from cxflax.models import xla_cpu
+  result = _run_here("xla_options", tmp_path / "x.json", monkeypatch, "--models", "resnet10t", "--image_size",
+                     "32", "--batch", "4", "--repeats", "1")
+  assert result["options"] == xla_cpu._OPTIONS and xla_cpu.get_mode() == "auto"
+  assert [(r["model"], r["program"]) for r in result["rows"]] == [("resnet10t", "train"), ("resnet10t", "eval")]
+  for row in result["rows"]:
+    assert row["rel_diff"] < 1e-4 and row["default_img_s"] > 0 and row["options_img_s"] > 0
+
+
 def test_compile_time_with_and_without_expensive_passes(tmp_path, monkeypatch):
   """Both settings compile and run the same programs to the same outputs, and the suite's own
   setting (tests/conftest.py) is left as it was."""

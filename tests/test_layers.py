@@ -2,6 +2,9 @@
 the kernels, whose gradients cxflax writes itself, give the values and gradients of the plain
 form; the layers keep torch's semantics in both modes; and the switch selects the program."""
 
+import contextlib
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -309,6 +312,41 @@ def test_the_switch_selects_the_program():
   assert "stablehlo.maximum" in off_relu and "stablehlo.select" not in off_relu
   for on, off in zip(values["on"], values["off"]):
     np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-5)
+
+
+def test_steps_compile_with_the_cpu_options_where_the_kernels_are_on():
+  """A run's eval step carries xla_cpu.compiler_options to XLA: resnet10t's convolutions, which
+  XLA's defaults hand to YNNPACK (7 of 7 here), stay XLA's own, but for one that a reduction alone
+  reads (the last, under the pooling mean: YNNPACK's reduction fusion takes it in); and it
+  predicts what the step compiled with XLA's defaults (xla_default_options) predicts. With the
+  kernels off: no options."""
+  from cxflax import parallel
+  from cxflax.models.heads import create_network
+  from cxflax.train.steps import init_variables, make_eval_step
+  from cxflax.train.tasks import TASKS
+
+  def convolutions_in_ynn(text: str) -> int:
+    fused = {m.group(1) for m in re.finditer(r"calls=%?([\w.-]+)[^\n]*__ynn_fusion", text)}
+    return sum(b.count(" convolution(") for b in re.split(r"\n(?=\S)", text) if b.split(" ")[0].lstrip("%") in fused)
+
+  if jax.default_backend() != "cpu":
+    pytest.fail("this test reads XLA's CPU programs")
+  mesh, model = parallel.make_mesh(jax.devices()[:1]), create_network("resnet10t", "linear", 3)
+  variables = init_variables(model, (32, 32, 3), 0)
+  images = np.random.default_rng(3).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  batch = parallel.shard_batch({"image": images, "label": np.zeros(4, np.int32), "index": np.arange(4),
+                                "valid": np.ones(4, np.float32)}, mesh)
+  counts, predictions = {}, {}
+  for variant in ("options", "defaults"):
+    with xla_cpu.mode("on"), xla_cpu.xla_default_options() if variant == "defaults" else contextlib.nullcontext():
+      step = make_eval_step(model, TASKS.get("classification"), mesh, fold_bn=False)
+    text = step._step.lower(variables, batch).compile().as_text()
+    counts[variant] = (convolutions_in_ynn(text), text.count(" convolution("))
+    predictions[variant] = np.asarray(step(variables, batch)["pred"])
+  assert counts == {"defaults": (7, 7), "options": (1, 7)}
+  np.testing.assert_allclose(predictions["options"], predictions["defaults"], rtol=1e-5, atol=1e-6)
+  with xla_cpu.mode("off"):
+    assert xla_cpu.compiler_options() is None
 
 
 def _equations(jaxpr):

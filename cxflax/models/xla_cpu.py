@@ -67,6 +67,49 @@ def mode(m: str):
     set_mode(previous)
 
 
+# --- compiler options --------------------------------------------------------------------------
+
+# XLA's CPU backend (jaxlib 0.10) hands convolutions, matrix products and reductions to YNNPACK.
+# Its own convolutions and products run these networks' train and eval steps faster, YNNPACK's
+# reductions faster than its own (benchmarks/NOTES.md §13, attempt 16): YNNPACK fusions formed
+# around reductions only (one may still take in a convolution that the reduction alone reads).
+_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+_options_enabled = True
+
+
+def compiler_options() -> dict[str, str] | None:
+  """XLA options for a run's compiled steps (`jax.jit(..., compiler_options=...)`): `_OPTIONS`
+  where the kernels are enabled on the CPU backend and its XLA knows them, else None (and inside
+  `xla_default_options()`)."""
+  if _options_enabled and enabled() and jax.default_backend() == "cpu" and _options_known():
+    return dict(_OPTIONS)
+  return None
+
+
+@contextlib.contextmanager
+def xla_default_options():
+  """Steps made inside the block compile with XLA's default options, the kernels kept: the
+  reference benchmarks/xla_options.py measures `_OPTIONS` against."""
+  global _options_enabled
+  previous, _options_enabled = _options_enabled, False
+  try:
+    yield
+  finally:
+    _options_enabled = previous
+
+
+@functools.cache
+def _options_known() -> bool:
+  """Whether this jaxlib's XLA accepts `_OPTIONS` (an option it does not know fails compilation)."""
+  try:
+    jax.jit(jnp.sum).lower(jnp.zeros(2)).compile(compiler_options=_OPTIONS)
+  except Exception:  # noqa: BLE001 - whatever an older XLA raises for an unknown option
+    return False
+  return True
+
+
 # --- convolutions ------------------------------------------------------------------------------
 
 # Grouped convolutions with at most this many groups run as one convolution per group: XLA's

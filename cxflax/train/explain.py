@@ -32,7 +32,7 @@ from cxflax.data.images import write_image
 from cxflax.data.sources import image_folder
 from cxflax.errors import ConfigError, DataError
 from cxflax.files import write_csv
-from cxflax.models import saliency
+from cxflax.models import saliency, xla_cpu
 from cxflax.models.patches import PatchClassifier
 from cxflax.train import build
 from cxflax.train.summaries import MetricWriter
@@ -97,7 +97,8 @@ EXPLAINED_TASKS = ("regression", "classification")  # a map explains a regressed
 def saliency_function(model, target: saliency.Target = None, layer: str = ""):
   """(variables, images) -> saliency.saliency's dict, compiled once for every batch of one shape:
   the one way explain, the evaluation report and training's TensorBoard grid compute maps."""
-  return jax.jit(lambda v, x: saliency.saliency(model, v, x, target, layer))
+  return jax.jit(lambda v, x: saliency.saliency(model, v, x, target, layer),
+                 compiler_options=xla_cpu.compiler_options())
 
 
 def draw_saliency(result: dict, images: np.ndarray, labels, j: int, class_names: list[str],

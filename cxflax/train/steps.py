@@ -13,6 +13,7 @@ from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
 from cxflax import parallel
+from cxflax.models import xla_cpu
 from cxflax.models.fold import apply_folded, fold_batchnorm
 from cxflax.train.losses import compute_loss, prediction
 from cxflax.train.tasks import Task
@@ -111,7 +112,8 @@ def make_train_step(model: nn.Module, config, mesh, class_alpha=None) -> Callabl
                               batch_stats=keep(updates["batch_stats"], state.batch_stats))
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
 
-  return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+  return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,),
+                 compiler_options=xla_cpu.compiler_options())
 
 
 class EvalStep:
@@ -146,7 +148,8 @@ class EvalStep:
         result["source_size"] = batch["source_size"]
       return result
 
-    self._step = jax.jit(step, in_shardings=(self._rep, data), out_shardings=data)
+    self._step = jax.jit(step, in_shardings=(self._rep, data), out_shardings=data,
+                         compiler_options=xla_cpu.compiler_options())
 
   def prepare(self, variables: dict, image_shape) -> dict:
     """The variables the step takes: folded (see class doc) for images of `image_shape`
