@@ -14,6 +14,14 @@ import time
 from typing import Callable, Sequence
 
 import jax
+import numpy as np
+
+
+def rel_diff(a, b) -> float:
+  """How far outputs `a` are from the reference `b`: the largest absolute difference over the
+  largest absolute reference value (so that a faster path that computes something else shows)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def time_call(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import default_out, print_table, time_call, write_json
+from benchmarks.common import default_out, print_table, rel_diff, time_call, write_json
 from cxflax.models import create_model
 
 
@@ -69,8 +69,7 @@ def main():
       jax.config.update("jax_disable_most_optimizations", before)
       row["compile_ratio"] = row["default_compile_s"] / row["reduced_compile_s"]
       row["run_ratio"] = row["default_run_s"] / row["reduced_run_s"]
-      row["rel_diff"] = float(np.abs(outputs["default"] - outputs["reduced"]).max()
-                              / max(np.abs(outputs["default"]).max(), 1e-30))
+      row["rel_diff"] = rel_diff(outputs["reduced"], outputs["default"])
       rows.append(row)
   columns = ["model", "program", "default_compile_s", "reduced_compile_s", "compile_ratio",
              "default_run_s", "reduced_run_s", "run_ratio", "rel_diff"]

@@ -17,7 +17,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import default_out, print_table, time_call, write_json
+from benchmarks.common import default_out, print_table, rel_diff, time_call, write_json
 from cxflax.models import xla_cpu
 
 # (batch, size, in, out, kernel, stride, groups): ResNet-50 at 224 px (batch 16), the 64-px
@@ -59,7 +59,7 @@ def main():
       grad = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w, stride, pad, g) ** 2), argnums=(0, 1)))
       row[f"{label}_fwd_ms"] = 1e3 * time_call(fwd, x, w, repeats=args.repeats)
       row[f"{label}_grad_ms"] = 1e3 * time_call(grad, x, w, repeats=args.repeats)
-    row["fwd_rel_diff"] = float(jnp.max(jnp.abs(outputs["cxflax"] - outputs["xla"])) / jnp.max(jnp.abs(outputs["xla"])))
+    row["fwd_rel_diff"] = rel_diff(outputs["cxflax"], outputs["xla"])
     row["fwd_speedup"] = row["xla_fwd_ms"] / row["cxflax_fwd_ms"]
     row["grad_speedup"] = row["xla_grad_ms"] / row["cxflax_grad_ms"]
     rows.append(row)

@@ -20,16 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import default_out, print_table, time_alternately, write_json
+from benchmarks.common import default_out, print_table, rel_diff, time_alternately, write_json
 from benchmarks.throughput import train_setup
 from cxflax.models import xla_cpu
 from cxflax.train.steps import make_eval_step, make_train_step
 from cxflax.train.tasks import TASKS
-
-
-def _rel_diff(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def measure(name: str, batch: int, size: int, repeats: int) -> list[dict]:
@@ -59,7 +54,7 @@ def measure(name: str, batch: int, size: int, repeats: int) -> list[dict]:
     rows.append({"model": name, "size": size, "batch": batch, "program": program,
                  "default_img_s": batch / seconds["default"], "options_img_s": batch / seconds["options"],
                  "speedup": seconds["default"] / seconds["options"],
-                 "rel_diff": _rel_diff(outputs[f"{program}_options"], outputs[f"{program}_default"])})
+                 "rel_diff": rel_diff(outputs[f"{program}_options"], outputs[f"{program}_default"])})
   return rows
 
 
